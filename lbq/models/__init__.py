@@ -1,0 +1,54 @@
+"""The paper's networks, by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from lbq.models.alexnet import AlexNet
+from lbq.models.common import QuantNetwork
+from lbq.models.resnet import CifarResNet, ImageNetResNet
+
+_REGISTRY = {
+    "resnet20": (CifarResNet, {"depth": 20}),
+    "resnet32": (CifarResNet, {"depth": 32}),
+    "resnet56": (CifarResNet, {"depth": 56}),
+    "preresnet20": (CifarResNet, {"depth": 20, "preact": True}),
+    "resnet18": (ImageNetResNet, {"depth": 18}),
+    "resnet34": (ImageNetResNet, {"depth": 34}),
+    "resnet50": (ImageNetResNet, {"depth": 50}),
+    "alexnet": (AlexNet, {"variant": "imagenet"}),
+    "alexnet_cifar": (AlexNet, {"variant": "cifar", "hidden": 1024}),
+}
+
+MODEL_NAMES = tuple(_REGISTRY)
+
+
+def get_model(
+    name: str,
+    *,
+    num_classes: int,
+    quantized: bool = True,
+    dtype: Any = jnp.float32,
+    **kwargs: Any,
+) -> QuantNetwork:
+    """Builds a network by name.
+
+    Args:
+      name: one of `MODEL_NAMES`.
+      num_classes: classifier outputs.
+      quantized: False gives the full-precision network with plain ReLU.
+      dtype: compute dtype (bfloat16 on accelerators, float32 on CPU).
+      **kwargs: architecture options (per_channel, logit_scale, shortcut, hidden).
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"model.name={name!r} is not a known network; choose one of {MODEL_NAMES}")
+    cls, defaults = _REGISTRY[name]
+    return cls(num_classes=num_classes, quantized=quantized, dtype=dtype, **{**defaults, **kwargs})
+
+
+__all__ = ["MODEL_NAMES", "AlexNet", "CifarResNet", "ImageNetResNet", "QuantNetwork", "get_model"]

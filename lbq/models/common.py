@@ -1,0 +1,85 @@
+"""Pieces shared by the lbq networks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lbq.quant.layers import LayerPrecision
+from lbq.quant.spec import Precision
+
+Dtype = Any
+
+
+class QuantNetwork(nn.Module):
+    """Base of the lbq networks: named quantized layers and a per-layer precision input.
+
+    Subclasses define ``layer_names()`` (static: computed from the hyperparameters, not by
+    tracing) and call ``self.layer_precision(precision, name)`` for each quantized layer.
+    ``quantized=False`` gives the full-precision network with plain ReLU (the teacher).
+    """
+
+    num_classes: int = 10
+    quantized: bool = True
+    per_channel: bool = False
+    logit_scale: bool = False
+    dtype: Dtype = jnp.float32
+
+    def layer_names(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def blocks(self) -> tuple[str, ...]:
+        """The block names, in order: the units of stochastic precision by default."""
+        from lbq.quant.spec import block_of
+
+        return tuple(dict.fromkeys(block_of(n) for n in self.layer_names()))
+
+    def layer_precision(self, precision: Precision | None, name: str) -> LayerPrecision | None:
+        """The precision of layer ``name``, or None in a full-precision network."""
+        if not self.quantized:
+            return None
+        return precision.layer(self.layer_names().index(name))
+
+    def check_inputs(self, x: jax.Array, precision: Precision | None, min_size: int) -> None:
+        """Raises a clear ValueError for inputs this network cannot take."""
+        name = type(self).__name__
+        if x.ndim != 4 or x.shape[1] < min_size or x.shape[2] < min_size:
+            raise ValueError(
+                f"{name} input shape {tuple(x.shape)} is not supported: expected "
+                f"[batch, height, width, channels] with height and width >= {min_size}"
+            )
+        if self.quantized:
+            count = len(self.layer_names())
+            if precision is None:
+                raise ValueError(
+                    f"{name} is quantized and needs a precision spec with {count} layers "
+                    "(lbq.quant.make_precision(model.layer_names(), w_bits, a_bits))"
+                )
+            if precision.w_bits.shape != (count,):
+                raise ValueError(
+                    f"precision spec has shape {precision.w_bits.shape}, but {name} has "
+                    f"{count} quantized layers: {self.layer_names()}"
+                )
+
+    def classify(self, x: jax.Array) -> jax.Array:
+        """The full-precision classifier: dense layer, then the optional logit scale."""
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
+        logits = logits.astype(jnp.float32)
+        if self.logit_scale:
+            # The authors' CIFAR ResNet multiplies its logits by a learnable scalar.
+            scale = self.param("logit_scale", nn.initializers.constant(0.01), (), jnp.float32)
+            logits = logits * scale
+        return logits
+
+    def batch_norm(self, train: bool, name: str | None = None) -> nn.BatchNorm:
+        """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), never folded."""
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            name=name,
+        )
