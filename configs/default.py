@@ -1,0 +1,129 @@
+"""Defaults of every lbq run: ResNet-20, W2A2, on the embedded digits data.
+
+Run (about 2 to 3 minutes on 2 CPU cores; measured in the README):
+
+    python -m lbq.main --config=configs/default.py --workdir=/tmp/lbq_default
+
+Every other config starts from `get_config()` here and changes what it needs. Field meanings
+are listed in the README ("Config fields").
+"""
+
+import ml_collections
+
+
+def stage(name, *, w_bits=None, a_bits=None, epochs=None, steps=None, **kwargs):
+    """One stage of a run; unset fields take the run's defaults (quant.*, schedule.*)."""
+    entry = ml_collections.ConfigDict(
+        {
+            "name": name,
+            "w_bits": w_bits,
+            "a_bits": a_bits,
+            "epochs": epochs,
+            "steps": steps,
+            "block_bits": {},
+            "lr": None,
+            "teacher_lr": None,
+            "lr_schedule": None,
+            "lr_boundaries": None,
+            "lr_decay": None,
+            "warmup_epochs": None,
+        }
+    )
+    entry.update(kwargs)
+    return entry
+
+
+def get_config(variant: str = ""):
+    """The default run; ``variant='tiny'`` (``--config=configs/default.py:tiny``) for tests."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet20"
+    c.model.quantized = True  # False: the full-precision network with plain ReLU
+    c.model.per_channel = False  # per-output-channel weight scale instead of per tensor
+    c.model.logit_scale = False  # learnable output scalar (init 0.01), as the authors' CIFAR code
+    c.model.shortcut = "A"  # CIFAR ResNets: 'A' zero-pad identity, 'B' 1x1 conv (quantized)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"  # embedded; or a TFDS name: cifar10, cifar100, imagenet2012, ...
+    c.data.data_dir = ml_collections.config_dict.placeholder(str)
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.image_size = 32
+    c.data.augment = "none"  # "cifar" (crop 32 pad 4 + flip), "imagenet", "none" (digits: no flips)
+    c.data.on_device = False  # keep the whole split on the accelerators (CIFAR scale)
+    c.data.workers = 4  # host threads for decoding and augmentation
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.w_bits = 2  # default weight bit-width of every stage
+    c.quant.a_bits = 2  # default activation bit-width of every stage
+
+    c.batch_size = 128  # global batch, over all devices and hosts
+    c.compute_dtype = "auto"  # 'auto': bfloat16 on GPU/TPU, float32 on CPU
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # SGD with momentum ('sgd') or without ('plain_sgd')
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = True
+    c.optimizer.weight_decay = 1e-4
+
+    c.schedule = ml_collections.ConfigDict()  # defaults of every stage's schedule
+    c.schedule.lr = 0.1  # student's base learning rate
+    c.schedule.teacher_lr = 0.1
+    c.schedule.lr_schedule = "step"  # 'step', 'cosine', 'constant'
+    c.schedule.lr_boundaries = (0.4, 0.6)  # the CIFAR recipe: x0.1 at 80 and 120 of 200 epochs
+    c.schedule.lr_decay = 0.1
+    c.schedule.warmup_epochs = 0.0
+
+    c.stages = [stage("main", epochs=30)]
+
+    c.stochastic = ml_collections.ConfigDict()
+    c.stochastic.enabled = False
+    c.stochastic.unit = "block"  # 'block' or 'layer'
+    c.stochastic.schedule = "linear"  # 'constant', 'linear', 'step'
+    c.stochastic.p_start = 0.5
+    c.stochastic.full_at = 0.5  # fraction of each stage from which everything is quantized
+    c.stochastic.num_steps = 4  # increments of the 'step' schedule
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.enabled = False
+    c.distill.teacher = "joint"  # 'joint' (from scratch or init), 'frozen'
+    c.distill.teacher_init = ml_collections.config_dict.placeholder(str)  # a workdir or checkpoint
+    c.distill.student_ce = 0.7
+    c.distill.student_kl = 0.7
+    c.distill.student_att = 0.0
+    c.distill.teacher_ce = 1.0
+    c.distill.teacher_kl = 0.5
+    c.distill.teacher_att = 0.0
+    c.distill.temperature = 1.0
+    c.distill.extra_students = ()  # e.g. ((4, 4),): more students with fixed (w_bits, a_bits)
+
+    c.init_from = ml_collections.config_dict.placeholder(str)  # start from another run's weights
+    c.log_every_steps = 20
+    c.eval_every_epochs = 4.0  # and always at the end of each stage
+    c.eval_batch_size = 500
+    c.checkpoint_every_steps = 200
+    c.keep_checkpoints = 3
+    c.on_nonfinite = "stop"  # 'stop' or 'skip'
+    c.on_config_change = "refuse"  # resuming a workdir with another config: 'refuse', 'continue', 'overwrite'
+    c.distributed = False  # call jax.distributed.initialize() (also: LBQ_DISTRIBUTED=1)
+    c.progress = True  # console progress bar on host 0
+    return tiny(c) if variant == "tiny" else c
+
+
+def tiny(c):
+    """Shrinks a config to a few CPU steps on the embedded data, for tests."""
+    c.data.name = "digits"
+    c.data.data_dir = None
+    c.data.image_size = 32
+    c.data.augment = "cifar"
+    c.batch_size = 32
+    c.eval_batch_size = 128
+    for entry in c.stages:
+        entry.epochs, entry.steps = None, 3
+    c.log_every_steps = 3
+    c.checkpoint_every_steps = 3
+    c.eval_every_epochs = 0.0
+    c.progress = False
+    return c

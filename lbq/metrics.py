@@ -1,0 +1,100 @@
+"""Run metrics: JSON lines and TensorBoard in the workdir, and a console progress bar.
+
+Only host 0 writes. Values arrive as device arrays collected over a logging interval and are
+fetched together, so the train step synchronises with the host only at logging intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+    """Writes ``metrics.jsonl`` and TensorBoard events (tensorboardX, no TensorFlow needed)."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard is optional; JSON lines are always written
+                self._tb = None
+
+    def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
+        """Appends one record, e.g. kind='train' or 'eval'."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "kind": kind, "time": time.time()}
+        record.update({k: _plain(v) for k, v in values.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float, np.floating, np.integer)):
+                    self._tb.add_scalar(f"{kind}/{key}", float(value), int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def mean_of(records: list[Mapping[str, jax.Array]]) -> dict[str, float]:
+    """Fetches a list of per-step metric dicts in one transfer and averages each key."""
+    fetched = jax.device_get(records)
+    keys = fetched[0].keys() if fetched else ()
+    return {k: float(np.mean([r[k] for r in fetched])) for k in keys}
+
+
+class Progress:
+    """A one-line progress bar with images/s and ETA, for the console of host 0."""
+
+    def __init__(self, total: int, start: int, enabled: bool, stream=sys.stderr):
+        self.total, self.start = total, start
+        self.enabled = enabled
+        self.stream = stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.t0 = time.time()
+
+    def update(self, step: int, text: str) -> None:
+        if not self.enabled:
+            return
+        done = max(step - self.start, 1)
+        elapsed = time.time() - self.t0
+        eta = elapsed / done * (self.total - step)
+        width = 24
+        filled = int(width * step / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{bar}] {step}/{self.total} {text} eta {_clock(eta)}"
+        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
