@@ -106,7 +106,9 @@ def get_config(variant: str = ""):
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 3
     c.on_nonfinite = "stop"  # 'stop' or 'skip'
-    c.on_config_change = "refuse"  # resuming a workdir with another config: 'refuse', 'continue', 'overwrite'
+    c.on_config_change = (
+        "refuse"  # resuming a workdir with another config: 'refuse', 'continue', 'overwrite'
+    )
     c.distributed = False  # call jax.distributed.initialize() (also: LBQ_DISTRIBUTED=1)
     c.progress = True  # console progress bar on host 0
     return tiny(c) if variant == "tiny" else c
@@ -116,6 +118,7 @@ def tiny(c):
     """Shrinks a config to a few CPU steps on the embedded data, for tests."""
     c.data.name = "digits"
     c.data.data_dir = None
+    c.data.train_split, c.data.eval_split = "train", "test"
     c.data.image_size = 32
     c.data.augment = "cifar"
     c.batch_size = 32

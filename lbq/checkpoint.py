@@ -1,53 +1,210 @@
 """Orbax checkpoints in the workdir: periodic saves, keep-last-N, and safe resume.
 
 A checkpoint holds the whole `TrainState` (parameters, BatchNorm statistics, optimizer state
-with the stochastic-precision keys, step) and a small JSON record (stage, epoch). The data
-position is a function of the step, so it needs no extra state. When the latest checkpoint
-cannot be read, the previous good one is used, with a warning; a workdir that holds
-checkpoints is never silently restarted from scratch.
+with the stochastic-precision keys, step) and a small JSON record (stage, epoch, and a CRC-32 of
+every array). The data position is a function of the step, so it needs no extra state.
+
+Resuming picks the newest checkpoint that restores *and* matches its checksums. Orbax raises
+when an array file is truncated or missing, but a file whose bytes were damaged in place can
+restore without any error (seen with Orbax 0.12 and its zstd-compressed OCDBT files), hence the
+checksums. A damaged checkpoint is reported with a warning naming its step, moved to
+``WORKDIR/checkpoints_unreadable`` (so that later saves of that step are not skipped) and the
+previous one is used. A save that was interrupted leaves an ``<step>.orbax-checkpoint-tmp*``
+folder, which is reported the same way and removed. A workdir that holds checkpoints is never
+silently restarted from scratch: when none of them can be read, `CheckpointError` is raised.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger("lbq")
+
+UNREADABLE_DIR = "checkpoints_unreadable"  # next to WORKDIR/checkpoints
+_PARTIAL = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+_CHECKSUMS = "checksums"
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a run could be restored."""
 
 
-def _manager(directory: str, keep: int = 0) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True)
+def _manager(directory: str, keep: int = 0, create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=create)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _host_arrays(tree: Any) -> dict[str, np.ndarray]:
+    """{dotted path: host copy} of every array leaf, fetched in one transfer.
+
+    Paths use the field, key and index names only, so a TrainState and the nested dicts that
+    Orbax restores without a target give the same paths. Arrays sharded over several hosts
+    (none today: the state is replicated) are left out; Orbax checks their shards itself.
+    """
+    paths, arrays = [], []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                leaf = jax.random.key_data(leaf)
+            if not leaf.is_fully_addressable:
+                if not leaf.is_fully_replicated:
+                    continue
+                leaf = leaf.addressable_data(0)
+        paths.append(".".join(_key_name(entry) for entry in path))
+        arrays.append(leaf)
+    return dict(zip(paths, (np.asarray(a) for a in jax.device_get(arrays)), strict=True))
+
+
+def checksums(tree: Any) -> dict[str, str]:
+    """CRC-32 of the bytes of every array of ``tree``, by dotted path."""
+    return {
+        path: f"{zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8)):08x}"
+        for path, array in _host_arrays(tree).items()
+    }
+
+
+def _verify(tree: Any, expected: dict[str, str] | None) -> None:
+    """Raises ValueError naming the first array whose checksum differs from ``expected``."""
+    if not expected:  # written before checksums existed
+        return
+    for path, value in checksums(tree).items():
+        if path in expected and expected[path] != value:
+            raise ValueError(f"{path} does not match the checksum written when it was saved")
+
+
+def _reason(error: BaseException) -> str:
+    """The most specific line of an error chain (TensorStore's own message is the deepest)."""
+    deepest = error
+    while deepest.__cause__ is not None or deepest.__context__ is not None:
+        deepest = deepest.__cause__ or deepest.__context__
+    for candidate in (deepest, error):
+        text = str(candidate).strip()
+        if text:
+            line = text.splitlines()[0].split(" See full TensorStore details")[0]
+            line = line.split(" [tensorstore_spec=")[0]
+            return f"{type(candidate).__name__}: {line[:300]}"
+    return type(error).__name__
+
+
+# ----------------------------------------------------------------------------- restore
+
+
+def _restore_step(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any | None
+) -> tuple[Any, dict[str, Any]]:
+    """Restores and verifies one step; raises whatever Orbax raises, or ValueError."""
+    state_args = (
+        ocp.args.StandardRestore(abstract_state)
+        if abstract_state is not None
+        else ocp.args.StandardRestore()
+    )
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
+    )
+    meta = dict(restored.meta)
+    expected = meta.pop(_CHECKSUMS, None)
+    state = restored.state
+    if abstract_state is None:  # a plain nested dict: verify what `load_variables` returns
+        state = {k: state[k] for k in ("params", "batch_stats") if k in state}
+        expected = {
+            k: v for k, v in (expected or {}).items() if k.startswith(("params.", "batch_stats."))
+        }
+    _verify(state, expected)
+    stored_step = meta.get("step")
+    if stored_step is not None and int(stored_step) != step:
+        raise ValueError(f"its record says step {stored_step}")
+    return restored.state, meta
+
+
+def _restore_newest(
+    manager: ocp.CheckpointManager, directory: str, steps: list[int], abstract_state: Any | None
+) -> tuple[int, Any, dict[str, Any], list[tuple[int, str]]]:
+    """Tries ``steps`` newest first; returns (step, state, meta, failures) or raises.
+
+    Raises:
+      CheckpointError: when none of ``steps`` can be read (failures named in the message).
+    """
+    failures: list[tuple[int, str]] = []
+    for step in sorted(steps, reverse=True):
+        try:
+            state, meta = _restore_step(manager, step, abstract_state)
+        except Exception as error:  # noqa: BLE001 - any failure means "unreadable"
+            reason = _reason(error)
+            log.warning(
+                "checkpoint at step %d in %s is unreadable (%s); trying an older one",
+                step,
+                directory,
+                reason,
+            )
+            failures.append((step, reason))
+            continue
+        return step, state, meta, failures
+    raise CheckpointError(
+        f"no readable checkpoint in {directory} ("
+        + "; ".join(f"step {s}: {r}" for s, r in failures)
+        + ")"
+    )
+
+
+def partial_saves(directory: str) -> dict[int, str]:
+    """{step: folder name} of saves that were interrupted before Orbax committed them."""
+    if not os.path.isdir(directory):
+        return {}
+    found = {}
+    for name in sorted(os.listdir(directory)):
+        match = _PARTIAL.match(name)
+        if match:
+            found[int(match.group(1))] = name
+    return found
 
 
 class Checkpoints:
     """The checkpoints of one run, in ``WORKDIR/checkpoints``."""
 
     def __init__(self, workdir: str, keep: int):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
         self.manager = _manager(self.directory, keep)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, state: Any, meta: dict[str, Any]) -> None:
-        """Saves ``state`` at its step (asynchronously; `wait` makes it durable)."""
+        """Saves ``state`` at its step (asynchronously; `wait` makes it durable).
+
+        A step that is already saved is left as it is.
+        """
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():
             return
+        meta = {**meta, "step": step, _CHECKSUMS: checksums(state)}
+        # force: the trainer decides when to save; Orbax's own policy would silently skip a
+        # step at or below its newest one, or while an earlier save is still being written.
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
+            force=True,
         )
 
     def wait(self) -> None:
@@ -56,56 +213,90 @@ class Checkpoints:
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
         """Restores the newest readable checkpoint into the structure of ``abstract_state``.
 
+        Unreadable newer checkpoints are reported with a warning and moved to
+        ``WORKDIR/checkpoints_unreadable``; interrupted saves are reported and removed.
+
         Returns:
-          (state, meta), or None when the run has no checkpoint yet.
+          (state, meta), or None when the run has no checkpoint at all.
 
         Raises:
           CheckpointError: when checkpoints exist but none can be read.
         """
         steps = self.steps()
-        failures = []
-        for step in reversed(steps):
-            try:
-                restored = self.manager.restore(
+        partial = partial_saves(self.directory)
+        newest = steps[-1] if steps else -1
+        for step, name in partial.items():
+            if step > newest:
+                log.warning(
+                    "checkpoint at step %d in %s was only partly written (%s: the save "
+                    "was interrupted); ignoring it",
                     step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        meta=ocp.args.JsonRestore(),
-                    ),
+                    self.directory,
+                    name,
                 )
-            except Exception as error:  # noqa: BLE001 - any failure means "unreadable"
-                reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-                log.warning("checkpoint at step %d in %s is unreadable (%s); trying an older one",
-                            step, self.directory, reason)
-                failures.append(f"step {step}: {reason}")
-                continue
-            if failures:
-                log.warning("resuming from step %d, the newest readable checkpoint", step)
-            return restored.state, dict(restored.meta)
-        if failures or _has_partial_checkpoints(self.directory):
-            raise CheckpointError(
-                f"no readable checkpoint in {self.directory} ({'; '.join(failures) or 'only partial saves'}). "
-                "Refusing to start from scratch over an existing run: move the workdir away or "
-                "set on_config_change='overwrite'."
+        if not steps:
+            if partial:
+                raise CheckpointError(
+                    f"no readable checkpoint in {self.directory}: only interrupted saves "
+                    f"({', '.join(partial.values())}). Refusing to start from scratch over an "
+                    f"existing run; to start over, delete {self.directory}."
+                )
+            return None
+        try:
+            step, state, meta, failures = _restore_newest(
+                self.manager, self.directory, steps, abstract_state
             )
-        return None
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"{error}. Refusing to start from scratch over an existing run; to start over, "
+                f"delete {self.directory}."
+            ) from None
+        if failures or partial:
+            log.warning(
+                "resuming from step %d, the newest readable checkpoint in %s", step, self.directory
+            )
+            self._set_aside([s for s, _ in failures], list(partial.values()))
+        return state, meta
+
+    def _set_aside(self, unreadable: list[int], partial: list[str]) -> None:
+        """Moves unreadable steps out of Orbax's folder and removes interrupted saves.
+
+        Orbax would otherwise skip saving those steps again (it never saves at or below its
+        newest step) and a later resume would meet the damaged files again.
+        """
+        if jax.process_index() == 0:
+            target_root = os.path.join(self.workdir, UNREADABLE_DIR)
+            for step in unreadable:
+                os.makedirs(target_root, exist_ok=True)
+                target = os.path.join(target_root, str(step))
+                suffix = 1
+                while os.path.exists(target):
+                    target = os.path.join(target_root, f"{step}.{suffix}")
+                    suffix += 1
+                shutil.move(os.path.join(self.directory, str(step)), target)
+                log.warning("moved the unreadable checkpoint of step %d to %s", step, target)
+            for name in partial:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("lbq_checkpoints_set_aside")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
 
-def _has_partial_checkpoints(directory: str) -> bool:
-    return os.path.isdir(directory) and any(
-        name[0].isdigit() or "tmp" in name for name in os.listdir(directory)
-    )
-
-
 def load_variables(path: str) -> dict[str, Any]:
     """Loads {network: {'params', 'batch_stats'}} from a run's workdir or checkpoint folder.
 
     Used by ``init_from`` and ``distill.teacher_init``. ``path`` may be a workdir, its
-    ``checkpoints`` folder or one step's folder.
+    ``checkpoints`` folder or one step's folder. From a workdir the newest readable checkpoint
+    is used (with a warning for any newer unreadable one); a step's folder must be readable.
+
+    Raises:
+      CheckpointError: when there is no checkpoint or none can be read.
     """
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -116,13 +307,15 @@ def load_variables(path: str) -> dict[str, Any]:
     else:
         directory = path
         if not os.path.isdir(directory):
-            raise CheckpointError(f"init checkpoint {path} does not exist")
-        steps = sorted(_manager(directory).all_steps(), reverse=True)
+            raise CheckpointError(f"checkpoint folder {path} does not exist")
+        steps = list(_manager(directory, create=False).all_steps())
     if not steps:
         raise CheckpointError(f"no checkpoint found in {path}")
-    manager = _manager(directory)
-    restored = manager.restore(steps[0], args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = restored.state
+    manager = _manager(directory, create=False)
+    try:
+        _, state, _, _ = _restore_newest(manager, directory, steps, None)
+    finally:
+        manager.close()
     return {
         name: {"params": state["params"][name], "batch_stats": state["batch_stats"].get(name, {})}
         for name in state["params"]

@@ -81,7 +81,9 @@ def joint_loss(
     loss = ce_weight * ce + kl_weight * kl
     if attention_weight:
         att = jnp.mean(
-            jnp.stack([attention_transfer(last_stages(features), last_stages(f)) for f in peer_features])
+            jnp.stack(
+                [attention_transfer(last_stages(features), last_stages(f)) for f in peer_features]
+            )
         )
         terms["att"] = att
         loss = loss + attention_weight * att

@@ -14,8 +14,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json go here.")
 
 
@@ -48,8 +49,11 @@ def main(argv) -> int:
         print(f"lbq: error: {error}", file=sys.stderr)
         return 1
     if result.status == "preempted":
-        print(f"lbq: preempted at step {result.step}; a checkpoint is saved. Rerun the same "
-              "command to resume.", file=sys.stderr)
+        print(
+            f"lbq: preempted at step {result.step}; a checkpoint is saved. Rerun the same "
+            "command to resume.",
+            file=sys.stderr,
+        )
         return PREEMPTED_EXIT_CODE
     return 0
 

@@ -132,16 +132,34 @@ def build_stages(
         boundaries = tuple(_field(entry, "lr_boundaries", defaults["lr_boundaries"]))
         if any(not 0 < b < 1 for b in boundaries):
             raise ValueError(f"{label}.lr_boundaries={boundaries} must be fractions in (0, 1)")
-        lr = {net: float(_field(entry, f"{net}_lr" if net != "student" else "lr",
-                                defaults["lr"][net])) for net in networks}
+        lr = {
+            net: float(
+                _field(entry, f"{net}_lr" if net != "student" else "lr", defaults["lr"][net])
+            )
+            for net in networks
+        }
         for net, value in lr.items():
             if value < 0 or not math.isfinite(value):
                 raise ValueError(f"{label}: learning rate of {net} is {value}, not >= 0")
         num_steps = _stage_length(entry, label, steps_per_epoch)
-        warmup = round(float(_field(entry, "warmup_epochs", defaults["warmup_epochs"])) * steps_per_epoch)
+        warmup = round(
+            float(_field(entry, "warmup_epochs", defaults["warmup_epochs"])) * steps_per_epoch
+        )
         result.append(
-            Stage(index, name, w_bits, a_bits, block_bits, start, num_steps, lr, schedule,
-                  boundaries, float(_field(entry, "lr_decay", defaults["lr_decay"])), warmup)
+            Stage(
+                index,
+                name,
+                w_bits,
+                a_bits,
+                block_bits,
+                start,
+                num_steps,
+                lr,
+                schedule,
+                boundaries,
+                float(_field(entry, "lr_decay", defaults["lr_decay"])),
+                warmup,
+            )
         )
         start += num_steps
     names = [s.name for s in result]

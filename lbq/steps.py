@@ -199,13 +199,13 @@ def make_train_step(
             train_params, frozen_params, state.batch_stats, images, batch["label"], precisions
         )
         updates, new_opt_state = optimizer.update(grads, state.opt_state, train_params)
-        updates = {k: jax.tree.map(lambda u, k=k: -hparams["lr"][k] * u, v) for k, v in updates.items()}
+        updates = {
+            k: jax.tree.map(lambda u, k=k: -hparams["lr"][k] * u, v) for k, v in updates.items()
+        }
         new_params = {**state.params, **optax.apply_updates(train_params, updates)}
 
         finite = jnp.isfinite(loss) & _tree_all_finite(grads)
-        first = jnp.where(
-            (state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite
-        )
+        first = jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite)
         apply = finite if skip_nonfinite else finite & (first < 0)
         candidate = TrainState(state.step + 1, new_params, new_stats, new_opt_state, first)
         held = state.replace(step=state.step + 1, first_nonfinite=first)

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from lbq import data as lbq_data
 from lbq import metrics as lbq_metrics
-from lbq.checkpoint import Checkpoints, CheckpointError, load_variables
+from lbq.checkpoint import CheckpointError, Checkpoints, load_variables
 from lbq.models import get_model
 from lbq.quant.precision import ProbabilitySchedule, start_stage, stochastic_precision
 from lbq.quant.spec import make_precision, unit_index
@@ -42,9 +42,17 @@ log = logging.getLogger("lbq")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: rerun the same command to resume
 # Fields that may differ when a run resumes: they do not change what is computed.
 RESUMABLE_CHANGES = (
-    "progress", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "eval_every_epochs", "eval_batch_size", "data.workers", "data.data_dir", "distributed",
-    "on_config_change", "on_nonfinite",
+    "progress",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_every_epochs",
+    "eval_batch_size",
+    "data.workers",
+    "data.data_dir",
+    "distributed",
+    "on_config_change",
+    "on_nonfinite",
 )
 
 
@@ -62,6 +70,8 @@ class RunResult:
       stages: per stage, {'name', 'w_bits', 'a_bits', 'steps', 'eval': {network: metrics}}.
       final: the last evaluation, {network: {'top1', 'top5', 'loss'}}.
       images_per_second: mean training throughput of this invocation.
+      train_step_compilations: how many times the train step was compiled (1 when bit-widths,
+        stages and masks all flowed through as data).
     """
 
     status: str
@@ -69,16 +79,37 @@ class RunResult:
     stages: list[dict[str, Any]]
     final: dict[str, dict[str, float]]
     images_per_second: float
+    train_step_compilations: int = 0
 
 
 # ----------------------------------------------------------------------------- setup
 
 
 def maybe_initialize_distributed(config) -> None:
-    """Calls `jax.distributed.initialize()` when the config or LBQ_DISTRIBUTED asks for it."""
+    """Calls `jax.distributed.initialize()` when the config or LBQ_DISTRIBUTED asks for it.
+
+    With LBQ_COORDINATOR_ADDRESS, LBQ_NUM_PROCESSES and LBQ_PROCESS_ID all set (launch/local.sh,
+    launch/gpu_slurm.sh), they are passed explicitly and JAX's cluster detection is switched
+    off, so every local device stays visible to the process. Otherwise JAX detects the cluster
+    itself (Cloud TPU, SLURM, Open MPI).
+    """
     wanted = config.distributed or os.environ.get("LBQ_DISTRIBUTED", "") not in ("", "0")
-    if wanted and not _distributed_is_initialized():
+    if not wanted or _distributed_is_initialized():
+        return
+    names = ("LBQ_COORDINATOR_ADDRESS", "LBQ_NUM_PROCESSES", "LBQ_PROCESS_ID")
+    given = [os.environ.get(name, "") for name in names]
+    if not any(given):
         jax.distributed.initialize()
+        return
+    if not all(given):
+        missing = ", ".join(n for n, v in zip(names, given, strict=True) if not v)
+        raise ConfigError(f"distributed run: {missing} unset; set all of {', '.join(names)}")
+    jax.distributed.initialize(
+        coordinator_address=given[0],
+        num_processes=int(given[1]),
+        process_id=int(given[2]),
+        cluster_detection_method="deactivate",
+    )
 
 
 def _distributed_is_initialized() -> bool:
@@ -109,8 +140,13 @@ def build_networks(config, info: lbq_data.DatasetInfo) -> tuple[Network, ...]:
     dtype = compute_dtype(config.compute_dtype)
 
     def model(quantized: bool):
-        return get_model(config.model.name, num_classes=info.num_classes, quantized=quantized,
-                         dtype=dtype, **_model_kwargs(config))
+        return get_model(
+            config.model.name,
+            num_classes=info.num_classes,
+            quantized=quantized,
+            dtype=dtype,
+            **_model_kwargs(config),
+        )
 
     student = model(config.model.quantized)
     units = None
@@ -120,8 +156,11 @@ def build_networks(config, info: lbq_data.DatasetInfo) -> tuple[Network, ...]:
     if config.distill.enabled:
         for w_bits, a_bits in config.distill.extra_students:
             networks.append(Network(f"student_w{w_bits}a{a_bits}", student, unit_of_layer=units))
-        networks.append(Network("teacher", model(False), teacher=True,
-                                trainable=config.distill.teacher == "joint"))
+        networks.append(
+            Network(
+                "teacher", model(False), teacher=True, trainable=config.distill.teacher == "joint"
+            )
+        )
     return tuple(networks)
 
 
@@ -139,8 +178,10 @@ def build_optimizer(config, networks: tuple[Network, ...]) -> optax.GradientTran
             parts.append(stochastic_precision(num_units, schedule, seed=config.seed + index))
         opt = config.optimizer
         if opt.name == "sgd":
-            parts += [optax.add_decayed_weights(opt.weight_decay),
-                      optax.trace(decay=opt.momentum, nesterov=opt.nesterov)]
+            parts += [
+                optax.add_decayed_weights(opt.weight_decay),
+                optax.trace(decay=opt.momentum, nesterov=opt.nesterov),
+            ]
         else:
             parts += [optax.scale_by_adam(), optax.add_decayed_weights(opt.weight_decay)]
         transforms[net.name] = optax.chain(*parts)
@@ -159,14 +200,20 @@ def build_run_stages(config, networks, steps_per_epoch: int) -> list[Stage]:
     s = config.schedule
     lr_defaults = {n.name: float(s.teacher_lr if n.teacher else s.lr) for n in networks}
     defaults = {
-        "w_bits": config.quant.w_bits, "a_bits": config.quant.a_bits, "lr": lr_defaults,
-        "lr_schedule": s.lr_schedule, "lr_boundaries": tuple(s.lr_boundaries),
-        "lr_decay": s.lr_decay, "warmup_epochs": s.warmup_epochs,
+        "w_bits": config.quant.w_bits,
+        "a_bits": config.quant.a_bits,
+        "lr": lr_defaults,
+        "lr_schedule": s.lr_schedule,
+        "lr_boundaries": tuple(s.lr_boundaries),
+        "lr_decay": s.lr_decay,
+        "warmup_epochs": s.warmup_epochs,
     }
     try:
         stages = build_stages(
-            list(config.stages), defaults=defaults,
-            networks=[n.name for n in networks if n.trainable], steps_per_epoch=steps_per_epoch,
+            list(config.stages),
+            defaults=defaults,
+            networks=[n.name for n in networks if n.trainable],
+            steps_per_epoch=steps_per_epoch,
         )
         names = networks[0].model.layer_names()
         for stage in stages:
@@ -201,16 +248,21 @@ def init_state(config, networks, optimizer, info, sharding) -> TrainState:
         precision = None
         if net.model.quantized:
             precision = make_precision(net.model.layer_names(), 32, 32)
-        init = jax.jit(lambda k, net=net, p=precision: net.model.init(k, jnp.zeros(shape), p),
-                       out_shardings=sharding)
+        init = jax.jit(
+            lambda k, net=net, p=precision: net.model.init(k, jnp.zeros(shape), p),
+            out_shardings=sharding,
+        )
         variables = init(jax.random.fold_in(key, index))
         params[net.name] = variables["params"]
         stats[net.name] = variables.get("batch_stats", {})
     trainable = {n.name: params[n.name] for n in networks if n.trainable}
     opt_state = jax.device_put(optimizer.init(trainable), sharding)
     return TrainState(
-        step=jax.device_put(jnp.int32(0), sharding), params=params, batch_stats=stats,
-        opt_state=opt_state, first_nonfinite=jax.device_put(jnp.int32(-1), sharding),
+        step=jax.device_put(jnp.int32(0), sharding),
+        params=params,
+        batch_stats=stats,
+        opt_state=opt_state,
+        first_nonfinite=jax.device_put(jnp.int32(-1), sharding),
     )
 
 
@@ -231,7 +283,9 @@ def _load_into(state: TrainState, path: str, mapping: dict[str, str], field: str
                 raise ConfigError(f"{field}={path!r}: {name} of {theirs!r} do not match {ours!r}")
             target[ours] = jax.tree.map(
                 lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
-                source[name], target[ours])
+                source[name],
+                target[ours],
+            )
     return state.replace(params=params, batch_stats=stats)
 
 
@@ -257,7 +311,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, (list, tuple)) and tree and isinstance(tree[0], dict):
         out = {}
         for i, v in enumerate(tree):
-            out.update(_flatten(v, f"{prefix}[{i}]."))
+            out.update(_flatten(v, f"{prefix[:-1]}[{i}]."))  # stages[0].w_bits
         return out
     return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
@@ -280,8 +334,14 @@ def prepare_workdir(config, workdir: str, is_host0: bool) -> None:
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"{path} is unreadable ({error}); delete it to resume the run in "
+                f"{workdir} with the current config"
+            ) from None
         diffs = config_differences(previous, current)
         if diffs and config.on_config_change == "refuse":
             raise ConfigError(
@@ -292,7 +352,7 @@ def prepare_workdir(config, workdir: str, is_host0: bool) -> None:
             )
         if diffs and config.on_config_change == "overwrite" and is_host0:
             log.warning("overwriting the run in %s", workdir)
-            for name in ("checkpoints", "metrics.jsonl", "tensorboard"):
+            for name in ("checkpoints", "checkpoints_unreadable", "metrics.jsonl", "tensorboard"):
                 target = os.path.join(workdir, name)
                 if os.path.isdir(target):
                     shutil.rmtree(target)
@@ -300,8 +360,9 @@ def prepare_workdir(config, workdir: str, is_host0: bool) -> None:
                     os.remove(target)
     if is_host0:
         os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:  # write and rename: a kill never leaves half a file
             json.dump(current, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- signals
@@ -322,7 +383,12 @@ class PreemptionWatcher:
 
     def _handle(self, signum, frame):
         del frame
-        log.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once, without a checkpoint
+        log.warning(
+            "received %s: saving a checkpoint at the next step boundary",
+            signal.Signals(signum).name,
+        )
         self.requested = True
 
     def __exit__(self, *exc):
@@ -352,10 +418,15 @@ def _batches(config, info, batch_sharding, repl, start_step: int) -> Iterator[di
         key = jax.random.key(config.seed)
         sample = jax.jit(
             lambda images, labels, step: lbq_data.device_train_batch(
-                images, labels, key, step, global_batch=config.batch_size,
+                images,
+                labels,
+                key,
+                step,
+                global_batch=config.batch_size,
                 num_train=info.num_train,
                 pad=4 if config.data.augment == "cifar" else 0,
-                flip=config.data.augment != "none"),
+                flip=config.data.augment != "none",
+            ),
             out_shardings=batch_sharding,
         )
         step = start_step
@@ -364,20 +435,31 @@ def _batches(config, info, batch_sharding, repl, start_step: int) -> Iterator[di
             yield {"image": image, "label": label}
             step += 1
     iterator = lbq_data.train_iterator(
-        config.data, seed=config.seed, global_batch=config.batch_size, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        config.data,
+        seed=config.seed,
+        global_batch=config.batch_size,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     for local in iterator:
-        yield {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+        yield {
+            k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()
+        }
 
 
 def evaluate(config, state, eval_step, bits, batch_sharding) -> dict[str, dict[str, float]]:
     """Top-1, top-5 and loss of every network on the eval split (students fully quantized)."""
     totals = None
     for local in lbq_data.eval_iterator(
-        config.data, global_batch=config.eval_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count()):
-        batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-                 for k, v in local.items()}
+        config.data,
+        global_batch=config.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ):
+        batch = {
+            k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()
+        }
         sums = eval_step(state, batch, bits)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -389,12 +471,15 @@ def evaluate(config, state, eval_step, bits, batch_sharding) -> dict[str, dict[s
     return result
 
 
-def train_and_evaluate(config, workdir: str) -> RunResult:
+def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
     """Trains and evaluates the run that ``config`` describes, resuming from ``workdir``.
 
     Args:
       config: an ml_collections ConfigDict (see configs/default.py).
       workdir: checkpoints, metrics.jsonl, TensorBoard events and config.json go here.
+      stop_at_step: stop as a preemption would once this global step is done (checkpoint
+        saved, status 'preempted'): a deterministic stand-in for SIGTERM, for tests and for
+        splitting a run over several jobs.
 
     Returns:
       A `RunResult`.
@@ -410,7 +495,8 @@ def train_and_evaluate(config, workdir: str) -> RunResult:
     steps_per_epoch = info.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"batch_size={config.batch_size} is larger than the {info.num_train} training images")
+            f"batch_size={config.batch_size} is larger than the {info.num_train} training images"
+        )
     networks = build_networks(config, info)
     stages = build_run_stages(config, networks, steps_per_epoch)
     total_steps = stages[-1].end_step
@@ -420,36 +506,63 @@ def train_and_evaluate(config, workdir: str) -> RunResult:
     repl = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     optimizer = build_optimizer(config, networks)
-    weights = LossWeights(**{k: float(config.distill[k]) for k in (
-        "student_ce", "student_kl", "student_att", "teacher_ce", "teacher_kl", "teacher_att",
-        "temperature")})
+    weights = LossWeights(
+        **{
+            k: float(config.distill[k])
+            for k in (
+                "student_ce",
+                "student_kl",
+                "student_att",
+                "teacher_ce",
+                "teacher_kl",
+                "teacher_att",
+                "temperature",
+            )
+        }
+    )
 
     prepare_workdir(config, workdir, is_host0)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     state = init_state(config, networks, optimizer, info, repl)
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
     restored = checkpoints.restore_latest(abstract)
     stage_results: list[dict[str, Any]] = []
     if restored is not None:
         state, meta = restored
         stage_results = list(meta.get("stage_results", []))
+        if config.on_nonfinite == "stop":  # steps skipped earlier under 'skip' are history
+            state = state.replace(first_nonfinite=jax.device_put(jnp.int32(-1), repl))
         log.info("resumed from step %d (stage %s)", int(state.step), meta.get("stage_name"))
     else:
         if config.init_from:
-            state = _load_into(state, config.init_from,
-                               {n.name: n.name for n in networks}, "init_from")
+            state = _load_into(
+                state, config.init_from, {n.name: n.name for n in networks}, "init_from"
+            )
         if config.distill.enabled and config.distill.teacher_init:
-            state = _load_into(state, config.distill.teacher_init, {"teacher": "teacher"},
-                               "distill.teacher_init")
+            state = _load_into(
+                state, config.distill.teacher_init, {"teacher": "teacher"}, "distill.teacher_init"
+            )
 
     train_step = jax.jit(
-        make_train_step(networks, optimizer, weights, info.mean, info.std,
-                        skip_nonfinite=config.on_nonfinite == "skip"),
-        in_shardings=(repl, batch_sharding, repl), out_shardings=(repl, repl),
-        donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(networks, info.mean, info.std),
-                        in_shardings=(repl, batch_sharding, repl), out_shardings=repl)
+        make_train_step(
+            networks,
+            optimizer,
+            weights,
+            info.mean,
+            info.std,
+            skip_nonfinite=config.on_nonfinite == "skip",
+        ),
+        in_shardings=(repl, batch_sharding, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        make_eval_step(networks, info.mean, info.std),
+        in_shardings=(repl, batch_sharding, repl),
+        out_shardings=repl,
+    )
 
     writer = lbq_metrics.MetricsWriter(workdir, enabled=is_host0)
     step = int(jax.device_get(state.step))
@@ -461,10 +574,30 @@ def train_and_evaluate(config, workdir: str) -> RunResult:
     batches = _batches(config, info, batch_sharding, repl, step)
 
     def meta(stage: Stage) -> dict[str, Any]:
-        return {"stage": stage.index, "stage_name": stage.name,
-                "epoch": step / steps_per_epoch, "stage_results": stage_results}
+        return {
+            "stage": stage.index,
+            "stage_name": stage.name,
+            "epoch": step / steps_per_epoch,
+            "stage_results": stage_results,
+        }
+
+    def stop_if_nonfinite() -> None:
+        """Raises NonFiniteError once a step was not finite (on_nonfinite='stop')."""
+        first_bad = int(jax.device_get(state.first_nonfinite))
+        if first_bad < 0 or config.on_nonfinite != "stop":
+            return
+        checkpoints.wait()
+        good = checkpoints.steps()
+        # first_nonfinite counts the steps done before the bad one; metrics.jsonl and the
+        # checkpoints number a step by the count after it.
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {first_bad + 1}; the last good checkpoint is "
+            + (f"step {good[-1]} in {checkpoints.directory}" if good else "none")
+            + " (set on_nonfinite='skip' to skip such steps instead)"
+        )
 
     def save(stage: Stage) -> None:
+        stop_if_nonfinite()  # never checkpoint a state that froze at a non-finite step
         checkpoints.save(state, meta(stage))
 
     with PreemptionWatcher() as watcher:
@@ -479,8 +612,15 @@ def train_and_evaluate(config, workdir: str) -> RunResult:
                 opt_state = fresh_optimizer_state(config, optimizer, state, networks, stage)
                 state = state.replace(opt_state=jax.device_put(opt_state, repl))
                 if is_host0:
-                    log.info("stage %d/%d '%s': w%d a%d, %d steps", stage.index + 1, len(stages),
-                             stage.name, stage.w_bits, stage.a_bits, stage.num_steps)
+                    log.info(
+                        "stage %d/%d '%s': w%d a%d, %d steps",
+                        stage.index + 1,
+                        len(stages),
+                        stage.name,
+                        stage.w_bits,
+                        stage.a_bits,
+                        stage.num_steps,
+                    )
             lr = {name: np.float32(stage.learning_rate(step, name)) for name in stage.lr}
             state, step_metrics = train_step(state, next(batches), {"lr": lr, "bits": bits})
             pending.append(step_metrics)
@@ -491,36 +631,43 @@ def train_and_evaluate(config, workdir: str) -> RunResult:
             if log_now:
                 values = lbq_metrics.mean_of(pending)
                 pending = []
-                first_bad = int(jax.device_get(state.first_nonfinite))
                 elapsed = time.time() - t_last
                 ips = steps_since * config.batch_size / max(elapsed, 1e-9)
                 run_images += steps_since * config.batch_size
                 run_seconds += elapsed
                 t_last, steps_since = time.time(), 0
-                values.update(images_per_second=ips, stage=stage.index,
-                              epoch=step / steps_per_epoch)
+                values.update(
+                    images_per_second=ips, stage=stage.index, epoch=step / steps_per_epoch
+                )
                 writer.write(step, "train", {**values, "stage_name": stage.name})
-                progress.update(step, f"{stage.name} loss {values['loss']:.3f} "
-                                f"acc {values['student/accuracy']:.3f} {ips:.0f} img/s")
-                if first_bad >= 0 and config.on_nonfinite == "stop":
-                    checkpoints.wait()
-                    good = checkpoints.steps()
-                    raise NonFiniteError(
-                        f"non-finite loss or gradient at step {first_bad}; the last good "
-                        f"checkpoint is "
-                        + (f"step {good[-1]} in {checkpoints.directory}" if good else "none")
-                        + " (set on_nonfinite='skip' to skip such steps instead)")
+                progress.update(
+                    step,
+                    f"{stage.name} loss {values['loss']:.3f} "
+                    f"acc {values['student/accuracy']:.3f} {ips:.0f} img/s",
+                )
+                stop_if_nonfinite()
             if (eval_every and step % eval_every == 0) or stage_end:
                 final = evaluate(config, state, eval_step, bits, batch_sharding)
-                writer.write(step, "eval", {f"{n}/{k}": v for n, m in final.items()
-                                            for k, v in m.items()} | {"stage_name": stage.name})
+                writer.write(
+                    step,
+                    "eval",
+                    {f"{n}/{k}": v for n, m in final.items() for k, v in m.items()}
+                    | {"stage_name": stage.name},
+                )
                 if stage_end:
-                    stage_results.append({"name": stage.name, "w_bits": stage.w_bits,
-                                          "a_bits": stage.a_bits, "steps": stage.num_steps,
-                                          "eval": final})
+                    stage_results.append(
+                        {
+                            "name": stage.name,
+                            "w_bits": stage.w_bits,
+                            "a_bits": stage.a_bits,
+                            "steps": stage.num_steps,
+                            "eval": final,
+                        }
+                    )
             if stage_end or step % config.checkpoint_every_steps == 0:
                 save(stage)
-            if watcher.should_stop(sync=log_now) and step < total_steps:
+            stop_now = watcher.should_stop(sync=log_now) or step == stop_at_step
+            if stop_now and step < total_steps:
                 save(stage)
                 status = "preempted"
                 break
@@ -529,11 +676,21 @@ def train_and_evaluate(config, workdir: str) -> RunResult:
     writer.close()
     if not final:
         final = stage_results[-1]["eval"] if stage_results else {}
-    result = RunResult(status, step, stage_results, final,
-                       run_images / run_seconds if run_seconds else 0.0)
+    result = RunResult(
+        status,
+        step,
+        stage_results,
+        final,
+        run_images / run_seconds if run_seconds else 0.0,
+        train_step._cache_size(),
+    )
     if is_host0:
         print(format_summary(result, workdir))
     return result
+
+
+def bits_label(w_bits: int, a_bits: int) -> str:
+    return f"w{w_bits}a{a_bits}"
 
 
 def format_summary(result: RunResult, workdir: str) -> str:
@@ -543,11 +700,13 @@ def format_summary(result: RunResult, workdir: str) -> str:
         lines.append(f"{'stage':<16}{'bits':>8}{'steps':>8}  eval top-1 per network")
         for s in result.stages:
             accs = "  ".join(f"{n} {m['top1']:.4f}" for n, m in s["eval"].items())
-            lines.append(f"{s['name']:<16}{'w%da%d' % (s['w_bits'], s['a_bits']):>8}"
-                         f"{s['steps']:>8}  {accs}")
+            lines.append(
+                f"{s['name']:<16}{bits_label(s['w_bits'], s['a_bits']):>8}{s['steps']:>8}  {accs}"
+            )
     for net, m in result.final.items():
-        lines.append(f"final {net}: top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  "
-                     f"loss {m['loss']:.4f}")
+        lines.append(
+            f"final {net}: top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  loss {m['loss']:.4f}"
+        )
     if result.images_per_second:
         lines.append(f"training throughput: {result.images_per_second:.0f} images/s")
     return "\n".join(lines)

@@ -140,8 +140,14 @@ def validate_config(config: Any, *, num_devices: int = 1, num_processes: int = 1
 
     distill = check_type(config, "distill.enabled", "bool")
     check_choice(config, "distill.teacher", ("joint", "frozen"))
-    for name in ("student_ce", "student_kl", "student_att", "teacher_ce", "teacher_kl",
-                 "teacher_att"):
+    for name in (
+        "student_ce",
+        "student_kl",
+        "student_att",
+        "teacher_ce",
+        "teacher_kl",
+        "teacher_att",
+    ):
         check_type(config, f"distill.{name}", "number", low=0.0)
     if check_type(config, "distill.temperature", "number") <= 0:
         raise ConfigError(f"distill.temperature={config.distill.temperature} must be > 0")

@@ -59,7 +59,10 @@ class ProbabilitySchedule:
         elif self.kind == "linear":
             p = self.p_start + (1.0 - self.p_start) * progress
         else:
-            p = self.p_start + (1.0 - self.p_start) * jnp.floor(progress * self.num_steps) / self.num_steps
+            p = (
+                self.p_start
+                + (1.0 - self.p_start) * jnp.floor(progress * self.num_steps) / self.num_steps
+            )
         return jnp.where(fraction >= self.full_at, 1.0, p)
 
 

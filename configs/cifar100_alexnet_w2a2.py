@@ -1,0 +1,19 @@
+"""CIFAR-100, AlexNet-BN (32x32 variant) W2A2, quantized directly.
+
+Run:
+
+    python -m lbq.main --config=configs/cifar100_alexnet_w2a2.py --workdir=WORKDIR
+
+Tiny variant for tests (a few CPU steps on the embedded digits data):
+
+    python -m lbq.main --config=configs/cifar100_alexnet_w2a2.py:tiny --workdir=WORKDIR
+"""
+
+from configs import default, recipes
+
+
+def get_config(variant: str = ""):
+    c = recipes.cifar100(default.get_config())
+    c.model.name = "alexnet_cifar"
+    c.quant.w_bits, c.quant.a_bits = 2, 2
+    return recipes.finish(c, variant)

@@ -1,0 +1,23 @@
+"""CIFAR-100, PreResNet-20 W2A2 student trained jointly with a full-precision teacher.
+
+The authors' CIFAR-100 weights: teacher 1.0 CE + 0.5 KL, student 0.7 CE + 0.7 KL, T = 1; both
+networks from scratch, 200 epochs, lr 0.1 each.
+
+Run:
+
+    python -m lbq.main --config=configs/cifar100_w2a2_kd.py --workdir=WORKDIR
+
+Tiny variant for tests (a few CPU steps on the embedded digits data):
+
+    python -m lbq.main --config=configs/cifar100_w2a2_kd.py:tiny --workdir=WORKDIR
+"""
+
+from configs import default, recipes
+
+
+def get_config(variant: str = ""):
+    c = recipes.cifar100(default.get_config())
+    c.quant.w_bits, c.quant.a_bits = 2, 2
+    c.distill.enabled = True
+    c.distill.teacher = "joint"
+    return recipes.finish(c, variant)

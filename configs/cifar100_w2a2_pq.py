@@ -1,0 +1,28 @@
+"""CIFAR-100, PreResNet-20 W2A2, progressive: decreasing bit-width 32 -> 8 -> 4 -> 2 ("PQ").
+
+Epochs: 80 at 32 bits (lr 0.1), then 40 each at 8, 4 and 2 bits (lr 0.01), all with x0.1 at 40%
+and 60% of the stage. The full-precision stage learns the representation; each lower precision
+then fine-tunes from the one above, which is the point of the ladder. Total 200 epochs, as the
+direct baseline.
+
+Run:
+
+    python -m lbq.main --config=configs/cifar100_w2a2_pq.py --workdir=WORKDIR
+
+Tiny variant for tests (a few CPU steps on the embedded digits data):
+
+    python -m lbq.main --config=configs/cifar100_w2a2_pq.py:tiny --workdir=WORKDIR
+"""
+
+from configs import default, recipes
+
+
+def get_config(variant: str = ""):
+    c = recipes.cifar100(default.get_config())
+    c.stages = [
+        default.stage("w32a32", w_bits=32, a_bits=32, epochs=80),
+        default.stage("w8a8", w_bits=8, a_bits=8, epochs=40, lr=0.01),
+        default.stage("w4a4", w_bits=4, a_bits=4, epochs=40, lr=0.01),
+        default.stage("w2a2", w_bits=2, a_bits=2, epochs=40, lr=0.01),
+    ]
+    return recipes.finish(c, variant)

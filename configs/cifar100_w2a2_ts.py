@@ -1,0 +1,26 @@
+"""CIFAR-100, PreResNet-20 W2A2, progressive: weights first, then activations ("TS").
+
+Epochs: 100 with W2A32 (lr 0.1, x0.1 at 40% and 60%), then 100 with W2A2 from those weights
+(lr 0.01, same shape). The 200-epoch total matches the direct baseline; the second stage starts
+from a converged network, so a tenth of the learning rate fine-tunes rather than restarts.
+
+Run:
+
+    python -m lbq.main --config=configs/cifar100_w2a2_ts.py --workdir=WORKDIR
+
+Tiny variant for tests (a few CPU steps on the embedded digits data):
+
+    python -m lbq.main --config=configs/cifar100_w2a2_ts.py:tiny --workdir=WORKDIR
+"""
+
+from configs import default, recipes
+
+
+def get_config(variant: str = ""):
+    c = recipes.cifar100(default.get_config())
+    c.quant.w_bits, c.quant.a_bits = 2, 2
+    c.stages = [
+        default.stage("w2a32", w_bits=2, a_bits=32, epochs=100),
+        default.stage("w2a2", w_bits=2, a_bits=2, epochs=100, lr=0.01),
+    ]
+    return recipes.finish(c, variant)

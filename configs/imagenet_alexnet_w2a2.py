@@ -1,0 +1,23 @@
+"""ImageNet, AlexNet-BN W2A2, fine-tuned from a full-precision AlexNet-BN.
+
+Set --config.init_from=WORKDIR of a full-precision run (imagenet_fp.py with
+--config.model.name=alexnet).
+
+Run:
+
+    python -m lbq.main --config=configs/imagenet_alexnet_w2a2.py --workdir=WORKDIR
+    # ResNet-50: --config=configs/imagenet_alexnet_w2a2.py:resnet50
+
+Tiny variant for tests (a few CPU steps on the embedded digits data):
+
+    python -m lbq.main --config=configs/imagenet_alexnet_w2a2.py:tiny --workdir=WORKDIR
+"""
+
+from configs import default, recipes
+
+
+def get_config(variant: str = ""):
+    c = recipes.imagenet(default.get_config())
+    c.model.name = "alexnet"
+    c.quant.w_bits, c.quant.a_bits = 2, 2
+    return recipes.finish(c, variant)

@@ -1,0 +1,24 @@
+"""ImageNet, full-precision ResNet-18 (ReLU): the model the low-bit runs fine-tune from.
+
+90 epochs from scratch, lr 0.1 (batch 256), x0.1 at epochs 30 and 60.
+
+Run:
+
+    python -m lbq.main --config=configs/imagenet_fp.py --workdir=WORKDIR
+    # ResNet-50: --config=configs/imagenet_fp.py:resnet50
+
+Tiny variant for tests (a few CPU steps on the embedded digits data):
+
+    python -m lbq.main --config=configs/imagenet_fp.py:tiny --workdir=WORKDIR
+"""
+
+from configs import default, recipes
+
+
+def get_config(variant: str = ""):
+    c = recipes.imagenet(default.get_config())
+    c.model.quantized = False
+    c.schedule.lr = 0.1
+    c.schedule.lr_boundaries = (1 / 3, 2 / 3)
+    c.stages = [default.stage("main", epochs=90)]
+    return recipes.finish(c, variant)

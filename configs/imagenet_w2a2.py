@@ -1,0 +1,31 @@
+"""ImageNet flagship: ResNet-18 W2A2 with the paper's methods combined.
+
+Combination: weights-then-activations stages, each guided by a full-precision teacher that
+starts from the same full-precision checkpoint and is fine-tuned jointly (lr 0.001, the
+authors' ImageNet setting; student lr 0.005). As in the paper, progressive quantization guided by
+a full-precision network gives the best low-bit results; stochastic precision can be added with
+--config.stochastic.enabled=True. Epochs: 15 at W2A32, then 30 at W2A2 (the full recipe).
+Set --config.init_from=WORKDIR_OF_imagenet_fp (the student and, with teacher_init, the teacher).
+
+Run:
+
+    python -m lbq.main --config=configs/imagenet_w2a2.py --workdir=WORKDIR
+    # ResNet-50: --config=configs/imagenet_w2a2.py:resnet50
+
+Tiny variant for tests (a few CPU steps on the embedded digits data):
+
+    python -m lbq.main --config=configs/imagenet_w2a2.py:tiny --workdir=WORKDIR
+"""
+
+from configs import default, recipes
+
+
+def get_config(variant: str = ""):
+    c = recipes.imagenet(default.get_config())
+    c.distill.enabled = True
+    c.distill.teacher = "joint"
+    c.stages = [
+        default.stage("w2a32", w_bits=2, a_bits=32, epochs=15, lr_boundaries=(0.5, 0.8)),
+        default.stage("w2a2", w_bits=2, a_bits=2, epochs=30),
+    ]
+    return recipes.finish(c, variant)

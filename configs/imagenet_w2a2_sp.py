@@ -1,0 +1,24 @@
+"""ImageNet, ResNet-18 W2A2 with stochastic precision, from a full-precision model.
+
+Blocks run quantized with probability linear from 0.5 to 1 over the first half of the 30
+epochs; the second half is fully quantized. Set --config.init_from=WORKDIR_OF_imagenet_fp.
+
+Run:
+
+    python -m lbq.main --config=configs/imagenet_w2a2_sp.py --workdir=WORKDIR
+    # ResNet-50: --config=configs/imagenet_w2a2_sp.py:resnet50
+
+Tiny variant for tests (a few CPU steps on the embedded digits data):
+
+    python -m lbq.main --config=configs/imagenet_w2a2_sp.py:tiny --workdir=WORKDIR
+"""
+
+from configs import default, recipes
+
+
+def get_config(variant: str = ""):
+    c = recipes.imagenet(default.get_config())
+    c.quant.w_bits, c.quant.a_bits = 2, 2
+    c.stochastic.enabled = True
+    c.stochastic.full_at = 0.5
+    return recipes.finish(c, variant)

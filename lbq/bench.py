@@ -1,0 +1,452 @@
+"""Training-step benchmark: images/s, compile time and peak memory of lbq's real train step.
+
+Run from the repository root, for example (one GPU, the issue's ResNet-18 targets):
+
+    python -m lbq.bench --model resnet18 --batch 256 --json /tmp/bench.json
+
+The step is the trainer's own: networks, optimizer, state and stage bit-widths are built with
+`lbq.train` from a config based on ``configs/default.py``, the step with
+`lbq.steps.make_train_step`, and it is jitted with the trainer's shardings (replicated state,
+batch sharded over a ('data',) mesh) and donation. The data is one synthetic batch that already
+lives on the device, so the figures are the step's alone, not the input pipeline's
+(``benchmarks/input_pipeline.py`` measures that).
+
+Timing: every step is dispatched and then waited for (``block_until_ready``); the reported rate
+is ``batch / median(step seconds)`` over the timed steps after warm-up. Compile time is
+``jit(...).lower(...)`` plus ``.compile()`` (ahead of time; the first step's execution is not
+included). Peak memory is ``device.memory_stats()['peak_bytes_in_use']`` where the backend has
+it (GPU, TPU); on CPU it is the process's peak resident set size (``ru_maxrss``), which includes
+the Python interpreter and XLA itself. Each (model, mode) runs in its own subprocess by default so
+that the peak belongs to that mode alone.
+
+The bench needs only jax, flax, optax and numpy: ml_collections, tensorflow-datasets and grain
+are not imported (when ml_collections is missing, the config is a plain attribute mirror of
+``configs/default.py``; tests check the mirror against the real config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+from typing import Any
+
+MODES = ("fp", "w4a4", "w2a2", "w2a2_sp", "w2a2_kd")
+MODELS = ("resnet20", "resnet18", "resnet50")
+# The paper's recipes: CIFAR-100 for the CIFAR ResNets (32 px), ImageNet for the others (224 px).
+_CIFAR_MODELS = ("resnet20", "resnet32", "resnet56", "preresnet20", "alexnet_cifar")
+_CIFAR100_STATS = ((129.304, 124.070, 112.434), (68.170, 65.392, 70.418))
+_IMAGENET_STATS = ((123.675, 116.280, 103.530), (58.395, 57.120, 57.375))
+# The stochastic-precision stage is made this long so that p(t) stays near its start value and
+# the timed steps see random masks, as in the first part of a real stage.
+_SP_STAGE_STEPS = 100_000
+
+
+@dataclasses.dataclass
+class Result:
+    """One benchmarked (model, mode).
+
+    Attributes:
+      model, mode, batch, image_size, dtype: what ran.
+      images_per_second: ``batch / median_step_s``.
+      median_step_s, min_step_s, max_step_s: over the timed steps.
+      step_times_s: every timed step, in order.
+      lower_s, compile_s: ``jit(...).lower(...)`` and ``.compile()`` seconds.
+      first_step_s: the first execution after compiling (allocations, autotuning leftovers).
+      peak_bytes: peak memory, see ``peak_kind``.
+      peak_kind: 'device peak_bytes_in_use' or 'process peak RSS (ru_maxrss)'.
+      compiled_temp_bytes: XLA's temporary buffer size of the compiled step, when reported.
+      device: the device kind, and the backend.
+      config_source: 'configs/default.py' or 'mirror of configs/default.py'.
+    """
+
+    model: str
+    mode: str
+    batch: int
+    image_size: int
+    dtype: str
+    images_per_second: float
+    median_step_s: float
+    min_step_s: float
+    max_step_s: float
+    step_times_s: list[float]
+    lower_s: float
+    compile_s: float
+    first_step_s: float
+    peak_bytes: int
+    peak_kind: str
+    compiled_temp_bytes: int | None
+    device: str
+    backend: str
+    num_devices: int
+    config_source: str
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _ns(**kwargs: Any) -> SimpleNamespace:
+    return SimpleNamespace(**kwargs)
+
+
+def mirror_config() -> SimpleNamespace:
+    """The fields of ``configs/default.py`` that building a train step reads, without
+    ml_collections (GPU boxes may lack it). ``tests/test_bench.py`` checks it against the real
+    config."""
+    return _ns(
+        seed=0,
+        model=_ns(name="resnet20", quantized=True, per_channel=False, logit_scale=False,
+                  shortcut="A"),
+        quant=_ns(w_bits=2, a_bits=2),
+        batch_size=128,
+        compute_dtype="auto",
+        optimizer=_ns(name="sgd", momentum=0.9, nesterov=True, weight_decay=1e-4),
+        schedule=_ns(lr=0.1, teacher_lr=0.1),
+        stochastic=_ns(enabled=False, unit="block", schedule="linear", p_start=0.5,
+                       full_at=0.5, num_steps=4),
+        distill=_ns(enabled=False, teacher="joint", student_ce=0.7, student_kl=0.7,
+                    student_att=0.0, teacher_ce=1.0, teacher_kl=0.5, teacher_att=0.0,
+                    temperature=1.0, extra_students=()),
+        on_nonfinite="stop",
+    )
+
+
+def base_config() -> tuple[Any, str]:
+    """``configs/default.py``'s ``get_config()`` when ml_collections is installed, else the
+    mirror. Returns (config, source)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "default.py")
+    if importlib.util.find_spec("ml_collections") is not None and os.path.exists(path):
+        spec = importlib.util.spec_from_file_location("_lbq_bench_default_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(), "configs/default.py"
+    return mirror_config(), "mirror of configs/default.py"
+
+
+def mode_config(model: str, mode: str, batch: int) -> tuple[Any, str]:
+    """The run config of one benchmark mode (see `MODES`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    config, source = base_config()
+    config.model.name = model
+    config.batch_size = batch
+    config.model.quantized = mode != "fp"
+    bits = 4 if mode == "w4a4" else 2
+    config.quant.w_bits, config.quant.a_bits = bits, bits
+    config.stochastic.enabled = mode == "w2a2_sp"
+    config.distill.enabled = mode == "w2a2_kd"
+    config.distill.teacher = "joint"
+    return config, source
+
+
+# ----------------------------------------------------------------------------- one mode
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class StepBench:
+    """The trainer's compiled step for one (model, mode), its state and a device batch.
+
+    Build it with `build_step`; ``run(n)`` executes n steps and returns their seconds.
+    """
+
+    def __init__(self, *, compiled, state, device_batch, hparams, networks, config_source,
+                 model, mode, batch, image_size, lower_s, compile_s):
+        self.compiled = compiled
+        self.state = state
+        self.device_batch = device_batch
+        self.hparams = hparams
+        self.networks = networks
+        self.config_source = config_source
+        self.model, self.mode, self.batch, self.image_size = model, mode, batch, image_size
+        self.lower_s, self.compile_s = lower_s, compile_s
+        self.step_index = 0
+        self.metrics = None
+
+    def step(self) -> float:
+        """One step, waited for; returns its seconds (dispatch to completion)."""
+        import jax
+
+        start = time.perf_counter()
+        self.state, self.metrics = self.compiled(
+            self.state, self.device_batch, self.hparams(self.step_index))
+        jax.block_until_ready((self.state, self.metrics))
+        self.step_index += 1
+        return time.perf_counter() - start
+
+    def run(self, n: int) -> list[float]:
+        """Runs ``n`` steps; returns each one's seconds. Raises if the loss is not finite."""
+        import numpy as np
+
+        times = [self.step() for _ in range(n)]
+        if n and not np.isfinite(float(self.metrics["loss"])):
+            raise RuntimeError(f"{self.model} {self.mode}: the step's loss is not finite")
+        return times
+
+
+def build_step(model: str, mode: str, *, batch: int) -> StepBench:
+    """Builds and compiles the trainer's train step for ``mode`` on a synthetic batch.
+
+    Args:
+      model: a network name of `lbq.models`.
+      mode: one of `MODES`.
+      batch: global batch.
+    """
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from lbq import train
+    from lbq.data.config import DatasetInfo
+    from lbq.schedules import Stage
+    from lbq.steps import LossWeights, make_train_step
+
+    config, source = mode_config(model, mode, batch)
+    cifar = model in _CIFAR_MODELS
+    size = 32 if cifar else 224
+    classes = 100 if cifar else 1000
+    mean, std = _CIFAR100_STATS if cifar else _IMAGENET_STATS
+    info = DatasetInfo("synthetic", classes, (size, size, 3), 50_000, 10_000, mean, std)
+
+    networks = train.build_networks(config, info)
+    optimizer = train.build_optimizer(config, networks)
+    weights = LossWeights(**{k: float(getattr(config.distill, k)) for k in (
+        "student_ce", "student_kl", "student_att", "teacher_ce", "teacher_kl", "teacher_att",
+        "temperature")})
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    repl = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    state = train.init_state(config, networks, optimizer, info, repl)
+    lrs = {n.name: float(config.schedule.teacher_lr if n.teacher else config.schedule.lr)
+           for n in networks}
+    stage = Stage(0, "bench", config.quant.w_bits, config.quant.a_bits, {}, 0, _SP_STAGE_STEPS,
+                  lrs, lr_schedule="constant")
+    opt_state = train.fresh_optimizer_state(config, optimizer, state, networks, stage)
+    state = state.replace(opt_state=jax.device_put(opt_state, repl))
+    bits = jax.device_put(train.stage_bits(stage, networks), repl)
+
+    rng = np.random.default_rng(0)
+    device_batch = jax.device_put({
+        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        "label": rng.integers(0, classes, (batch,), dtype=np.int32),
+    }, batch_sharding)
+
+    def hparams(step: int) -> dict:
+        # As the trainer: host learning rates each step, device bit-widths for the stage.
+        return {"lr": {k: np.float32(stage.learning_rate(step, k)) for k in stage.lr},
+                "bits": bits}
+
+    jitted = jax.jit(
+        make_train_step(networks, optimizer, weights, info.mean, info.std,
+                        skip_nonfinite=config.on_nonfinite == "skip"),
+        in_shardings=(repl, batch_sharding, repl), out_shardings=(repl, repl),
+        donate_argnums=(0,))
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, device_batch, hparams(0))
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    return StepBench(compiled=compiled, state=state, device_batch=device_batch, hparams=hparams,
+                     networks=networks, config_source=source, model=model, mode=mode,
+                     batch=batch, image_size=size, lower_s=t1 - t0, compile_s=t2 - t1)
+
+
+def run_mode(
+    model: str,
+    mode: str,
+    *,
+    batch: int,
+    steps: int = 30,
+    warmup: int = 3,
+    profile_dir: str | None = None,
+    profile_steps: int = 3,
+) -> Result:
+    """Builds the trainer's step for ``mode`` and times it on a synthetic on-device batch.
+
+    Args:
+      model: a network name of `lbq.models`.
+      mode: one of `MODES`.
+      batch: global batch.
+      steps: timed steps (the median is reported).
+      warmup: untimed steps after the first.
+      profile_dir: if set, a `jax.profiler` trace of ``profile_steps`` more steps goes here.
+      profile_steps: steps in the trace.
+    """
+    import jax
+    import numpy as np
+
+    bench = build_step(model, mode, batch=batch)
+    temp_bytes = None
+    with contextlib.suppress(Exception):  # not every backend reports it
+        temp_bytes = int(bench.compiled.memory_analysis().temp_size_in_bytes)
+    first = bench.run(1)[0]
+    bench.run(warmup)
+    times = bench.run(steps)
+    if profile_dir:
+        with jax.profiler.trace(os.path.join(profile_dir, f"{model}_{mode}")):
+            for i in range(profile_steps):
+                with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                    bench.step()
+
+    device = jax.devices()[0]
+    stats = None
+    with contextlib.suppress(Exception):
+        stats = device.memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        peak, peak_kind = int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    else:
+        peak, peak_kind = _peak_rss_bytes(), "process peak RSS (ru_maxrss)"
+    median = statistics.median(times)
+    return Result(
+        model=model, mode=mode, batch=batch, image_size=bench.image_size,
+        dtype=str(np.dtype(bench.networks[0].model.dtype)),
+        images_per_second=batch / median, median_step_s=median, min_step_s=min(times),
+        max_step_s=max(times), step_times_s=times, lower_s=bench.lower_s,
+        compile_s=bench.compile_s, first_step_s=first, peak_bytes=peak, peak_kind=peak_kind,
+        compiled_temp_bytes=temp_bytes, device=getattr(device, "device_kind", str(device)),
+        backend=jax.default_backend(), num_devices=jax.device_count(),
+        config_source=bench.config_source,
+    )
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _run_isolated(model: str, mode: str, args: argparse.Namespace) -> Result:
+    """Runs one mode in a fresh interpreter so that its peak memory is its own."""
+    cmd = [sys.executable, "-m", "lbq.bench", "--model", model, "--modes", mode,
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--no-isolate", "--quiet", "--json", "-"]
+    if args.profile:
+        cmd += ["--profile", args.profile]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{model} {mode} failed:\n{proc.stderr[-4000:]}")
+    return Result(**json.loads(proc.stdout)["results"][0])
+
+
+def format_table(results: list[Result]) -> str:
+    """A plain-text table of the results, with each mode's ratio to fp of the same model."""
+    fp = {r.model: r.images_per_second for r in results if r.mode == "fp"}
+    lines = [f"{'model':<10}{'mode':<10}{'batch':>6}{'dtype':>10}{'img/s':>10}{'vs fp':>7}"
+             f"{'step ms':>9}{'compile s':>11}{'peak MiB':>10}  peak"]
+    for r in results:
+        ratio = f"{r.images_per_second / fp[r.model]:.2f}" if r.model in fp else "-"
+        lines.append(
+            f"{r.model:<10}{r.mode:<10}{r.batch:>6}{r.dtype:>10}{r.images_per_second:>10.1f}"
+            f"{ratio:>7}{1e3 * r.median_step_s:>9.2f}{r.lower_s + r.compile_s:>11.2f}"
+            f"{r.peak_bytes / 2**20:>10.0f}  {r.peak_kind}")
+    return "\n".join(lines)
+
+
+def _environment() -> dict[str, Any]:
+    import jax
+
+    return {
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lbq.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="resnet20",
+                        help=f"comma-separated networks, or 'all' ({','.join(MODELS)})")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="global batch (default: 128 at 32 px, 256 at 224 px)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    parser.add_argument("--json", default=None, help="write the results here ('-': stdout)")
+    parser.add_argument("--profile", default=None, help="write a jax.profiler trace here")
+    parser.add_argument("--input", action="store_true",
+                        help="benchmark the host input pipeline instead "
+                        "(benchmarks/input_pipeline.py; its options follow --)")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="run every mode in this process (peak memory is then cumulative)")
+    parser.add_argument("--quiet", action="store_true", help="no table")
+    args, rest = parser.parse_known_args(argv)
+    args.rest = [r for r in rest if r != "--"]
+    if args.rest and not args.input:
+        parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.input:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        spec = importlib.util.spec_from_file_location(
+            "_lbq_input_bench", os.path.join(root, "benchmarks", "input_pipeline.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main(args.rest)
+    models = list(MODELS) if args.model == "all" else args.model.split(",")
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}; choose from {MODES}")
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    results = []
+    for model in models:
+        batch = args.batch or (128 if model in _CIFAR_MODELS else 256)
+        for mode in modes:
+            if args.isolate:
+                result = _run_isolated(model, mode, argparse.Namespace(**{**vars(args),
+                                                                          "batch": batch}))
+            else:
+                result = run_mode(model, mode, batch=batch, steps=args.steps,
+                                  warmup=args.warmup, profile_dir=args.profile)
+            results.append(result)
+            if not args.quiet:
+                print(f"{model} {mode}: {result.images_per_second:.1f} images/s", flush=True)
+    report = {"environment": _environment(), "results": [dataclasses.asdict(r) for r in results]}
+    if not args.quiet:
+        print(format_table(results))
+    if args.json == "-":
+        print(json.dumps(report))
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Reading the data config and the dataset description shared by every data path."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from lbq.data.errors import DataError
+
+AUGMENTATIONS = ("cifar", "imagenet", "none")
+
+# Standard published per-channel statistics, in 0..255 units (the usual 0..1 values x 255).
+KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((125.307, 122.950, 113.865), (62.993, 62.089, 66.705)),
+    "cifar100": ((129.304, 124.070, 112.434), (68.170, 65.392, 70.418)),
+    "imagenet2012": ((123.675, 116.280, 103.530), (58.395, 57.120, 57.375)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the model and trainer need to know about a dataset.
+
+    Attributes:
+      name: dataset name as given in the config.
+      num_classes: number of label classes.
+      image_shape: (H, W, C) of the model input after preprocessing.
+      num_train: examples in the train split.
+      num_eval: examples in the eval split.
+      mean: per-channel mean, 0..255 units.
+      std: per-channel standard deviation, 0..255 units.
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    num_train: int
+    num_eval: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The fields of a data config that ``lbq.data`` reads, validated.
+
+    Optional config fields beyond name/data_dir/splits/image_size/augment:
+      workers (alias num_workers): decode threads, 0 for none; default min(8, cpu count).
+      prefetch: batches in flight; default workers + 2.
+      cache: decode the train split into memory once (True/False); unset or 'auto': only for
+        images of one size with side <= 64 (CIFAR-like), never with augment='imagenet'.
+    """
+
+    name: str
+    data_dir: str | None
+    train_split: str
+    eval_split: str
+    image_size: int
+    augment: str
+    num_workers: int
+    prefetch: int
+    cache: bool | None
+
+
+def _field(cfg: Any, key: str, default: Any) -> Any:
+    """Reads ``key`` from a ConfigDict, a mapping or any attribute object."""
+    if isinstance(cfg, Mapping):
+        value = cfg.get(key, default)
+    else:
+        # ConfigDict raises AttributeError for missing fields, like plain objects.
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def default_num_workers() -> int:
+    """A small pool: decode threads beyond the core count only add contention."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def read_settings(cfg: Any) -> Settings:
+    """Validates a data config.
+
+    Args:
+      cfg: ``ml_collections.ConfigDict``, dict or attribute object with the data fields.
+
+    Returns:
+      The validated ``Settings``.
+    """
+    name = _field(cfg, "name", "digits")
+    if not isinstance(name, str) or not name:
+        raise DataError(f"data_config.name must be a non-empty string, got {name!r}")
+    data_dir = _field(cfg, "data_dir", None)
+    image_size = int(_field(cfg, "image_size", 32))
+    if image_size <= 0:
+        raise DataError(f"data_config.image_size must be positive, got {image_size}")
+    augment = str(_field(cfg, "augment", "none"))
+    if augment not in AUGMENTATIONS:
+        raise DataError(f"data_config.augment={augment!r} is not one of {AUGMENTATIONS}")
+    # `workers` is the config's field; `num_workers` is accepted as an alias.
+    num_workers = int(_field(cfg, "workers", _field(cfg, "num_workers", default_num_workers())))
+    if num_workers < 0:
+        raise DataError(f"data_config.workers must be >= 0 (0: no threads), got {num_workers}")
+    # Batches in flight: enough to keep every worker busy plus a couple ready to hand out.
+    prefetch = int(_field(cfg, "prefetch", max(num_workers, 1) + 2))
+    return Settings(
+        name=name,
+        data_dir=os.fspath(data_dir) if data_dir else None,
+        train_split=str(_field(cfg, "train_split", "train")),
+        eval_split=str(_field(cfg, "eval_split", "test")),
+        image_size=image_size,
+        augment=augment,
+        num_workers=num_workers,
+        prefetch=max(1, prefetch),
+        cache=_cache_setting(cfg),
+    )
+
+
+def _cache_setting(cfg: Any) -> bool | None:
+    """`cache`: True/False forces decoding the train split into memory or not; unset: auto."""
+    value = _field(cfg, "cache", None)
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool):
+        return value
+    raise DataError(f"data_config.cache must be True, False or 'auto', got {value!r}")
+
+
+def known_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Published mean/std for a TFDS name ('cifar10', 'imagenet2012:5.1.0', ...), else None."""
+    base = name.split(":")[0].split("/")[0]
+    if base in KNOWN_STATS:
+        return KNOWN_STATS[base]
+    # ImageNet variants (subsets, v2, real labels) share ImageNet's pixel statistics.
+    if base.startswith("imagenet2012") or base in ("imagenet_v2", "imagenet_a", "imagenet_r"):
+        return KNOWN_STATS["imagenet2012"]
+    return None

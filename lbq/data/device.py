@@ -1,0 +1,110 @@
+"""On-device input path: the whole (CIFAR-scale) split lives on the accelerator.
+
+Batch selection and augmentation are pure, jittable JAX, so a training step can pick its own
+batch from device-resident arrays with no host round trip.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def device_augment_params(
+    key: jax.Array, num: int, *, pad: int = 4, flip: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """The random draws of ``device_augment``.
+
+    Args:
+      key: PRNG key.
+      num: number of images.
+      pad: zero padding on each side.
+      flip: whether flips are drawn (otherwise all False).
+
+    Returns:
+      (offsets int32 [num, 2] (y, x) in 0..2*pad, flips bool [num]).
+    """
+    k_offset, k_flip = jax.random.split(key)
+    offsets = jax.random.randint(k_offset, (num, 2), 0, 2 * pad + 1, dtype=jnp.int32)
+    if flip:
+        flips = jax.random.bernoulli(k_flip, 0.5, (num,))
+    else:
+        flips = jnp.zeros((num,), jnp.bool_)
+    return offsets, flips
+
+
+def device_augment(
+    images: jax.Array, key: jax.Array, *, pad: int = 4, flip: bool = True
+) -> jax.Array:
+    """Per-image random crop with zero padding ``pad`` and random horizontal flip.
+
+    Args:
+      images: [N, H, W, C] batch (any dtype).
+      key: PRNG key; offsets and flips are ``device_augment_params(key, N, pad, flip)``.
+      pad: zero padding on each side (0 disables the crop).
+      flip: whether to flip with probability 1/2.
+
+    Returns:
+      Array with the shape and dtype of ``images``.
+    """
+    n, h, w, c = images.shape
+    offsets, flips = device_augment_params(key, n, pad=pad, flip=flip)
+    if pad:
+        padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+        def crop(image: jax.Array, offset: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+        images = jax.vmap(crop)(padded, offsets)
+    if flip:
+        images = jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    return images
+
+
+def device_train_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    step: jax.Array | int,
+    *,
+    global_batch: int,
+    num_train: int,
+    pad: int = 4,
+    flip: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """The augmented training batch of ``step``, gathered from device-resident arrays.
+
+    Epoch e = step // steps_per_epoch (steps_per_epoch = num_train // global_batch, remainder
+    dropped) uses ``jax.random.permutation(fold_in(order_key, e), num_train)``; the batch is its
+    slice at (step % steps_per_epoch) * global_batch, augmented with ``fold_in(aug_key, step)``,
+    where (order_key, aug_key) = ``jax.random.split(key)``.
+
+    Args:
+      images: [num_train, H, W, C] whole train split.
+      labels: [num_train] labels.
+      key: PRNG key of the run (same key + step -> same batch).
+      step: global step, Python int or traced int scalar.
+      global_batch: batch size (static).
+      num_train: number of training examples (static).
+      pad: crop padding, 0 for no crop (``augment='none'``).
+      flip: random horizontal flips.
+
+    Returns:
+      (images [global_batch, H, W, C], labels [global_batch]).
+    """
+    steps_per_epoch = num_train // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"global_batch={global_batch} exceeds num_train={num_train}")
+    # Separate keys so the order of epoch e and the augmentation of step e never coincide.
+    order_key, aug_key = jax.random.split(key)
+    step = jnp.asarray(step, jnp.int32)
+    epoch = step // steps_per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), num_train)
+    start = (step % steps_per_epoch) * global_batch
+    idx = jax.lax.dynamic_slice_in_dim(perm, start, global_batch)
+    batch_images = jnp.take(images, idx, axis=0)
+    batch_labels = jnp.take(labels, idx, axis=0)
+    batch_images = device_augment(
+        batch_images, jax.random.fold_in(aug_key, step), pad=pad, flip=flip
+    )
+    return batch_images, batch_labels

@@ -1,0 +1,315 @@
+"""Resolving a dataset name to random-access sources: the embedded digits or a TFDS dataset.
+
+TFDS datasets are read through ``builder.as_data_source`` (ArrayRecord random access), which
+needs no TensorFlow. Images are fetched as raw encoded bytes (``tfds.decode.SkipDecoding``) and
+decoded by ``lbq.data.transforms`` in the worker threads, where large JPEGs are DCT-downscaled
+while decoding (PIL ``draft``) and every mode (grey, CMYK, palette, alpha) becomes RGB; TFDS's
+NumPy decoder always decodes at full size and leaves CMYK or RGBA files 4-channel.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from lbq.data import digits
+from lbq.data.config import Settings, known_stats
+from lbq.data.errors import DataError, DatasetNotFoundError, UnknownDatasetError
+
+PREPARE_HINT = "python -m lbq.data.prepare --root=ROOT --data_dir=DIR --name=NAME"
+STATS_SAMPLE = 512  # images decoded to estimate mean/std when nothing better is known
+
+
+class Source(Protocol):
+    """Random access to one split: encoded bytes or decoded arrays, plus int labels."""
+
+    description: str
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices: Sequence[int]) -> tuple[Sequence[Any], np.ndarray]: ...
+
+
+class ArraySource:
+    """A split held in memory as uint8 [N, H, W, 3] images and int labels."""
+
+    def __init__(self, description: str, images: np.ndarray, labels: np.ndarray):
+        self.description = description
+        self._images = images
+        self._labels = labels
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def read(self, indices: Sequence[int]) -> tuple[Sequence[Any], np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64)
+        # One [n, H, W, 3] array (a sequence of images): batch code can skip per-image work.
+        return self._images[idx], self._labels[idx].astype(np.int32)
+
+
+class TfdsSource:
+    """A TFDS split read from ArrayRecord files; images stay encoded until a worker decodes them.
+
+    Records are parsed with TFDS's own ``tf.train.Example`` proto class (no TensorFlow), which
+    is several times faster than TFDS's generic per-feature decoding; a check on the first
+    record falls back to the generic path should the on-disk layout ever differ.
+    """
+
+    def __init__(self, builder: Any, split: str, image_key: str, label_key: str):
+        import tensorflow_datasets as tfds
+
+        self.description = f"{builder.name}[{split}]"
+        self._image_key = image_key
+        self._label_key = label_key
+        self._ds = builder.as_data_source(
+            split=split, decoders={image_key: tfds.decode.SkipDecoding()}
+        )
+        self._raw = None
+        try:
+            from tensorflow_datasets.proto import tf_example_pb2
+
+            self._example_cls = tf_example_pb2.Example
+            self._raw = builder.as_data_source(
+                split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+            )
+            if len(self._ds) and self._parse(self._raw[0]) != self._generic(self._ds[0]):
+                self._raw = None
+        except Exception:  # Any surprise in the fast path: use the generic TFDS decoding.
+            self._raw = None
+
+    def _parse(self, raw: bytes) -> tuple[bytes, int]:
+        feature = self._example_cls.FromString(raw).features.feature
+        return (
+            feature[self._image_key].bytes_list.value[0],
+            int(feature[self._label_key].int64_list.value[0]),
+        )
+
+    def _generic(self, record: dict[str, Any]) -> tuple[bytes, int]:
+        return record[self._image_key], int(record[self._label_key])
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def read(self, indices: Sequence[int]) -> tuple[list[Any], np.ndarray]:
+        keys = [int(i) for i in indices]
+        # __getitems__ lets ArrayRecord fetch the records of a batch in parallel.
+        if self._raw is not None:
+            pairs = [self._parse(r) for r in self._raw.__getitems__(keys)]
+        else:
+            pairs = [self._generic(r) for r in self._ds.__getitems__(keys)]
+        labels = np.asarray([p[1] for p in pairs], dtype=np.int32)
+        return [p[0] for p in pairs], labels
+
+
+class Dataset:
+    """A resolved dataset: class count, split sizes, pixel statistics and split sources."""
+
+    name: str
+    num_classes: int
+
+    def num_examples(self, split: str) -> int:
+        raise NotImplementedError
+
+    def source(self, split: str) -> Source:
+        raise NotImplementedError
+
+    def stats(self, train_split: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        raise NotImplementedError
+
+    def native_shape(self) -> tuple[int, ...] | None:
+        """(H, W, 3) when every image has one known size, else None."""
+        return None
+
+    def cache_key(self) -> str:
+        """Identifies the dataset's files, for caches of decoded data."""
+        return self.name
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn digits, upscaled to 32x32x3 (see ``lbq.data.digits``)."""
+
+    name = digits.NAME
+    num_classes = digits.NUM_CLASSES
+
+    def num_examples(self, split: str) -> int:
+        return len(digits.split_arrays(split)[1])
+
+    def source(self, split: str) -> Source:
+        images, labels = digits.split_arrays(split)
+        return ArraySource(f"digits[{split}]", images, labels)
+
+    def stats(self, train_split: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return digits.stats()
+
+
+class TfdsDataset(Dataset):
+    """A prepared TFDS image-classification dataset."""
+
+    def __init__(self, builder: Any, name: str):
+        self.name = name
+        self._builder = builder
+        self._image_key, self._label_key = _feature_keys(builder, name)
+        self.num_classes = int(builder.info.features[self._label_key].num_classes)
+
+    def _check_split(self, split: str) -> None:
+        try:
+            self._builder.info.splits[split]
+        except (KeyError, ValueError) as e:
+            available = ", ".join(sorted(self._builder.info.splits.keys()))
+            raise DataError(
+                f"dataset {self.name!r} has no split {split!r}; available: {available}"
+            ) from e
+
+    def num_examples(self, split: str) -> int:
+        self._check_split(split)
+        return int(self._builder.info.splits[split].num_examples)
+
+    def source(self, split: str) -> Source:
+        self._check_split(split)
+        return TfdsSource(self._builder, split, self._image_key, self._label_key)
+
+    def stats(self, train_split: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        # Measured at prepare time (lbq.data.prepare) beats published constants beats sampling.
+        metadata = self._builder.info.metadata or {}
+        if "mean" in metadata and "std" in metadata:
+            return tuple(map(float, metadata["mean"])), tuple(map(float, metadata["std"]))
+        stats = known_stats(self.name)
+        if stats is not None:
+            return stats
+        return _sampled_stats(self.source(train_split), (str(self._builder.data_path), train_split))
+
+    def native_shape(self) -> tuple[int, ...] | None:
+        metadata = self._builder.info.metadata or {}
+        if metadata.get("image_shape"):  # written by lbq.data.prepare
+            return tuple(int(v) for v in metadata["image_shape"])
+        shape = self._builder.info.features[self._image_key].shape
+        if shape[0] is not None and shape[1] is not None:
+            return (int(shape[0]), int(shape[1]), 3)
+        return None
+
+    def cache_key(self) -> str:
+        return str(self._builder.data_path)
+
+
+def _feature_keys(builder: Any, name: str) -> tuple[str, str]:
+    """Finds the (image, label) feature names of an image-classification dataset."""
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    keys = builder.info.supervised_keys
+    if (
+        isinstance(keys, tuple)
+        and len(keys) == 2
+        and all(isinstance(k, str) for k in keys)
+        and isinstance(features[keys[0]], tfds.features.Image)
+        and isinstance(features[keys[1]], tfds.features.ClassLabel)
+    ):
+        return keys
+    images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+    labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    if not images or not labels:
+        raise DataError(
+            f"dataset {name!r} is not an image-classification dataset: it needs an Image and a "
+            f"ClassLabel feature, found {', '.join(features.keys())}"
+        )
+    return images[0], "label" if "label" in labels else labels[0]
+
+
+def _prepared_names(data_dir: str | None) -> list[str]:
+    """Dataset names found in a TFDS data dir (folders holding a dataset_info.json)."""
+    if not data_dir or not os.path.isdir(data_dir):
+        return []
+    found = set()
+    for pattern in ("*/*/dataset_info.json", "*/*/*/dataset_info.json"):
+        for path in glob.glob(os.path.join(data_dir, pattern)):
+            found.add(os.path.relpath(path, data_dir).split(os.sep)[0])
+    return sorted(found)
+
+
+def _unknown(name: str, data_dir: str | None, registered: list[str]) -> UnknownDatasetError:
+    prepared = _prepared_names(data_dir)
+    candidates = [digits.NAME, *prepared, *registered]
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    where = (
+        f" (datasets prepared in {data_dir}: {', '.join(prepared) or 'none'})" if data_dir else ""
+    )
+    return UnknownDatasetError(
+        f"unknown dataset {name!r}{hint}{where}; use 'digits', a TFDS name like cifar10, or "
+        f"prepare an image folder with `{PREPARE_HINT}`"
+    )
+
+
+def _tfds_dataset(s: Settings) -> TfdsDataset:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError(
+            f"dataset {s.name!r} needs tensorflow-datasets, which is not installed "
+            f"(only 'digits' works without it)"
+        ) from e
+    if s.data_dir and not os.path.isdir(s.data_dir):
+        raise DatasetNotFoundError(
+            f"data_dir {s.data_dir!r} of dataset {s.name!r} does not exist; set data_config."
+            f"data_dir to the TFDS data dir that holds it, or create it with `{PREPARE_HINT}`"
+        )
+    registered = tfds.list_builders(with_community_datasets=False)
+    try:
+        builder = tfds.builder(s.name, data_dir=s.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise _unknown(s.name, s.data_dir, registered) from e
+    if not builder.is_prepared():
+        root = s.data_dir or tfds.core.constants.DATA_DIR
+        raise DatasetNotFoundError(
+            f"dataset {s.name!r} is not prepared in data dir {root} (no dataset_info.json in "
+            f"{builder.data_path}); build it with `tfds build {s.name} --data_dir={root}` or, "
+            f"from an image folder, `{PREPARE_HINT}`"
+        )
+    return TfdsDataset(builder, s.name)
+
+
+def open_dataset(s: Settings) -> Dataset:
+    """Resolves ``s.name`` to a dataset.
+
+    Args:
+      s: validated data settings.
+
+    Returns:
+      The ``Dataset``; raises a ``DataError`` subclass that names the problem otherwise.
+    """
+    if s.name == digits.NAME:
+        return DigitsDataset()
+    return _tfds_dataset(s)
+
+
+_STATS_CACHE: dict[tuple[str, str], tuple[tuple, tuple]] = {}
+
+
+def _sampled_stats(source: Source, key: tuple[str, str]) -> tuple[tuple, tuple]:
+    """Mean/std estimated from evenly spaced train images, for datasets with no known stats."""
+    if key in _STATS_CACHE:
+        return _STATS_CACHE[key]
+    from lbq.data.transforms import decode_rgb
+
+    n = len(source)
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, STATS_SAMPLE)).astype(np.int64))
+    items, _ = source.read(idx)
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for i, item in zip(idx, items, strict=True):
+        what = f"record {i} of {source.description}"
+        x = decode_rgb(item, what).reshape(-1, 3).astype(np.float64)
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+        count += len(x)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+    result = tuple(round(float(v), 3) for v in mean), tuple(round(float(v), 3) for v in std)
+    _STATS_CACHE[key] = result
+    return result
