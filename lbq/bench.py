@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -237,7 +238,10 @@ def build_step(model: str, mode: str, *, batch: int) -> StepBench:
            for n in networks}
     stage = Stage(0, "bench", config.quant.w_bits, config.quant.a_bits, {}, 0, _SP_STAGE_STEPS,
                   lrs, lr_schedule="constant")
-    opt_state = train.fresh_optimizer_state(config, optimizer, state, networks, stage)
+    # As the trainer at a stage start (newer trainers also take the placement).
+    fresh = train.fresh_optimizer_state
+    extra = (repl,) if "sharding" in inspect.signature(fresh).parameters else ()
+    opt_state = fresh(config, optimizer, state, networks, stage, *extra)
     state = state.replace(opt_state=jax.device_put(opt_state, repl))
     bits = jax.device_put(train.stage_bits(stage, networks), repl)
 

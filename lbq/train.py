@@ -121,6 +121,13 @@ def _distributed_is_initialized() -> bool:
         return False
 
 
+def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    """A 1-D ('data',) mesh over all devices, in Auto mode: shardings are given to `jax.jit`
+    (batches split, state replicated) rather than carried in array types."""
+    count = num_devices or jax.device_count()
+    return jax.make_mesh((count,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def compute_dtype(name: str):
     """bfloat16 on accelerators and float32 on CPU for 'auto' (CPU bf16 convs are slow)."""
     if name == "auto":
@@ -289,14 +296,15 @@ def _load_into(state: TrainState, path: str, mapping: dict[str, str], field: str
     return state.replace(params=params, batch_stats=stats)
 
 
-def fresh_optimizer_state(config, optimizer, state: TrainState, networks, stage: Stage):
-    """A new optimizer state for a stage, with a per-stage key for stochastic precision."""
+def fresh_optimizer_state(config, optimizer, state: TrainState, networks, stage: Stage, sharding):
+    """A new optimizer state for a stage, with a per-stage key for stochastic precision,
+    placed like the rest of the state (so the compiled step sees the same input types)."""
     trainable = {n.name: state.params[n.name] for n in networks if n.trainable}
     opt_state = optimizer.init(trainable)
     if config.stochastic.enabled:
         key = jax.random.fold_in(jax.random.key(config.seed + 1), stage.index)
         opt_state = start_stage(opt_state, stage.num_steps, key, probability_schedule(config))
-    return opt_state
+    return jax.device_put(opt_state, sharding)
 
 
 # ----------------------------------------------------------------------------- workdir
@@ -502,7 +510,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
     total_steps = stages[-1].end_step
     is_host0 = jax.process_index() == 0
 
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = data_mesh()
     repl = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     optimizer = build_optimizer(config, networks)
@@ -609,8 +617,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
             stage = stage_at(stages, step)
             if step == stage.start_step:
                 bits = jax.device_put(stage_bits(stage, networks), repl)
-                opt_state = fresh_optimizer_state(config, optimizer, state, networks, stage)
-                state = state.replace(opt_state=jax.device_put(opt_state, repl))
+                opt_state = fresh_optimizer_state(config, optimizer, state, networks, stage, repl)
+                state = state.replace(opt_state=opt_state)
                 if is_host0:
                     log.info(
                         "stage %d/%d '%s': w%d a%d, %d steps",

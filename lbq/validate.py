@@ -5,15 +5,22 @@ Every error is a `ConfigError` whose message starts with the dotted name of the 
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from lbq.models import MODEL_NAMES
+from lbq.models import MODEL_NAMES, get_model
 from lbq.quant.precision import SCHEDULES as STOCHASTIC_SCHEDULES
 from lbq.quant.quantizers import check_bits
+from lbq.quant.spec import make_precision
+from lbq.schedules import LR_SCHEDULES, build_stages
 
 OPTIMIZERS = ("sgd", "adam")
+# Stage lengths in epochs become steps only once the dataset size is known (the trainer checks
+# them then); the structure, bits and rates of the stages are checked here with this stand-in.
+_ANY_STEPS_PER_EPOCH = 1 << 40
 DTYPES = ("auto", "float32", "bfloat16")
 AUGMENTATIONS = ("cifar", "imagenet", "none")
 
@@ -53,6 +60,8 @@ def check_type(config: Any, field: str, kind: str, *, low=None, high=None, optio
     }[kind](value)
     if not ok:
         raise ConfigError(f"{field}={value!r} has type {type(value).__name__}; expected {kind}")
+    if kind == "number" and not math.isfinite(value):
+        raise ConfigError(f"{field}={value!r} must be a finite number")
     if low is not None and value < low:
         raise ConfigError(f"{field}={value!r} must be >= {low}")
     if high is not None and value > high:
@@ -76,15 +85,64 @@ def _check_bits(config: Any, field: str) -> None:
 
 def _check_path(config: Any, field: str) -> None:
     path = check_type(config, field, "str", optional=True)
-    if path is not None and not os.path.exists(path):
+    # Remote paths (gs://...) are checked when they are read.
+    if path and "://" not in path and not os.path.exists(path):
         raise ConfigError(f"{field}={path!r} does not exist")
 
 
-def validate_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -> None:
-    """Checks types, ranges and names of the whole config.
+def _check_stages(config: Any) -> None:
+    """The stage list: entries, lengths, bits, rates and schedules, each error naming the stage."""
+    stages = _get(config, "stages")
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise ConfigError(f"stages={stages!r} must be a non-empty list of stages")
+    for index, entry in enumerate(stages):
+        if not (isinstance(entry, Mapping) or hasattr(entry, "to_dict")):
+            raise ConfigError(
+                f"stages[{index}]={entry!r} must be a stage, e.g. configs.default.stage('main', "
+                "steps=1000)"
+            )
+    networks = ["student"]
+    if config.distill.enabled:
+        networks += [f"student_w{w}a{a}" for w, a in config.distill.extra_students]
+        if config.distill.teacher == "joint":
+            networks.append("teacher")
+    s = config.schedule
+    defaults = {
+        "w_bits": config.quant.w_bits,
+        "a_bits": config.quant.a_bits,
+        "lr": {n: float(s.teacher_lr if n == "teacher" else s.lr) for n in networks},
+        "lr_schedule": s.lr_schedule,
+        "lr_boundaries": tuple(s.lr_boundaries),
+        "lr_decay": s.lr_decay,
+        "warmup_epochs": s.warmup_epochs,
+    }
+    try:
+        built = build_stages(
+            list(stages),
+            defaults=defaults,
+            networks=networks,
+            steps_per_epoch=_ANY_STEPS_PER_EPOCH,
+        )
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from None
+    if any(stage.block_bits for stage in built):
+        # Block names do not depend on the classes or architecture options; building the
+        # module only lists its layers (nothing is traced).
+        names = get_model(config.model.name, num_classes=2, quantized=True).layer_names()
+        for stage in built:
+            try:
+                make_precision(names, stage.w_bits, stage.a_bits, block_bits=stage.block_bits)
+            except ValueError as error:
+                raise ConfigError(
+                    f"stages[{stage.index}] ({stage.name}).block_bits: {error}"
+                ) from None
 
-    The data (whether it is present) and the stage list are checked by the trainer right
-    after this, still before anything is compiled.
+
+def validate_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -> None:
+    """Checks types, ranges and names of the whole config, the stage list included.
+
+    Whether the data is present, and stage lengths given in epochs, are checked by the trainer
+    right after this (they need the dataset), still before anything is compiled.
 
     Raises:
       ConfigError: naming the first bad field.
@@ -96,7 +154,7 @@ def validate_config(config: Any, *, num_devices: int = 1, num_processes: int = 1
     check_choice(config, "model.shortcut", ("A", "B"))
 
     check_type(config, "data.name", "str")
-    check_type(config, "data.data_dir", "str", optional=True)
+    _check_path(config, "data.data_dir")
     check_type(config, "data.train_split", "str")
     check_type(config, "data.eval_split", "str")
     check_type(config, "data.image_size", "int", low=8)
@@ -127,9 +185,14 @@ def validate_config(config: Any, *, num_devices: int = 1, num_processes: int = 1
     check_type(config, "schedule.teacher_lr", "number", low=0.0)
     check_type(config, "schedule.lr_decay", "number", low=0.0)
     check_type(config, "schedule.warmup_epochs", "number", low=0.0)
-    stages = _get(config, "stages")
-    if not isinstance(stages, (list, tuple)) or not stages:
-        raise ConfigError(f"stages={stages!r} must be a non-empty list of stages")
+    check_choice(config, "schedule.lr_schedule", LR_SCHEDULES)
+    boundaries = _get(config, "schedule.lr_boundaries")
+    if not isinstance(boundaries, (list, tuple)) or not all(
+        _is_number(b) and 0 < b < 1 for b in boundaries
+    ):
+        raise ConfigError(
+            f"schedule.lr_boundaries={boundaries!r} must be a list of fractions in (0, 1)"
+        )
 
     check_type(config, "stochastic.enabled", "bool")
     check_choice(config, "stochastic.unit", ("block", "layer"))
@@ -178,3 +241,4 @@ def validate_config(config: Any, *, num_devices: int = 1, num_processes: int = 1
     check_choice(config, "on_config_change", ("refuse", "continue", "overwrite"))
     check_type(config, "distributed", "bool")
     check_type(config, "progress", "bool")
+    _check_stages(config)

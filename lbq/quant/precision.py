@@ -90,7 +90,7 @@ def _sample(key: jax.Array, schedule: ProbabilitySchedule, count, horizon, num_u
 
 
 def stochastic_precision(
-    num_units: int, schedule: ProbabilitySchedule, seed: int = 0
+    num_units: int, schedule: ProbabilitySchedule, seed: int = 0, horizon: int = 1
 ) -> optax.GradientTransformation:
     """An identity transformation that samples per-unit quantize masks.
 
@@ -98,6 +98,8 @@ def stochastic_precision(
       num_units: how many independently sampled units (blocks or layers).
       schedule: ``p(t)`` over the stage.
       seed: seed of the mask stream; `start_stage` reseeds it per stage.
+      horizon: the stage's length in steps; `start_stage` sets it per stage, so the trainer
+        leaves the default.
 
     Returns:
       An `optax.GradientTransformation` whose state is a `StochasticPrecisionState`.
@@ -106,7 +108,7 @@ def stochastic_precision(
     def init(params):
         del params
         key = jax.random.key_data(jax.random.key(seed))
-        return _state_at_start(key, jnp.int32(1), schedule, num_units)
+        return _state_at_start(key, horizon, schedule, num_units)
 
     def update(updates, state, params=None):
         del params

@@ -1,0 +1,406 @@
+"""Config validation: every bad config is refused with a message that names the field, before
+anything is compiled or written, from Python and from the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import pytest
+from runs import run_main, tiny_config
+
+from configs import default
+from lbq.data import DataError
+from lbq.train import train_and_evaluate
+from lbq.validate import ConfigError, validate_config
+
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+@pytest.fixture
+def compile_events():
+    """The JAX tracing and compilation events recorded while the test runs."""
+    events: list[str] = []
+
+    def listen(event: str, duration: float, **kwargs: Any) -> None:
+        del duration, kwargs
+        if event in _COMPILE_EVENTS:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def set_raw(config, field: str, value: Any) -> None:
+    """Sets a field past ConfigDict's type check, as a hand-edited config could."""
+    *parents, name = field.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    del node[name]
+    node[name] = value
+
+
+def changes(**fields: Any) -> Callable:
+    """A config edit setting dotted fields (``model__name`` stands for ``model.name``)."""
+
+    def edit(config, tmp_path) -> None:
+        for key, value in fields.items():
+            if isinstance(value, str) and "{tmp}" in value:
+                value = value.replace("{tmp}", str(tmp_path))
+            set_raw(config, key.replace("__", "."), value)
+
+    return edit
+
+
+def stages(*entries) -> Callable:
+    def edit(config, tmp_path) -> None:
+        del tmp_path
+        config.stages = list(entries)
+
+    return edit
+
+
+def frozen_teacher(config, tmp_path) -> None:
+    del tmp_path
+    config.distill.enabled = True
+    config.distill.teacher = "frozen"
+
+
+S = default.stage
+# (id, edit, error type, text the message must contain, caught by validate_config itself)
+CASES = [
+    (
+        "unknown-model",
+        changes(model__name="resnet21"),
+        ConfigError,
+        "model.name='resnet21' is not one of",
+        True,
+    ),
+    (
+        "unknown-dataset",
+        changes(data__name="no_such_dataset"),
+        DataError,
+        "unknown dataset 'no_such_dataset'",
+        False,
+    ),
+    (
+        "data-not-prepared",
+        changes(data__name="cifar10", data__data_dir="{tmp}"),
+        DataError,
+        "dataset 'cifar10' is not prepared in data dir",
+        False,
+    ),
+    (
+        "missing-data-dir",
+        changes(data__name="cifar10", data__data_dir="{tmp}/nowhere"),
+        ConfigError,
+        "data.data_dir='",
+        True,
+    ),
+    (
+        "w-bits-0",
+        changes(quant__w_bits=0),
+        ConfigError,
+        "quant.w_bits=0 is not a valid bit-width",
+        True,
+    ),
+    (
+        "a-bits-33",
+        changes(quant__a_bits=33),
+        ConfigError,
+        "quant.a_bits=33 is not a valid bit-width",
+        True,
+    ),
+    (
+        "w-bits-2.5",
+        changes(quant__w_bits=2.5),
+        ConfigError,
+        "quant.w_bits=2.5 is not a valid bit-width",
+        True,
+    ),
+    ("no-stages", stages(), ConfigError, "stages=[] must be a non-empty list", True),
+    (
+        "zero-length-stage",
+        stages(S("warm", steps=2), S("main", steps=0)),
+        ConfigError,
+        "stages[1] (main).steps=0 must be a positive whole number",
+        True,
+    ),
+    (
+        "stage-without-length",
+        stages(S("main")),
+        ConfigError,
+        "stages[0] (main): set exactly one of 'steps' and 'epochs'",
+        True,
+    ),
+    (
+        "stage-bits-out-of-range",
+        stages(S("fp", steps=1, w_bits=32), S("low", steps=1, a_bits=64)),
+        ConfigError,
+        "stages[1] (low).a_bits=64 is not a valid bit-width",
+        True,
+    ),
+    (
+        "stage-negative-lr",
+        stages(S("main", steps=1, lr=-0.5)),
+        ConfigError,
+        "stages[0] (main): learning rate of student is -0.5",
+        True,
+    ),
+    ("stage-not-a-stage", stages("main"), ConfigError, "stages[0]='main' must be a stage", True),
+    (
+        "stage-shorter-than-a-step",
+        stages(S("main", epochs=0.001)),
+        ConfigError,
+        "stages[0] (main).epochs=0.001 is less than one step",
+        False,
+    ),
+    (
+        "unknown-block",
+        stages(S("main", steps=1, block_bits={"stage9_block0": (4, 4)})),
+        ConfigError,
+        "stages[0] (main).block_bits: block_bits names unknown blocks ['stage9_block0']",
+        True,
+    ),
+    (
+        "unknown-optimizer",
+        changes(optimizer__name="adamw"),
+        ConfigError,
+        "optimizer.name='adamw' is not one of ('sgd', 'adam')",
+        True,
+    ),
+    ("negative-lr", changes(schedule__lr=-0.1), ConfigError, "schedule.lr=-0.1 must be >= 0", True),
+    (
+        "nan-lr",
+        changes(schedule__lr=float("nan")),
+        ConfigError,
+        "schedule.lr=nan must be a finite number",
+        True,
+    ),
+    (
+        "unknown-lr-schedule",
+        changes(schedule__lr_schedule="linear"),
+        ConfigError,
+        "schedule.lr_schedule='linear' is not one of",
+        True,
+    ),
+    (
+        "bad-lr-boundaries",
+        changes(schedule__lr_boundaries=(0.5, 1.5)),
+        ConfigError,
+        "schedule.lr_boundaries=(0.5, 1.5) must be a list of fractions in (0, 1)",
+        True,
+    ),
+    (
+        "batch-size-string",
+        changes(batch_size="32"),
+        ConfigError,
+        "batch_size='32' has type str; expected int",
+        True,
+    ),
+    ("seed-float", changes(seed=1.5), ConfigError, "seed=1.5 has type float; expected int", True),
+    (
+        "quantized-string",
+        changes(model__quantized="yes"),
+        ConfigError,
+        "model.quantized='yes' has type str; expected bool",
+        True,
+    ),
+    (
+        "eval-batch-zero",
+        changes(eval_batch_size=0),
+        ConfigError,
+        "eval_batch_size=0 must be >= 1",
+        True,
+    ),
+    (
+        "batch-larger-than-data",
+        changes(batch_size=4096),
+        ConfigError,
+        "batch_size=4096 is larger than the",
+        False,
+    ),
+    (
+        "frozen-teacher-without-init",
+        frozen_teacher,
+        ConfigError,
+        "distill.teacher='frozen' needs distill.teacher_init",
+        True,
+    ),
+    ("missing-init-from", changes(init_from="{tmp}/no_run"), ConfigError, "init_from='", True),
+    (
+        "missing-teacher-init",
+        changes(distill__teacher_init="{tmp}/no_teacher"),
+        ConfigError,
+        "distill.teacher_init='",
+        True,
+    ),
+    (
+        "bad-on-nonfinite",
+        changes(on_nonfinite="ignore"),
+        ConfigError,
+        "on_nonfinite='ignore' is not one of ('stop', 'skip')",
+        True,
+    ),
+    (
+        "bad-on-config-change",
+        changes(on_config_change="ask"),
+        ConfigError,
+        "on_config_change='ask' is not one of",
+        True,
+    ),
+    (
+        "bad-stochastic-schedule",
+        changes(stochastic__schedule="cosine"),
+        ConfigError,
+        "stochastic.schedule='cosine' is not one of",
+        True,
+    ),
+    (
+        "stochastic-p-above-1",
+        changes(stochastic__p_start=1.5),
+        ConfigError,
+        "stochastic.p_start=1.5 must be <= 1.0",
+        True,
+    ),
+    (
+        "stochastic-steps-zero",
+        changes(stochastic__num_steps=0),
+        ConfigError,
+        "stochastic.num_steps=0 must be >= 1",
+        True,
+    ),
+    (
+        "stochastic-full-precision-model",
+        changes(stochastic__enabled=True, model__quantized=False),
+        ConfigError,
+        "stochastic.enabled needs model.quantized=True",
+        True,
+    ),
+    (
+        "extra-students-without-distill",
+        changes(distill__extra_students=((4, 4),)),
+        ConfigError,
+        "distill.extra_students needs distill.enabled=True",
+        True,
+    ),
+    (
+        "bad-temperature",
+        changes(distill__temperature=0.0),
+        ConfigError,
+        "distill.temperature=0.0 must be > 0",
+        True,
+    ),
+    (
+        "unknown-augment",
+        changes(data__augment="random"),
+        ConfigError,
+        "data.augment='random' is not one of",
+        True,
+    ),
+    (
+        "keep-no-checkpoints",
+        changes(keep_checkpoints=0),
+        ConfigError,
+        "keep_checkpoints=0 must be >= 1",
+        True,
+    ),
+]
+
+
+def _bad_config(edit, tmp_path):
+    config = tiny_config()
+    edit(config, tmp_path)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "text"), [c[1:4] for c in CASES if c[4]], ids=[c[0] for c in CASES if c[4]]
+)
+def test_validate_config_names_the_field(edit, error, text, tmp_path):
+    with pytest.raises(error) as raised:
+        validate_config(_bad_config(edit, tmp_path))
+    assert text in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "text"), [c[1:4] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_training_refuses_before_compiling_anything(edit, error, text, tmp_path, compile_events):
+    workdir = tmp_path / "run"
+    with pytest.raises(error) as raised:
+        train_and_evaluate(_bad_config(edit, tmp_path), str(workdir))
+    assert text in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert compile_events == []  # nothing traced or compiled
+    assert not workdir.exists()  # nothing written
+
+
+def test_compile_events_are_seen(compile_events):
+    """The check above can fail: a jitted call is seen by the listener."""
+    jax.jit(lambda x: x * 3 + 1)(jax.numpy.arange(3.0))
+    assert "/jax/core/compile/backend_compile_duration" in compile_events
+
+
+def test_the_default_and_tiny_configs_are_valid():
+    for variant in ("", "tiny"):
+        validate_config(default.get_config(variant))
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("lbq: error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--config.quant.w_bits=33"], "lbq: error: quant.w_bits=33 is not a valid bit-width"),
+        (["--config.data.name=no_such_dataset"], "lbq: error: unknown dataset 'no_such_dataset'"),
+        (["--config.schedule.lr=-1.0"], "lbq: error: schedule.lr=-1.0 must be >= 0"),
+    ],
+    ids=["bits", "dataset", "lr"],
+)
+def test_cli_prints_one_error_line(args, expected, tmp_path):
+    workdir = tmp_path / "run"
+    proc = run_main(["--config=configs/default.py:tiny", f"--workdir={workdir}", *args])
+    assert _one_error_line(proc).startswith(expected)
+    assert not workdir.exists()
+
+
+def test_cli_batch_must_divide_over_the_devices(tmp_path):
+    """8 simulated CPU devices: a global batch of 12 cannot be split evenly."""
+    workdir = tmp_path / "run"
+    proc = run_main(
+        ["--config=configs/default.py:tiny", f"--workdir={workdir}", "--config.batch_size=12"],
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
+    assert _one_error_line(proc) == (
+        "lbq: error: batch_size=12 does not divide over 8 devices; use a multiple of 8"
+    )
+    assert not workdir.exists()
+
+
+def test_cli_wrong_type_is_refused_by_the_flag_parser(tmp_path):
+    proc = run_main(
+        [
+            "--config=configs/default.py:tiny",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.batch_size=abc",
+        ]
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "--config.batch_size=abc" in proc.stderr.splitlines()[0]
