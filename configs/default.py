@@ -53,7 +53,9 @@ def get_config(variant: str = ""):
     c.data.image_size = 32
     c.data.augment = "none"  # "cifar" (crop 32 pad 4 + flip), "imagenet", "none" (digits: no flips)
     c.data.on_device = False  # keep the whole split on the accelerators (CIFAR scale)
-    c.data.workers = 4  # host threads for decoding and augmentation
+    c.data.workers = 4  # host threads for decoding and augmentation (0: none)
+    # Decode the train split into memory once; None: automatically for small images (<= 64 px).
+    c.data.cache = ml_collections.config_dict.placeholder(bool)
 
     c.quant = ml_collections.ConfigDict()
     c.quant.w_bits = 2  # default weight bit-width of every stage

@@ -160,7 +160,8 @@ def validate_config(config: Any, *, num_devices: int = 1, num_processes: int = 1
     check_type(config, "data.image_size", "int", low=8)
     check_choice(config, "data.augment", AUGMENTATIONS)
     check_type(config, "data.on_device", "bool")
-    check_type(config, "data.workers", "int", low=1)
+    check_type(config, "data.workers", "int", low=0)
+    check_type(config, "data.cache", "bool", optional=True)
 
     _check_bits(config, "quant.w_bits")
     _check_bits(config, "quant.a_bits")
