@@ -12,7 +12,10 @@ lives on the device, so the figures are the step's alone, not the input pipeline
 (``benchmarks/input_pipeline.py`` measures that).
 
 Timing: every step is dispatched and then waited for (``block_until_ready``); the reported rate
-is ``batch / median(step seconds)`` over the timed steps after warm-up. Compile time is
+is ``batch / median(step seconds)`` over the timed steps after warm-up. The same number of steps
+is then also dispatched back to back with one wait at the end, as the trainer runs them
+(``pipelined_images_per_second``, "async" in the table): the difference is the host's dispatch
+time per step, which the trainer hides behind device work. Compile time is
 ``jit(...).lower(...)`` plus ``.compile()`` (ahead of time; the first step's execution is not
 included). Peak memory is ``device.memory_stats()['peak_bytes_in_use']`` where the backend has
 it (GPU, TPU); on CPU it is the process's peak resident set size (``ru_maxrss``), which includes
@@ -59,7 +62,9 @@ class Result:
 
     Attributes:
       model, mode, batch, image_size, dtype: what ran.
-      images_per_second: ``batch / median_step_s``.
+      images_per_second: ``batch / median_step_s`` (each step waited for).
+      pipelined_images_per_second: the same number of steps dispatched back to back with one
+        wait at the end, as the trainer runs them (host dispatch hidden behind device work).
       median_step_s, min_step_s, max_step_s: over the timed steps.
       step_times_s: every timed step, in order.
       lower_s, compile_s: ``jit(...).lower(...)`` and ``.compile()`` seconds.
@@ -77,6 +82,7 @@ class Result:
     image_size: int
     dtype: str
     images_per_second: float
+    pipelined_images_per_second: float
     median_step_s: float
     min_step_s: float
     max_step_s: float
@@ -106,18 +112,29 @@ def mirror_config() -> SimpleNamespace:
     config."""
     return _ns(
         seed=0,
-        model=_ns(name="resnet20", quantized=True, per_channel=False, logit_scale=False,
-                  shortcut="A"),
+        model=_ns(
+            name="resnet20", quantized=True, per_channel=False, logit_scale=False, shortcut="A"
+        ),
         quant=_ns(w_bits=2, a_bits=2),
         batch_size=128,
         compute_dtype="auto",
         optimizer=_ns(name="sgd", momentum=0.9, nesterov=True, weight_decay=1e-4),
         schedule=_ns(lr=0.1, teacher_lr=0.1),
-        stochastic=_ns(enabled=False, unit="block", schedule="linear", p_start=0.5,
-                       full_at=0.5, num_steps=4),
-        distill=_ns(enabled=False, teacher="joint", student_ce=0.7, student_kl=0.7,
-                    student_att=0.0, teacher_ce=1.0, teacher_kl=0.5, teacher_att=0.0,
-                    temperature=1.0, extra_students=()),
+        stochastic=_ns(
+            enabled=False, unit="block", schedule="linear", p_start=0.5, full_at=0.5, num_steps=4
+        ),
+        distill=_ns(
+            enabled=False,
+            teacher="joint",
+            student_ce=0.7,
+            student_kl=0.7,
+            student_att=0.0,
+            teacher_ce=1.0,
+            teacher_kl=0.5,
+            teacher_att=0.0,
+            temperature=1.0,
+            extra_students=(),
+        ),
         on_nonfinite="stop",
     )
 
@@ -125,8 +142,9 @@ def mirror_config() -> SimpleNamespace:
 def base_config() -> tuple[Any, str]:
     """``configs/default.py``'s ``get_config()`` when ml_collections is installed, else the
     mirror. Returns (config, source)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "default.py")
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"
+    )
     if importlib.util.find_spec("ml_collections") is not None and os.path.exists(path):
         spec = importlib.util.spec_from_file_location("_lbq_bench_default_config", path)
         module = importlib.util.module_from_spec(spec)
@@ -135,13 +153,14 @@ def base_config() -> tuple[Any, str]:
     return mirror_config(), "mirror of configs/default.py"
 
 
-def mode_config(model: str, mode: str, batch: int) -> tuple[Any, str]:
+def mode_config(model: str, mode: str, batch: int, dtype: str = "auto") -> tuple[Any, str]:
     """The run config of one benchmark mode (see `MODES`)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     config, source = base_config()
     config.model.name = model
     config.batch_size = batch
+    config.compute_dtype = dtype
     config.model.quantized = mode != "fp"
     bits = 4 if mode == "w4a4" else 2
     config.quant.w_bits, config.quant.a_bits = bits, bits
@@ -166,8 +185,22 @@ class StepBench:
     Build it with `build_step`; ``run(n)`` executes n steps and returns their seconds.
     """
 
-    def __init__(self, *, compiled, state, device_batch, hparams, networks, config_source,
-                 model, mode, batch, image_size, lower_s, compile_s):
+    def __init__(
+        self,
+        *,
+        compiled,
+        state,
+        device_batch,
+        hparams,
+        networks,
+        config_source,
+        model,
+        mode,
+        batch,
+        image_size,
+        lower_s,
+        compile_s,
+    ):
         self.compiled = compiled
         self.state = state
         self.device_batch = device_batch
@@ -185,9 +218,24 @@ class StepBench:
 
         start = time.perf_counter()
         self.state, self.metrics = self.compiled(
-            self.state, self.device_batch, self.hparams(self.step_index))
+            self.state, self.device_batch, self.hparams(self.step_index)
+        )
         jax.block_until_ready((self.state, self.metrics))
         self.step_index += 1
+        return time.perf_counter() - start
+
+    def run_pipelined(self, n: int) -> float:
+        """Dispatches ``n`` steps back to back, as the trainer does, and waits once at the end;
+        returns the total seconds (host dispatch overlaps device work)."""
+        import jax
+
+        start = time.perf_counter()
+        for _ in range(n):
+            self.state, self.metrics = self.compiled(
+                self.state, self.device_batch, self.hparams(self.step_index)
+            )
+            self.step_index += 1
+        jax.block_until_ready((self.state, self.metrics))
         return time.perf_counter() - start
 
     def run(self, n: int) -> list[float]:
@@ -200,13 +248,14 @@ class StepBench:
         return times
 
 
-def build_step(model: str, mode: str, *, batch: int) -> StepBench:
+def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> StepBench:
     """Builds and compiles the trainer's train step for ``mode`` on a synthetic batch.
 
     Args:
       model: a network name of `lbq.models`.
       mode: one of `MODES`.
       batch: global batch.
+      dtype: the config's compute_dtype ('auto': bfloat16 on accelerators, float32 on CPU).
     """
     import jax
     import numpy as np
@@ -218,7 +267,7 @@ def build_step(model: str, mode: str, *, batch: int) -> StepBench:
     from lbq.schedules import Stage
     from lbq.steps import LossWeights, make_train_step
 
-    config, source = mode_config(model, mode, batch)
+    config, source = mode_config(model, mode, batch, dtype)
     cifar = model in _CIFAR_MODELS
     size = 32 if cifar else 224
     classes = 100 if cifar else 1000
@@ -227,17 +276,39 @@ def build_step(model: str, mode: str, *, batch: int) -> StepBench:
 
     networks = train.build_networks(config, info)
     optimizer = train.build_optimizer(config, networks)
-    weights = LossWeights(**{k: float(getattr(config.distill, k)) for k in (
-        "student_ce", "student_kl", "student_att", "teacher_ce", "teacher_kl", "teacher_att",
-        "temperature")})
+    weights = LossWeights(
+        **{
+            k: float(getattr(config.distill, k))
+            for k in (
+                "student_ce",
+                "student_kl",
+                "student_att",
+                "teacher_ce",
+                "teacher_kl",
+                "teacher_att",
+                "temperature",
+            )
+        }
+    )
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     repl = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     state = train.init_state(config, networks, optimizer, info, repl)
-    lrs = {n.name: float(config.schedule.teacher_lr if n.teacher else config.schedule.lr)
-           for n in networks}
-    stage = Stage(0, "bench", config.quant.w_bits, config.quant.a_bits, {}, 0, _SP_STAGE_STEPS,
-                  lrs, lr_schedule="constant")
+    lrs = {
+        n.name: float(config.schedule.teacher_lr if n.teacher else config.schedule.lr)
+        for n in networks
+    }
+    stage = Stage(
+        0,
+        "bench",
+        config.quant.w_bits,
+        config.quant.a_bits,
+        {},
+        0,
+        _SP_STAGE_STEPS,
+        lrs,
+        lr_schedule="constant",
+    )
     # As the trainer at a stage start (newer trainers also take the placement).
     fresh = train.fresh_optimizer_state
     extra = (repl,) if "sharding" in inspect.signature(fresh).parameters else ()
@@ -246,29 +317,50 @@ def build_step(model: str, mode: str, *, batch: int) -> StepBench:
     bits = jax.device_put(train.stage_bits(stage, networks), repl)
 
     rng = np.random.default_rng(0)
-    device_batch = jax.device_put({
-        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-        "label": rng.integers(0, classes, (batch,), dtype=np.int32),
-    }, batch_sharding)
+    device_batch = jax.device_put(
+        {
+            "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            "label": rng.integers(0, classes, (batch,), dtype=np.int32),
+        },
+        batch_sharding,
+    )
 
     def hparams(step: int) -> dict:
         # As the trainer: host learning rates each step, device bit-widths for the stage.
-        return {"lr": {k: np.float32(stage.learning_rate(step, k)) for k in stage.lr},
-                "bits": bits}
+        return {"lr": {k: np.float32(stage.learning_rate(step, k)) for k in stage.lr}, "bits": bits}
 
     jitted = jax.jit(
-        make_train_step(networks, optimizer, weights, info.mean, info.std,
-                        skip_nonfinite=config.on_nonfinite == "skip"),
-        in_shardings=(repl, batch_sharding, repl), out_shardings=(repl, repl),
-        donate_argnums=(0,))
+        make_train_step(
+            networks,
+            optimizer,
+            weights,
+            info.mean,
+            info.std,
+            skip_nonfinite=config.on_nonfinite == "skip",
+        ),
+        in_shardings=(repl, batch_sharding, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
     t0 = time.perf_counter()
     lowered = jitted.lower(state, device_batch, hparams(0))
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    return StepBench(compiled=compiled, state=state, device_batch=device_batch, hparams=hparams,
-                     networks=networks, config_source=source, model=model, mode=mode,
-                     batch=batch, image_size=size, lower_s=t1 - t0, compile_s=t2 - t1)
+    return StepBench(
+        compiled=compiled,
+        state=state,
+        device_batch=device_batch,
+        hparams=hparams,
+        networks=networks,
+        config_source=source,
+        model=model,
+        mode=mode,
+        batch=batch,
+        image_size=size,
+        lower_s=t1 - t0,
+        compile_s=t2 - t1,
+    )
 
 
 def run_mode(
@@ -280,6 +372,7 @@ def run_mode(
     warmup: int = 3,
     profile_dir: str | None = None,
     profile_steps: int = 3,
+    dtype: str = "auto",
 ) -> Result:
     """Builds the trainer's step for ``mode`` and times it on a synthetic on-device batch.
 
@@ -291,17 +384,19 @@ def run_mode(
       warmup: untimed steps after the first.
       profile_dir: if set, a `jax.profiler` trace of ``profile_steps`` more steps goes here.
       profile_steps: steps in the trace.
+      dtype: compute dtype ('auto': bfloat16 on accelerators, float32 on CPU).
     """
     import jax
     import numpy as np
 
-    bench = build_step(model, mode, batch=batch)
+    bench = build_step(model, mode, batch=batch, dtype=dtype)
     temp_bytes = None
     with contextlib.suppress(Exception):  # not every backend reports it
         temp_bytes = int(bench.compiled.memory_analysis().temp_size_in_bytes)
     first = bench.run(1)[0]
     bench.run(warmup)
     times = bench.run(steps)
+    pipelined = bench.run_pipelined(steps)
     if profile_dir:
         with jax.profiler.trace(os.path.join(profile_dir, f"{model}_{mode}")):
             for i in range(profile_steps):
@@ -318,13 +413,26 @@ def run_mode(
         peak, peak_kind = _peak_rss_bytes(), "process peak RSS (ru_maxrss)"
     median = statistics.median(times)
     return Result(
-        model=model, mode=mode, batch=batch, image_size=bench.image_size,
+        model=model,
+        mode=mode,
+        batch=batch,
+        image_size=bench.image_size,
         dtype=str(np.dtype(bench.networks[0].model.dtype)),
-        images_per_second=batch / median, median_step_s=median, min_step_s=min(times),
-        max_step_s=max(times), step_times_s=times, lower_s=bench.lower_s,
-        compile_s=bench.compile_s, first_step_s=first, peak_bytes=peak, peak_kind=peak_kind,
-        compiled_temp_bytes=temp_bytes, device=getattr(device, "device_kind", str(device)),
-        backend=jax.default_backend(), num_devices=jax.device_count(),
+        images_per_second=batch / median,
+        pipelined_images_per_second=batch * steps / pipelined,
+        median_step_s=median,
+        min_step_s=min(times),
+        max_step_s=max(times),
+        step_times_s=times,
+        lower_s=bench.lower_s,
+        compile_s=bench.compile_s,
+        first_step_s=first,
+        peak_bytes=peak,
+        peak_kind=peak_kind,
+        compiled_temp_bytes=temp_bytes,
+        device=getattr(device, "device_kind", str(device)),
+        backend=jax.default_backend(),
+        num_devices=jax.device_count(),
         config_source=bench.config_source,
     )
 
@@ -334,9 +442,27 @@ def run_mode(
 
 def _run_isolated(model: str, mode: str, args: argparse.Namespace) -> Result:
     """Runs one mode in a fresh interpreter so that its peak memory is its own."""
-    cmd = [sys.executable, "-m", "lbq.bench", "--model", model, "--modes", mode,
-           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--no-isolate", "--quiet", "--json", "-"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lbq.bench",
+        "--model",
+        model,
+        "--modes",
+        mode,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--dtype",
+        args.dtype,
+        "--no-isolate",
+        "--quiet",
+        "--json",
+        "-",
+    ]
     if args.profile:
         cmd += ["--profile", args.profile]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,14 +477,18 @@ def _run_isolated(model: str, mode: str, args: argparse.Namespace) -> Result:
 def format_table(results: list[Result]) -> str:
     """A plain-text table of the results, with each mode's ratio to fp of the same model."""
     fp = {r.model: r.images_per_second for r in results if r.mode == "fp"}
-    lines = [f"{'model':<10}{'mode':<10}{'batch':>6}{'dtype':>10}{'img/s':>10}{'vs fp':>7}"
-             f"{'step ms':>9}{'compile s':>11}{'peak MiB':>10}  peak"]
+    lines = [
+        f"{'model':<10}{'mode':<10}{'batch':>6}{'dtype':>10}{'img/s':>10}{'vs fp':>7}"
+        f"{'async':>10}{'step ms':>9}{'compile s':>11}{'peak MiB':>10}  peak"
+    ]
     for r in results:
         ratio = f"{r.images_per_second / fp[r.model]:.2f}" if r.model in fp else "-"
         lines.append(
             f"{r.model:<10}{r.mode:<10}{r.batch:>6}{r.dtype:>10}{r.images_per_second:>10.1f}"
-            f"{ratio:>7}{1e3 * r.median_step_s:>9.2f}{r.lower_s + r.compile_s:>11.2f}"
-            f"{r.peak_bytes / 2**20:>10.0f}  {r.peak_kind}")
+            f"{ratio:>7}{r.pipelined_images_per_second:>10.1f}{1e3 * r.median_step_s:>9.2f}"
+            f"{r.lower_s + r.compile_s:>11.2f}"
+            f"{r.peak_bytes / 2**20:>10.0f}  {r.peak_kind}"
+        )
     return "\n".join(lines)
 
 
@@ -389,21 +519,41 @@ def _cpu_model() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lbq.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="resnet20",
-                        help=f"comma-separated networks, or 'all' ({','.join(MODELS)})")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated subset of {','.join(MODES)}")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="global batch (default: 128 at 32 px, 256 at 224 px)")
+    parser.add_argument(
+        "--model",
+        default="resnet20",
+        help=f"comma-separated networks, or 'all' ({','.join(MODELS)})",
+    )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="global batch (default: 128 at 32 px, 256 at 224 px)",
+    )
     parser.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)",
+    )
     parser.add_argument("--json", default=None, help="write the results here ('-': stdout)")
     parser.add_argument("--profile", default=None, help="write a jax.profiler trace here")
-    parser.add_argument("--input", action="store_true",
-                        help="benchmark the host input pipeline instead "
-                        "(benchmarks/input_pipeline.py; its options follow --)")
-    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
-                        help="run every mode in this process (peak memory is then cumulative)")
+    parser.add_argument(
+        "--input",
+        action="store_true",
+        help="benchmark the host input pipeline instead "
+        "(benchmarks/input_pipeline.py; its options follow --)",
+    )
+    parser.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        help="run every mode in this process (peak memory is then cumulative)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no table")
     args, rest = parser.parse_known_args(argv)
     args.rest = [r for r in rest if r != "--"]
@@ -417,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.input:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         spec = importlib.util.spec_from_file_location(
-            "_lbq_input_bench", os.path.join(root, "benchmarks", "input_pipeline.py"))
+            "_lbq_input_bench", os.path.join(root, "benchmarks", "input_pipeline.py")
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.main(args.rest)
@@ -433,11 +584,19 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch or (128 if model in _CIFAR_MODELS else 256)
         for mode in modes:
             if args.isolate:
-                result = _run_isolated(model, mode, argparse.Namespace(**{**vars(args),
-                                                                          "batch": batch}))
+                result = _run_isolated(
+                    model, mode, argparse.Namespace(**{**vars(args), "batch": batch})
+                )
             else:
-                result = run_mode(model, mode, batch=batch, steps=args.steps,
-                                  warmup=args.warmup, profile_dir=args.profile)
+                result = run_mode(
+                    model,
+                    mode,
+                    batch=batch,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    profile_dir=args.profile,
+                    dtype=args.dtype,
+                )
             results.append(result)
             if not args.quiet:
                 print(f"{model} {mode}: {result.images_per_second:.1f} images/s", flush=True)

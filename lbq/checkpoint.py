@@ -6,26 +6,33 @@ every array). The data position is a function of the step, so it needs no extra 
 
 Resuming picks the newest checkpoint that restores *and* matches its checksums. Orbax raises
 when an array file is truncated or missing, but a file whose bytes were damaged in place can
-restore without any error (seen with Orbax 0.12 and its zstd-compressed OCDBT files), hence the
-checksums. A damaged checkpoint is reported with a warning naming its step, moved to
-``WORKDIR/checkpoints_unreadable`` (so that later saves of that step are not skipped) and the
-previous one is used. A save that was interrupted leaves an ``<step>.orbax-checkpoint-tmp*``
-folder, which is reported the same way and removed. A workdir that holds checkpoints is never
-silently restarted from scratch: when none of them can be read, `CheckpointError` is raised.
+restore without any error (seen with orbax-checkpoint 0.12.8 and its zstd-compressed OCDBT
+files), hence the checksums. A damaged checkpoint is reported with a warning naming its step,
+moved to ``WORKDIR/checkpoints_unreadable`` (so that later saves of that step are not skipped)
+and the previous one is used. A save that was interrupted leaves an
+``<step>.orbax-checkpoint-tmp*`` folder, which is reported the same way and removed. A workdir
+that holds checkpoints is never silently restarted from scratch: when none of them can be read,
+`CheckpointError` is raised.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import re
 import shutil
+import sys
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger("lbq")
 
@@ -40,7 +47,11 @@ class CheckpointError(RuntimeError):
 
 def _manager(directory: str, keep: int = 0, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=create)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    # Naming the handlers lets the manager read a checkpoint's metadata before restoring it.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_handlers=handlers
+    )
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -108,22 +119,75 @@ def _reason(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- restore
 
 
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[list[int]]:
+    """Silences the leftovers of a restore that failed part way.
+
+    Orbax abandons the other array reads of a failed restore; when they are collected Python
+    reports each one ("Exception ignored in <coroutine ...>", "Event loop is closed", asyncio's
+    "exception was never retrieved"): thousands of lines that would bury the one warning
+    that matters. Only those reports are dropped, and only while this is active. Append to the
+    yielded list when a restore failed: the abandoned reads are then collected before leaving.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        if "orbax" in getattr(code, "co_filename", "") or "Event loop is closed" in str(
+            unraisable.exc_value
+        ):
+            return
+        previous(unraisable)
+
+    asyncio_log = logging.getLogger("asyncio")
+    was_disabled = asyncio_log.disabled
+    sys.unraisablehook, asyncio_log.disabled = hook, True
+    failed: list[int] = []
+    try:
+        yield failed
+    finally:
+        if failed:
+            gc.collect()  # collect the abandoned reads now, while their reports are dropped
+        sys.unraisablehook, asyncio_log.disabled = previous, was_disabled
+
+
+def _abstract_from_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The saved tree as nested dicts of arrays replicated over this process's devices.
+
+    Restoring with the shardings recorded at save time fails when the device count changed
+    (a teacher trained on 8 GPUs, loaded on 1), so they are replaced.
+    """
+    metadata = manager.item_metadata(step)["state"]
+    if metadata is None:
+        raise ValueError("its state has no metadata")
+    replicated = NamedSharding(jax.make_mesh((jax.device_count(),), ("devices",)), P())
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+        getattr(metadata, "tree", metadata),
+    )
+
+
 def _restore_step(
     manager: ocp.CheckpointManager, step: int, abstract_state: Any | None
 ) -> tuple[Any, dict[str, Any]]:
-    """Restores and verifies one step; raises whatever Orbax raises, or ValueError."""
-    state_args = (
-        ocp.args.StandardRestore(abstract_state)
-        if abstract_state is not None
-        else ocp.args.StandardRestore()
-    )
+    """Restores and verifies one step; raises whatever Orbax raises, or ValueError.
+
+    With ``abstract_state`` None the checkpoint's own structure is used (nested dicts) and
+    only the parameters and BatchNorm statistics are verified.
+    """
+    subset = abstract_state is None
+    if subset:
+        abstract_state = _abstract_from_metadata(manager, step)
     restored = manager.restore(
-        step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
     )
     meta = dict(restored.meta)
     expected = meta.pop(_CHECKSUMS, None)
     state = restored.state
-    if abstract_state is None:  # a plain nested dict: verify what `load_variables` returns
+    if subset:  # verify what `load_variables` returns
         state = {k: state[k] for k in ("params", "batch_stats") if k in state}
         expected = {
             k: v for k, v in (expected or {}).items() if k.startswith(("params.", "batch_stats."))
@@ -144,20 +208,22 @@ def _restore_newest(
       CheckpointError: when none of ``steps`` can be read (failures named in the message).
     """
     failures: list[tuple[int, str]] = []
-    for step in sorted(steps, reverse=True):
-        try:
-            state, meta = _restore_step(manager, step, abstract_state)
-        except Exception as error:  # noqa: BLE001 - any failure means "unreadable"
-            reason = _reason(error)
-            log.warning(
-                "checkpoint at step %d in %s is unreadable (%s); trying an older one",
-                step,
-                directory,
-                reason,
-            )
-            failures.append((step, reason))
-            continue
-        return step, state, meta, failures
+    with _quiet_failed_reads() as failed:
+        for step in sorted(steps, reverse=True):
+            try:
+                state, meta = _restore_step(manager, step, abstract_state)
+            except Exception as error:  # noqa: BLE001 - any failure means "unreadable"
+                reason = _reason(error)
+                log.warning(
+                    "checkpoint at step %d in %s is unreadable (%s); trying an older one",
+                    step,
+                    directory,
+                    reason,
+                )
+                failures.append((step, reason))
+                failed.append(step)
+                continue
+            return step, state, meta, failures
     raise CheckpointError(
         f"no readable checkpoint in {directory} ("
         + "; ".join(f"step {s}: {r}" for s, r in failures)

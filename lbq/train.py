@@ -104,10 +104,17 @@ def maybe_initialize_distributed(config) -> None:
     if not all(given):
         missing = ", ".join(n for n, v in zip(names, given, strict=True) if not v)
         raise ConfigError(f"distributed run: {missing} unset; set all of {', '.join(names)}")
+    try:
+        count, index = int(given[1]), int(given[2])
+    except ValueError:
+        raise ConfigError(
+            f"distributed run: LBQ_NUM_PROCESSES={given[1]!r} and LBQ_PROCESS_ID={given[2]!r} "
+            "must be integers"
+        ) from None
     jax.distributed.initialize(
         coordinator_address=given[0],
-        num_processes=int(given[1]),
-        process_id=int(given[2]),
+        num_processes=count,
+        process_id=index,
         cluster_detection_method="deactivate",
     )
 

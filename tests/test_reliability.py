@@ -26,7 +26,12 @@ from runs import REPO, leaves, read_metrics, run_main, tiny_config
 
 from configs import default
 from lbq.checkpoint import UNREADABLE_DIR, CheckpointError, load_variables
-from lbq.train import PREEMPTED_EXIT_CODE, NonFiniteError, train_and_evaluate
+from lbq.train import (
+    PREEMPTED_EXIT_CODE,
+    NonFiniteError,
+    PreemptionWatcher,
+    train_and_evaluate,
+)
 from lbq.validate import ConfigError
 
 
@@ -67,6 +72,163 @@ def assert_same_variables(a: dict, b: dict) -> None:
 def step_dirs(workdir: str) -> list[int]:
     folder = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A 3-step run with a checkpoint at every step, and its final variables."""
+    workdir = str(tmp_path_factory.mktemp("saved") / "run")
+    config = tiny_config(steps=3)
+    config.checkpoint_every_steps = 1
+    train_and_evaluate(config, workdir)
+    assert step_dirs(workdir) == [1, 2, 3]
+    return config, workdir, load_variables(workdir)
+
+
+def _largest_array_file(step_dir: str) -> str:
+    files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+    return max(files, key=os.path.getsize)
+
+
+def _truncate(step_dir: str) -> None:
+    path = _largest_array_file(step_dir)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _delete(step_dir: str) -> None:
+    os.remove(_largest_array_file(step_dir))
+
+
+def _delete_metadata(step_dir: str) -> None:
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def _flip_bytes(path: str) -> None:
+    """Same size, damaged content: Orbax can restore this without complaint."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        chunk = f.read(64)
+        f.seek(-len(chunk), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def _flip_largest(step_dir: str) -> None:
+    _flip_bytes(_largest_array_file(step_dir))
+
+
+# Orbax leaves the other reads of a failed restore pending; lbq keeps their thousands of
+# "Exception ignored" reports off the console. These marks fail a test if one gets through.
+QUIET = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
+
+@QUIET
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate, _delete, _delete_metadata, _flip_largest],
+    ids=["truncated", "deleted", "no-metadata", "bytes-flipped"],
+)
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(saved_run, tmp_path, caplog, damage):
+    config, source, final = saved_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    damage(os.path.join(workdir, "checkpoints", "3"))
+
+    with caplog.at_level(logging.WARNING, logger="lbq"):
+        result = train_and_evaluate(config, workdir)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("checkpoint at step 3" in w and "unreadable" in w for w in warnings), warnings
+    assert any("resuming from step 2" in w for w in warnings), warnings
+    assert result.status == "completed" and result.step == 3
+    assert os.path.isdir(os.path.join(workdir, UNREADABLE_DIR, "3"))  # kept for inspection
+    assert step_dirs(workdir) == [1, 2, 3]  # step 3 saved again, not skipped
+    assert_same_variables(load_variables(workdir), final)  # step 3 redone from step 2
+
+
+@QUIET
+def test_interrupted_save_is_reported_and_ignored(saved_run, tmp_path, caplog):
+    """An Orbax temporary folder left by a save that never finished."""
+    config, source, final = saved_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    folder = os.path.join(workdir, "checkpoints")
+    partial = os.path.join(folder, "3.orbax-checkpoint-tmp-1700000000")
+    os.rename(os.path.join(folder, "3"), partial)
+    shutil.rmtree(os.path.join(partial, "state"))
+
+    with caplog.at_level(logging.WARNING, logger="lbq"):
+        result = train_and_evaluate(config, workdir)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("checkpoint at step 3" in w and "only partly written" in w for w in warnings)
+    assert any("resuming from step 2" in w for w in warnings), warnings
+    assert result.status == "completed" and result.step == 3
+    assert not os.path.exists(partial)
+    assert step_dirs(workdir) == [1, 2, 3]
+    assert_same_variables(load_variables(workdir), final)
+
+
+@QUIET
+def test_no_readable_checkpoint_refuses_to_start_over(saved_run, tmp_path):
+    config, source, _ = saved_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    for step in (1, 2, 3):
+        _truncate(os.path.join(workdir, "checkpoints", str(step)))
+    with pytest.raises(CheckpointError) as error:
+        train_and_evaluate(config, workdir)
+    message = str(error.value)
+    assert all(f"step {s}:" in message for s in (1, 2, 3)), message
+    assert "Refusing to start from scratch" in message
+    assert step_dirs(workdir) == [1, 2, 3]  # nothing moved or deleted
+    assert not os.path.exists(os.path.join(workdir, UNREADABLE_DIR))
+
+    # Only an interrupted first save: also no checkpoint to resume, also refused.
+    only_partial = str(tmp_path / "partial")
+    os.makedirs(os.path.join(only_partial, "checkpoints", "1.orbax-checkpoint-tmp-5", "state"))
+    shutil.copy(os.path.join(source, "config.json"), only_partial)
+    with pytest.raises(CheckpointError, match="only interrupted saves"):
+        train_and_evaluate(config, only_partial)
+
+
+def test_load_variables_names_a_damaged_step(saved_run, tmp_path):
+    _, source, _ = saved_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    step_dir = os.path.join(workdir, "checkpoints", "2")
+    for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+        _flip_bytes(path)
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*\(step 2: "):
+        load_variables(os.path.join(workdir, "checkpoints", "2"))
+
+
+def test_load_variables_on_another_device_count(saved_run, tmp_path):
+    """Weights saved on 1 device load on 8 (init_from and teacher_init across machines)."""
+    _, source, final = saved_run
+    out = tmp_path / "loaded.npz"
+    script = (
+        "import sys, jax, numpy as np\n"
+        "from lbq.checkpoint import load_variables\n"
+        "assert jax.device_count() == 8\n"
+        "v = load_variables(sys.argv[1])['student']['params']\n"
+        "np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(v)])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, source, str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(out) as loaded:
+        arrays = [loaded[f"arr_{i}"] for i in range(len(loaded.files))]
+    expected = leaves(final["student"]["params"])
+    assert len(arrays) == len(expected)
+    for x, y in zip(arrays, expected, strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -120,187 +282,16 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, cache
     assert step_dirs(workdir)[-1] == total
 
 
-# ----------------------------------------------------------------------------- exact resume
-
-
-class _SignalOnLog(logging.Handler):
-    """Sends ``signum`` to this process when lbq logs a message containing ``text``."""
-
-    def __init__(self, text: str, signum: int):
-        super().__init__()
-        self.text, self.signum = text, signum
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            os.kill(os.getpid(), self.signum)
-
-
-def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
-    """Two stages, stochastic precision and joint distillation, interrupted twice mid-stage."""
-    config = tiny_config()
-    config.stages = [
-        default.stage("fp", w_bits=32, a_bits=32, steps=3),
-        default.stage("low", w_bits=2, a_bits=2, steps=3),
-    ]
-    config.stochastic.enabled = True
-    config.distill.enabled = True
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 100  # only stage ends and interruptions save
-
-    straight = str(tmp_path / "straight")
-    result = train_and_evaluate(config, straight)
-    assert result.status == "completed" and result.step == 6
-
-    resumed = str(tmp_path / "resumed")
-    first = train_and_evaluate(config, resumed, stop_at_step=2)  # mid-stage 1
-    assert (first.status, first.step, step_dirs(resumed)) == ("preempted", 2, [2])
-
-    # A real SIGINT, raised as stage 2 starts: the watcher stops after that stage's first step.
-    handler = _SignalOnLog("stage 2/2", signal.SIGINT)
-    logger = logging.getLogger("lbq")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        second = train_and_evaluate(config, resumed)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    assert (second.status, second.step, step_dirs(resumed)) == ("preempted", 4, [2, 3, 4])
-
-    third = train_and_evaluate(config, resumed)
-    assert third.status == "completed" and third.step == 6
-    assert [s["name"] for s in third.stages] == ["fp", "low"]
-
-    assert_same_variables(load_variables(straight), load_variables(resumed))
-    a, b = read_metrics(straight, "train"), read_metrics(resumed, "train")
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    for key in ("student/loss", "teacher/loss", "student/quantized_fraction"):
-        np.testing.assert_allclose([r[key] for r in a], [r[key] for r in b], rtol=1e-6)
-    # The masks really were sampled: some steps ran part of the network in full precision.
-    assert min(r["student/quantized_fraction"] for r in a) < 1.0
-    np.testing.assert_allclose(third.final["student"]["top1"], result.final["student"]["top1"])
-
-
-# ----------------------------------------------------------------------------- damaged checkpoints
-
-
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-    """A 3-step run with a checkpoint at every step, and its final variables."""
-    workdir = str(tmp_path_factory.mktemp("saved") / "run")
-    config = tiny_config(steps=3)
-    config.checkpoint_every_steps = 1
-    train_and_evaluate(config, workdir)
-    assert step_dirs(workdir) == [1, 2, 3]
-    return config, workdir, load_variables(workdir)
-
-
-def _largest_array_file(step_dir: str) -> str:
-    files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
-    return max(files, key=os.path.getsize)
-
-
-def _truncate(step_dir: str) -> None:
-    path = _largest_array_file(step_dir)
-    os.truncate(path, os.path.getsize(path) // 2)
-
-
-def _delete(step_dir: str) -> None:
-    os.remove(_largest_array_file(step_dir))
-
-
-def _delete_metadata(step_dir: str) -> None:
-    os.remove(os.path.join(step_dir, "state", "_METADATA"))
-
-
-def _flip_bytes(path: str) -> None:
-    """Same size, damaged content: Orbax can restore this without complaint."""
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        chunk = f.read(64)
-        f.seek(-len(chunk), os.SEEK_CUR)
-        f.write(bytes(b ^ 0xFF for b in chunk))
-
-
-def _flip_largest(step_dir: str) -> None:
-    _flip_bytes(_largest_array_file(step_dir))
-
-
-@pytest.mark.parametrize(
-    "damage",
-    [_truncate, _delete, _delete_metadata, _flip_largest],
-    ids=["truncated", "deleted", "no-metadata", "bytes-flipped"],
-)
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(saved_run, tmp_path, caplog, damage):
-    config, source, final = saved_run
-    workdir = str(tmp_path / "run")
-    shutil.copytree(source, workdir)
-    damage(os.path.join(workdir, "checkpoints", "3"))
-
-    with caplog.at_level(logging.WARNING, logger="lbq"):
-        result = train_and_evaluate(config, workdir)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("checkpoint at step 3" in w and "unreadable" in w for w in warnings), warnings
-    assert any("resuming from step 2" in w for w in warnings), warnings
-    assert result.status == "completed" and result.step == 3
-    assert os.path.isdir(os.path.join(workdir, UNREADABLE_DIR, "3"))  # kept for inspection
-    assert step_dirs(workdir) == [1, 2, 3]  # step 3 saved again, not skipped
-    assert_same_variables(load_variables(workdir), final)  # step 3 redone from step 2
-
-
-def test_interrupted_save_is_reported_and_ignored(saved_run, tmp_path, caplog):
-    """An Orbax temporary folder left by a save that never finished."""
-    config, source, final = saved_run
-    workdir = str(tmp_path / "run")
-    shutil.copytree(source, workdir)
-    folder = os.path.join(workdir, "checkpoints")
-    partial = os.path.join(folder, "3.orbax-checkpoint-tmp-1700000000")
-    os.rename(os.path.join(folder, "3"), partial)
-    shutil.rmtree(os.path.join(partial, "state"))
-
-    with caplog.at_level(logging.WARNING, logger="lbq"):
-        result = train_and_evaluate(config, workdir)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("checkpoint at step 3" in w and "only partly written" in w for w in warnings)
-    assert any("resuming from step 2" in w for w in warnings), warnings
-    assert result.status == "completed" and result.step == 3
-    assert not os.path.exists(partial)
-    assert step_dirs(workdir) == [1, 2, 3]
-    assert_same_variables(load_variables(workdir), final)
-
-
-def test_no_readable_checkpoint_refuses_to_start_over(saved_run, tmp_path):
-    config, source, _ = saved_run
-    workdir = str(tmp_path / "run")
-    shutil.copytree(source, workdir)
-    for step in (1, 2, 3):
-        _truncate(os.path.join(workdir, "checkpoints", str(step)))
-    with pytest.raises(CheckpointError) as error:
-        train_and_evaluate(config, workdir)
-    message = str(error.value)
-    assert all(f"step {s}:" in message for s in (1, 2, 3)), message
-    assert "Refusing to start from scratch" in message
-    assert step_dirs(workdir) == [1, 2, 3]  # nothing moved or deleted
-    assert not os.path.exists(os.path.join(workdir, UNREADABLE_DIR))
-
-    # Only an interrupted first save: also no checkpoint to resume, also refused.
-    only_partial = str(tmp_path / "partial")
-    os.makedirs(os.path.join(only_partial, "checkpoints", "1.orbax-checkpoint-tmp-5", "state"))
-    shutil.copy(os.path.join(source, "config.json"), only_partial)
-    with pytest.raises(CheckpointError, match="only interrupted saves"):
-        train_and_evaluate(config, only_partial)
-
-
-def test_load_variables_names_a_damaged_step(saved_run, tmp_path):
-    _, source, _ = saved_run
-    workdir = str(tmp_path / "run")
-    shutil.copytree(source, workdir)
-    step_dir = os.path.join(workdir, "checkpoints", "2")
-    for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
-        _flip_bytes(path)
-    with pytest.raises(CheckpointError, match="no readable checkpoint .* step 2: "):
-        load_variables(os.path.join(workdir, "checkpoints", "2"))
+def test_watcher_turns_signals_into_a_stop_request_and_a_second_ctrl_c_into_an_interrupt():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with PreemptionWatcher() as watcher:
+        assert not watcher.should_stop(sync=True)
+        signal.raise_signal(signal.SIGTERM)
+        assert watcher.should_stop(sync=True)
+        signal.raise_signal(signal.SIGTERM)  # a repeated SIGTERM still waits for the checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C after a request: stop at once
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 # ----------------------------------------------------------------------------- workdir mismatch
@@ -388,3 +379,65 @@ def test_nonfinite_skip_leaves_parameters_unchanged(tmp_path):
     config.on_config_change = "continue"
     with pytest.raises(NonFiniteError, match="at step 4; the last good checkpoint is step 3 "):
         train_and_evaluate(config, workdir)
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+class _SignalOnLog(logging.Handler):
+    """Sends ``signum`` to this process when lbq logs a message containing ``text``."""
+
+    def __init__(self, text: str, signum: int):
+        super().__init__()
+        self.text, self.signum = text, signum
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            os.kill(os.getpid(), self.signum)
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
+    """Two stages, stochastic precision and joint distillation, interrupted twice mid-stage."""
+    config = tiny_config()
+    config.stages = [
+        default.stage("fp", w_bits=32, a_bits=32, steps=3),
+        default.stage("low", w_bits=2, a_bits=2, steps=3),
+    ]
+    config.stochastic.enabled = True
+    config.distill.enabled = True
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 100  # only stage ends and interruptions save
+
+    straight = str(tmp_path / "straight")
+    result = train_and_evaluate(config, straight)
+    assert result.status == "completed" and result.step == 6
+
+    resumed = str(tmp_path / "resumed")
+    first = train_and_evaluate(config, resumed, stop_at_step=2)  # mid-stage 1
+    assert (first.status, first.step, step_dirs(resumed)) == ("preempted", 2, [2])
+
+    # A real SIGINT, raised as stage 2 starts: the watcher stops after that stage's first step.
+    handler = _SignalOnLog("stage 2/2", signal.SIGINT)
+    logger = logging.getLogger("lbq")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        second = train_and_evaluate(config, resumed)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert (second.status, second.step, step_dirs(resumed)) == ("preempted", 4, [2, 3, 4])
+
+    third = train_and_evaluate(config, resumed)
+    assert third.status == "completed" and third.step == 6
+    assert [s["name"] for s in third.stages] == ["fp", "low"]
+
+    assert_same_variables(load_variables(straight), load_variables(resumed))
+    a, b = read_metrics(straight, "train"), read_metrics(resumed, "train")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for key in ("student/loss", "teacher/loss", "student/quantized_fraction"):
+        np.testing.assert_allclose([r[key] for r in a], [r[key] for r in b], rtol=1e-6)
+    # The masks really were sampled: some steps ran part of the network in full precision.
+    assert min(r["student/quantized_fraction"] for r in a) < 1.0
+    np.testing.assert_allclose(third.final["student"]["top1"], result.final["student"]["top1"])

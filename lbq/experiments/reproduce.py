@@ -1,0 +1,532 @@
+"""The paper's method comparison: every method at W4A4 and W2A2, several seeds, one budget.
+
+Runs, for each seed, full precision once and then each method at each bit-width, every run in
+its own workdir ``OUTDIR/<method>_w<k>a<k>_s<seed>`` (``fp_w32a32_s<seed>`` for full precision),
+through `lbq.train.train_and_evaluate`. Every run gets the same total number of training steps
+(equal budget); multi-stage methods split it between their stages (see `METHOD_NOTES`).
+
+Methods:
+  fp      full precision (plain ReLU network).
+  direct  weights and activations quantized together from the first step (the baseline).
+  ts      weights first: wKa32 for half the budget (lr 0.1), then wKaK (lr 0.01).
+  pq      decreasing bit-width: 32 -> 8 -> 4 -> 2 for W2A2 (40/20/20/20 %), 32 -> 8 -> 4 for
+          W4A4 (40/30/30 %); lr 0.1 at 32 bits, 0.01 below.
+  sp      stochastic precision: each block quantized with p linear from 0.5, reaching 1 at
+          half of the run.
+  kd      joint distillation with a full-precision teacher trained from scratch (SPEC weights).
+  best    the flagship combination (configs/cifar100_w2a2.py): the ladder 32 -> 4 -> 2
+          (40/30/30 %) for W2A2, 32 -> 4 (40/60 %) for W4A4, with a jointly trained teacher.
+
+Finished runs (a ``result.json`` in their workdir) are skipped; an interrupted run resumes from
+its checkpoint. After the runs, ``OUTDIR/results.md`` (table) and ``OUTDIR/accuracy_vs_bits.png``
+are written from every ``result.json`` found.
+
+Run (the CIFAR-10 study of docs/results/, on a 2-core CPU):
+
+    python -m lbq.experiments.reproduce --preset=cifar10 --outdir=/tmp/lbq_repro \
+        --seeds=0,1 --bits=2,4 --order=seed --epochs=1.5 --train_images=5000 \
+        --eval_split='test[:2000]' --lr_schedule=cosine --compile_cache=/tmp/lbq_repro_jaxcache
+
+List the runs without training: add ``--dry_run``. Tiny mode for tests (digits, 4 steps per
+run, enough for the four stages of pq at W2A2): ``--preset=tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+METHODS = ("fp", "direct", "ts", "pq", "sp", "kd", "best")
+METHOD_NOTES = {
+    "fp": "full precision, plain ReLU",
+    "direct": "wKaK from the first step (baseline)",
+    "ts": "wKa32 50 % (lr 0.1) -> wKaK 50 % (lr 0.01)",
+    "pq": "W2A2: 32/8/4/2 bits 40/20/20/20 %; W4A4: 32/8/4 bits 40/30/30 %; lr 0.1 then 0.01",
+    "sp": "blocks quantized with p linear 0.5 -> 1 at 50 % of the run, then all quantized",
+    "kd": "joint FP teacher from scratch; student 0.7 CE + 0.7 KL, teacher 1.0 CE + 0.5 KL, T=1",
+    "best": "W2A2: 32/4/2 bits 40/30/30 %; W4A4: 32/4 bits 40/60 %; lr 0.1 then 0.01; + kd",
+}
+# Stage plans as (w_bits, a_bits or None for 'same as w', fraction of the budget, lr or None).
+FINE_TUNE_LR = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One (method, bits, seed) run."""
+
+    method: str
+    bits: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_w{self.bits}a{self.bits}_s{self.seed}"
+
+
+def base_config(preset: str, args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """The settings every run shares, before the method is applied."""
+    from configs import default
+
+    c = default.get_config()
+    c.model.name = "resnet20"
+    c.batch_size = 128
+    c.schedule.lr = 0.1
+    c.schedule.teacher_lr = 0.1
+    c.schedule.lr_schedule = args.lr_schedule
+    c.progress = False
+    if preset == "tiny":
+        c = default.tiny(c)
+        c.data.train_split = "train"
+        c.eval_batch_size = 128
+        return c
+    c.data.name = args.dataset
+    c.data.data_dir = args.data_dir
+    c.data.train_split = (
+        f"train[:{args.train_images}]" if args.train_images else "train"
+    )  # a fixed slice: the same images for every run
+    c.data.eval_split = args.eval_split
+    c.data.augment = "cifar"
+    c.data.cache = None  # decode the (small) train split once
+    c.data.workers = args.workers
+    c.eval_batch_size = 500
+    c.eval_every_epochs = 0.0  # evaluate at the end of each stage only: eval time is not free
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 100
+    return c
+
+
+def stage_plan(
+    method: str, bits: int, fine_tune_lr: float = FINE_TUNE_LR
+) -> list[tuple[int, int, float, float | None]]:
+    """The stages of a method: (w_bits, a_bits, fraction of the budget, lr or None).
+
+    None is the run's lr (0.1); ``fine_tune_lr`` is that of stages that start from a previous
+    stage's weights."""
+    k, ft = bits, fine_tune_lr
+    if method in ("fp", "direct", "sp", "kd"):
+        return [(32, 32, 1.0, None)] if method == "fp" else [(k, k, 1.0, None)]
+    if method == "ts":
+        return [(k, 32, 0.5, None), (k, k, 0.5, ft)]
+    if method == "pq":
+        if k == 2:
+            return [(32, 32, 0.4, None), (8, 8, 0.2, ft), (4, 4, 0.2, ft), (2, 2, 0.2, ft)]
+        return [(32, 32, 0.4, None), (8, 8, 0.3, ft), (k, k, 0.3, ft)]
+    if method == "best":
+        if k == 2:
+            return [(32, 32, 0.4, None), (4, 4, 0.3, ft), (2, 2, 0.3, ft)]
+        return [(32, 32, 0.4, None), (k, k, 0.6, ft)]
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def split_steps(total: int, fractions: Sequence[float]) -> list[int]:
+    """Whole-step stage lengths that sum exactly to ``total`` (equal budget for every method).
+
+    Stage ends are the rounded cumulative fractions; when that leaves a stage empty (a few
+    steps only, as in the tiny mode), every stage gets one step and the rest is split so.
+    """
+    n = len(fractions)
+    if total < n:
+        raise ValueError(f"{total} steps are too few to split into {n} stages")
+
+    def lengths(steps: int) -> list[int]:
+        ends = [round(steps * sum(fractions[: i + 1])) for i in range(n)]
+        ends[-1] = steps
+        return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+    plain = lengths(total)
+    if min(plain) > 0:
+        return plain
+    return [1 + extra for extra in lengths(total - n)]
+
+
+def run_config(
+    base: ml_collections.ConfigDict, run: Run, total_steps: int, fine_tune_lr: float = FINE_TUNE_LR
+) -> ml_collections.ConfigDict:
+    """The full config of one run."""
+    from configs import default
+
+    c = ml_collections.ConfigDict(base.to_dict())
+    c.seed = run.seed
+    c.model.quantized = run.method != "fp"
+    c.quant.w_bits = c.quant.a_bits = 32 if run.method == "fp" else run.bits
+    plan = stage_plan(run.method, run.bits, fine_tune_lr)
+    lengths = split_steps(total_steps, [f for _, _, f, _ in plan])
+    stages = []
+    for (w, a, _, lr), steps in zip(plan, lengths, strict=True):
+        kwargs = {"lr": lr, "teacher_lr": lr} if lr is not None else {}
+        stages.append(default.stage(f"w{w}a{a}", w_bits=w, a_bits=a, steps=steps, **kwargs))
+    c.stages = stages
+    if run.method == "sp":
+        c.stochastic.enabled = True
+        c.stochastic.unit = "block"
+        c.stochastic.schedule = "linear"
+        c.stochastic.p_start = 0.5
+        c.stochastic.full_at = 0.5
+    if run.method in ("kd", "best"):
+        c.distill.enabled = True
+        c.distill.teacher = "joint"
+    return c
+
+
+def plan_runs(
+    methods: Sequence[str], bits: Sequence[int], seeds: Sequence[int], order: str = "seed"
+) -> list[Run]:
+    """The runs in the order to train them, methods in the order given.
+
+    'seed': seed-major (fp, then every method at each bit-width, seed after seed), so a partial
+    study (deadline, preemption) holds the whole grid for the first seeds. 'bits':
+    bit-width-major (every seed of the first bit-width first), with fp for every seed first.
+    """
+    if order not in ("seed", "bits"):
+        raise ValueError(f"order={order!r} is not 'seed' or 'bits'")
+    if order == "bits":
+        runs = [Run("fp", 32, seed) for seed in seeds] if "fp" in methods else []
+        for k in bits:
+            for seed in seeds:
+                runs += [Run(m, k, seed) for m in methods if m != "fp"]
+        return runs
+    runs = []
+    for seed in seeds:
+        runs += [Run("fp", 32, seed)] if "fp" in methods else []
+        for k in bits:
+            runs += [Run(m, k, seed) for m in methods if m != "fp"]
+    return runs
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def execute(
+    run: Run, config: ml_collections.ConfigDict, workdir: str, steps_per_epoch: int
+) -> dict[str, Any]:
+    """Trains one run (resuming if interrupted) and writes its ``result.json``."""
+    from lbq.train import train_and_evaluate
+
+    os.makedirs(workdir, exist_ok=True)
+    start = time.time()
+    result = train_and_evaluate(config, workdir)
+    if result.status != "completed":
+        raise SystemExit(f"{run.name}: run ended with status {result.status!r}; rerun to resume")
+    record = {
+        "method": run.method,
+        "bits": run.bits,
+        "seed": run.seed,
+        "top1": result.final["student"]["top1"],
+        "top5": result.final["student"].get("top5"),
+        "final": result.final,
+        "steps": result.step,
+        "epochs": result.step / steps_per_epoch,
+        "stages": result.stages,
+        "images_per_second": result.images_per_second,
+        "seconds": time.time() - start,
+    }
+    tmp = os.path.join(workdir, "result.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, "result.json"))  # atomic: a result is whole or absent
+    return record
+
+
+def load_results(outdir: str) -> list[dict[str, Any]]:
+    """Every finished run's record under ``outdir``."""
+    records = []
+    for name in sorted(os.listdir(outdir)) if os.path.isdir(outdir) else []:
+        path = os.path.join(outdir, name, "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                records.append(json.load(f))
+    return records
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """{(method, bits): {'mean', 'std', 'n', 'seeds', 'epochs', 'seconds'}} of top-1 (%)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["bits"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        mean, std = _mean_std([100 * r["top1"] for r in rs])
+        out[key] = {
+            "mean": mean,
+            "std": std,
+            "n": len(rs),
+            "seeds": sorted(r["seed"] for r in rs),
+            "epochs": sorted({round(r["epochs"], 2) for r in rs}),
+            "seconds": sum(r["seconds"] for r in rs) / len(rs),
+        }
+    return out
+
+
+def format_table(
+    records: Sequence[dict[str, Any]], header: str = "", bits: Sequence[int] = ()
+) -> str:
+    """The Markdown table: top-1 mean ± std (sample std over seeds, n seeds) per method and
+    bit-width, then every run.
+
+    Args:
+      records: the runs' result.json contents.
+      header: a paragraph above the table.
+      bits: the bit-width columns (default: those found in ``records``).
+    """
+    summary = summarize(records)
+    bits = sorted(set(bits) or {b for _, b in summary if b != 32}, reverse=True)
+    lines = [header] if header else []
+    lines += [
+        "| method | " + " | ".join(f"W{b}A{b} top-1 (%)" for b in bits) + " | FP top-1 (%) |"
+        " epochs per run | mean time per run (s) |",
+        "|---" * (len(bits) + 4) + "|",
+    ]
+    for method in METHODS:
+        cells, epochs, secs = [], set(), []
+        keys = [(method, 32)] if method == "fp" else [(method, b) for b in bits]
+        for key in [(method, b) for b in bits] + [(method, 32)]:
+            s = summary.get(key)
+            if s is None:
+                cells.append("—" if key in keys else "")
+                continue
+            std = "" if math.isnan(s["std"]) else f" ± {s['std']:.1f}"
+            cells.append(f"{s['mean']:.1f}{std} (n={s['n']})")
+            epochs.update(s["epochs"])
+            secs.append(s["seconds"])
+        if not secs:
+            continue
+        lines.append(
+            f"| {method} | "
+            + " | ".join(cells)
+            + f" | {'/'.join(f'{e:g}' for e in sorted(epochs))}"
+            + f" | {sum(secs) / len(secs):.0f} |"
+        )
+    lines += ["", "Methods (every run has the same total number of training steps):", ""]
+    lines += [f"- `{m}`: {METHOD_NOTES[m]}" for m in METHODS]
+    lines += [
+        "",
+        "Per run (wall time includes compilation and the evaluation after each stage):",
+        "",
+        "| run | stages (steps) | top-1 (%) | teacher top-1 (%) | train images/s | wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for r in sorted(records, key=lambda r: (r["seed"], -r["bits"], order[r["method"]])):
+        stages = " -> ".join(f"w{s['w_bits']}a{s['a_bits']}:{s['steps']}" for s in r["stages"])
+        teacher = r["final"].get("teacher", {}).get("top1")
+        lines.append(
+            f"| {r['method']}_w{r['bits']}a{r['bits']}_s{r['seed']} | {stages} | "
+            f"{100 * r['top1']:.2f} | {'' if teacher is None else f'{100 * teacher:.2f}'} | "
+            f"{r['images_per_second']:.0f} | {r['seconds']:.0f} |"
+        )
+    total = sum(r["seconds"] for r in records)
+    lines += ["", f"{len(records)} runs, {total:.0f} s of wall time in all."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+    """Top-1 against bit-width per method (mean, error bars = std over seeds), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(records)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    all_bits = sorted({b for _, b in summary})
+    fp = summary.get(("fp", 32))
+    for i, method in enumerate(m for m in METHODS if m != "fp"):
+        xs = [b for b in all_bits if (method, b) in summary and b != 32]
+        if not xs:
+            continue
+        ys = [summary[(method, b)]["mean"] for b in xs]
+        es = [
+            0 if math.isnan(summary[(method, b)]["std"]) else summary[(method, b)]["std"]
+            for b in xs
+        ]
+        if fp is not None:  # the full-precision point at 32 bits closes each curve
+            xs, ys, es = xs + [32], ys + [fp["mean"]], es + [0]
+        offset = (i - 3) * 0.04  # small horizontal jitter so error bars do not overlap
+        ax.errorbar(
+            [x if x == 32 else x * (1 + offset) for x in xs],
+            ys,
+            yerr=es,
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+    if fp is not None:
+        fp_err = 0 if math.isnan(fp["std"]) else fp["std"]
+        ax.errorbar([32], [fp["mean"]], yerr=[fp_err], marker="*", ms=12, color="k", label="fp")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([2, 4, 32])
+    ax.set_xticklabels(["2", "4", "32 (FP)"])
+    ax.set_xlabel("bits (weights = activations)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title or "accuracy against bit-width")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(
+    outdir: str, header: str, title: str, bits: Sequence[int] = ()
+) -> list[dict[str, Any]]:
+    """Writes results.md and accuracy_vs_bits.png from every finished run under ``outdir``."""
+    records = load_results(outdir)
+    if not records:
+        return records
+    with open(os.path.join(outdir, "results.md"), "w") as f:
+        f.write(format_table(records, header, bits))
+    plot(records, os.path.join(outdir, "accuracy_vs_bits.png"), title)
+    return records
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m lbq.experiments.reproduce", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--preset", choices=("cifar10", "tiny"), default="cifar10")
+    p.add_argument("--outdir", required=True)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--bits", default="2,4", help="in the order to run them")
+    p.add_argument("--order", default="seed", choices=("seed", "bits"), help="see plan_runs")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--epochs", type=float, default=4.0, help="total epochs of every run")
+    p.add_argument("--dataset", default="cifar10_jpeg")
+    p.add_argument("--data_dir", default="/tmp/lbq_tfds")
+    p.add_argument("--train_images", type=int, default=5000, help="0: the whole train split")
+    p.add_argument("--eval_split", default="test")
+    p.add_argument("--lr_schedule", default="cosine", choices=("cosine", "step", "constant"))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--fine_tune_lr",
+        type=float,
+        default=FINE_TUNE_LR,
+        help="lr of the stages that start from a previous stage (ts, pq, best)",
+    )
+    p.add_argument(
+        "--compile_cache",
+        default="",
+        help="JAX persistent compilation cache folder: runs that differ only in data (seed, "
+        "bits) then skip compilation",
+    )
+    p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
+    p.add_argument(
+        "--report", action="store_true", help="only rewrite the table and plot from finished runs"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    bits = [int(b) for b in args.bits.split(",") if b]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    runs = plan_runs(methods, bits, seeds, args.order)
+    base = base_config(args.preset, args)
+
+    from lbq import data as lbq_data
+
+    info = lbq_data.get_info(base.data)
+    steps_per_epoch = info.num_train // base.batch_size
+    total_steps = 4 if args.preset == "tiny" else round(args.epochs * steps_per_epoch)
+    epochs = total_steps / steps_per_epoch
+    header = (
+        f"Top-1 on {info.name}[{base.data.eval_split}] ({info.num_eval} images), ResNet-20, "
+        f"trained on {base.data.train_split} ({info.num_train} images). Equal training budget: "
+        f"every run trains {total_steps} steps of batch {base.batch_size} ({epochs:.2f} epochs), "
+        f"split between its stages. Mean ± sample std over n seeds.\n"
+    )
+    title = f"ResNet-20, {info.name} ({info.num_train} train images, {epochs:.2f} epochs)"
+    os.makedirs(args.outdir, exist_ok=True)
+
+    pending = [r for r in runs if not os.path.exists(_result_path(args.outdir, r))]
+    print(
+        f"{len(runs)} runs ({len(runs) - len(pending)} finished, {len(pending)} to do); "
+        f"equal budget: {total_steps} steps = {epochs:.2f} epochs each",
+        flush=True,
+    )
+    for i, run in enumerate(runs, 1):
+        c = run_config(base, run, total_steps, args.fine_tune_lr)
+        stages = " -> ".join(f"{s.name}:{s.steps}" for s in c.stages)
+        done = "done" if run not in pending else "todo"
+        if args.dry_run:
+            extra = " +kd" if c.distill.enabled else ""
+            extra += " +sp" if c.stochastic.enabled else ""
+            print(f"  {i:>3}/{len(runs)} [{done}] {run.name}: {stages}{extra}")
+    if args.dry_run:
+        return 0
+    if args.report:
+        records = write_outputs(args.outdir, header, title, bits)
+        print(format_table(records, header, bits) if records else "no finished runs")
+        return 0
+
+    if args.compile_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    t0, finished, durations, failed = time.time(), 0, [], []
+    for i, run in enumerate(runs, 1):
+        workdir = os.path.join(args.outdir, run.name)
+        if run not in pending:
+            continue
+        c = run_config(base, run, total_steps, args.fine_tune_lr)
+        elapsed = time.time() - t0
+        left = len(pending) - finished
+        eta = (
+            _fmt_time(sum(durations) / len(durations) * left) if durations else "unknown"
+        )  # distillation runs cost about 2x: the ETA is rough
+        print(
+            f"[{i}/{len(runs)}] {run.name} (todo {finished + 1}/{len(pending)}); "
+            f"elapsed {_fmt_time(elapsed)}, ETA {eta}",
+            flush=True,
+        )
+        try:
+            record = execute(run, c, workdir, steps_per_epoch)
+        except Exception as error:  # noqa: BLE001 - one failed run must not end the study
+            failed.append(run.name)
+            print(f"[{i}/{len(runs)}] {run.name} FAILED: {error!r}; rerun to retry", flush=True)
+            continue
+        durations.append(record["seconds"])
+        finished += 1
+        print(
+            f"[{i}/{len(runs)}] {run.name}: top-1 {100 * record['top1']:.2f} % in "
+            f"{record['seconds']:.0f} s",
+            flush=True,
+        )
+        write_outputs(args.outdir, header, title, bits)  # partial results are publishable
+    records = write_outputs(args.outdir, header, title, bits)
+    print(f"total {_fmt_time(time.time() - t0)}; {len(records)} results in {args.outdir}")
+    if failed:
+        print(f"failed (rerun to retry): {', '.join(failed)}")
+    if records:
+        print(format_table(records, header, bits))
+    return 1 if failed else 0
+
+
+def _result_path(outdir: str, run: Run) -> str:
+    return os.path.join(outdir, run.name, "result.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The training-step benchmark runs the trainer's step and reports complete, positive figures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lbq import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUMBER_FIELDS = (
+    "images_per_second",
+    "pipelined_images_per_second",
+    "median_step_s",
+    "min_step_s",
+    "max_step_s",
+    "lower_s",
+    "compile_s",
+    "first_step_s",
+    "peak_bytes",
+)
+
+
+def _check(result: dict, model: str, mode: str, batch: int, steps: int) -> None:
+    assert result["model"] == model and result["mode"] == mode and result["batch"] == batch
+    for field in NUMBER_FIELDS:
+        assert result[field] > 0, field
+    assert len(result["step_times_s"]) == steps
+    assert all(t > 0 for t in result["step_times_s"])
+    assert result["min_step_s"] <= result["median_step_s"] <= result["max_step_s"]
+    assert result["images_per_second"] == pytest.approx(batch / result["median_step_s"])
+    assert result["dtype"] == ("float32" if result["backend"] == "cpu" else "bfloat16")
+    assert result["peak_kind"] in ("device peak_bytes_in_use", "process peak RSS (ru_maxrss)")
+    assert result["image_size"] == 32
+
+
+def test_bench_cli_two_modes(tmp_path):
+    """The default path: the CLI runs each mode in its own interpreter and merges the JSON."""
+    path = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lbq.bench",
+            "--model",
+            "resnet20",
+            "--modes",
+            "fp,w2a2",
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+            str(path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "w2a2" in proc.stdout and "images/s" in proc.stdout  # the progress lines and table
+    report = json.loads(path.read_text())
+    assert report["environment"]["cpu_count"] >= 1
+    results = report["results"]
+    assert [r["mode"] for r in results] == ["fp", "w2a2"]
+    for r in results:
+        _check(r, "resnet20", r["mode"], 4, 2)
+
+
+def test_bench_rejects_unknown_mode():
+    with pytest.raises(SystemExit):
+        bench.main(["--modes", "w3a3", "--no-isolate"])
+    with pytest.raises(ValueError, match="not one of"):
+        bench.mode_config("resnet20", "w3a3", 4)
+
+
+def test_mirror_config_matches_default_config():
+    """Without ml_collections the bench builds from a mirror; it must equal configs/default.py."""
+    pytest.importorskip("ml_collections")
+    real, source = bench.base_config()
+    assert source == "configs/default.py"
+    mirror = bench.mirror_config()
+
+    def compare(ours, theirs, prefix):
+        for key, value in vars(ours).items():
+            other = getattr(theirs, key)
+            if hasattr(value, "__dict__"):
+                compare(value, other, f"{prefix}{key}.")
+            else:
+                assert tuple(other) == value if isinstance(value, tuple) else other == value, (
+                    f"{prefix}{key}: mirror {value!r} != configs/default.py {other!r}"
+                )
+
+    compare(mirror, real, "")
+
+
+def test_modes_build_the_intended_networks():
+    kd, _ = bench.mode_config("resnet18", "w2a2_kd", 8)
+    assert kd.distill.enabled and kd.distill.teacher == "joint" and kd.model.quantized
+    fp, _ = bench.mode_config("resnet18", "fp", 8)
+    assert not fp.model.quantized and not fp.distill.enabled and not fp.stochastic.enabled
+    w4, _ = bench.mode_config("resnet50", "w4a4", 8)
+    assert (w4.quant.w_bits, w4.quant.a_bits) == (4, 4)
+    sp, _ = bench.mode_config("resnet20", "w2a2_sp", 8)
+    assert sp.stochastic.enabled and (sp.quant.w_bits, sp.quant.a_bits) == (2, 2)

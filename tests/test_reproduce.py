@@ -1,0 +1,91 @@
+"""The reproduction runner: equal budgets, a tiny end-to-end study, and resuming by skipping."""
+
+import json
+import os
+
+import pytest
+
+from lbq.experiments import reproduce
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_every_method_gets_the_same_number_of_steps(bits):
+    from configs import default
+
+    base = default.get_config()
+    for total in (4, 58, 200):
+        for method in reproduce.METHODS:
+            run = reproduce.Run(method, 32 if method == "fp" else bits, 0)
+            config = reproduce.run_config(base, run, total)
+            assert sum(s.steps for s in config.stages) == total
+            assert all(s.epochs is None for s in config.stages)
+            # every quantized method ends at the target precision
+            last = config.stages[-1]
+            want = 32 if method == "fp" else bits
+            assert (last.w_bits, last.a_bits) == (want, want)
+            assert config.distill.enabled == (method in ("kd", "best"))
+            assert config.stochastic.enabled == (method == "sp")
+            assert config.model.quantized == (method != "fp")
+
+
+def test_ladders_decrease():
+    assert [w for w, *_ in reproduce.stage_plan("pq", 2)] == [32, 8, 4, 2]
+    assert [w for w, *_ in reproduce.stage_plan("pq", 4)] == [32, 8, 4]
+    assert [w for w, *_ in reproduce.stage_plan("best", 2)] == [32, 4, 2]
+    assert [(w, a) for w, a, *_ in reproduce.stage_plan("ts", 2)] == [(2, 32), (2, 2)]
+
+
+def test_split_steps_gives_every_stage_a_step():
+    # rounded cumulative ends: 23.2, 34.8, 46.4 -> 23, 35, 46
+    assert reproduce.split_steps(58, [0.4, 0.2, 0.2, 0.2]) == [23, 12, 11, 12]
+    # rounding alone would leave a stage empty (ends 1.6, 2.4 -> 2, 2): one step each
+    assert reproduce.split_steps(4, [0.4, 0.2, 0.2, 0.2]) == [1, 1, 1, 1]
+    assert reproduce.split_steps(3, [0.4, 0.3, 0.3]) == [1, 1, 1]
+    with pytest.raises(ValueError, match="too few"):
+        reproduce.split_steps(2, [0.4, 0.2, 0.2, 0.2])
+
+
+def test_tiny_study_writes_outputs_and_skips_finished_runs(tmp_path, capsys):
+    outdir = tmp_path / "study"
+    args = [
+        "--preset=tiny",
+        f"--outdir={outdir}",
+        "--methods=direct,ts",
+        "--bits=2",
+        "--seeds=0",
+        f"--compile_cache={tmp_path / 'cache'}",  # ts reuses direct's compiled train step
+    ]
+    assert reproduce.main(args) == 0
+    names = ["direct_w2a2_s0", "ts_w2a2_s0"]
+    results = {}
+    for name in names:
+        with open(outdir / name / "result.json") as f:
+            results[name] = json.load(f)
+        assert results[name]["steps"] == 4
+        assert 0.0 <= results[name]["top1"] <= 1.0
+    assert [s["w_bits"] for s in results["ts_w2a2_s0"]["stages"]] == [2, 2]
+    assert [s["a_bits"] for s in results["ts_w2a2_s0"]["stages"]] == [32, 2]
+
+    table = (outdir / "results.md").read_text()
+    for name, method in zip(names, ("direct", "ts"), strict=True):
+        assert f"| {method} | {100 * results[name]['top1']:.1f} (n=1) |" in table
+    assert "same total number of training steps" in table
+    png = (outdir / "accuracy_vs_bits.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    mtimes = {n: os.path.getmtime(outdir / n / "result.json") for n in names}
+    capsys.readouterr()
+    assert reproduce.main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 runs (2 finished, 0 to do)" in out
+    assert "[1/2]" not in out  # nothing was trained again
+    assert {n: os.path.getmtime(outdir / n / "result.json") for n in names} == mtimes
+
+
+def test_dry_run_lists_runs_without_training(tmp_path, capsys):
+    args = ["--preset=tiny", f"--outdir={tmp_path}", "--bits=2,4", "--seeds=0,1", "--dry_run"]
+    assert reproduce.main(args) == 0
+    out = capsys.readouterr().out
+    assert "26 runs (0 finished, 26 to do)" in out
+    assert "best_w2a2_s1: w32a32:2 -> w4a4:1 -> w2a2:1 +kd" in out
+    assert not any(p.name.endswith("_s0") for p in tmp_path.iterdir())
