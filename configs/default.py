@@ -65,7 +65,7 @@ def get_config(variant: str = ""):
     c.compute_dtype = "auto"  # 'auto': bfloat16 on GPU/TPU, float32 on CPU
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "sgd"  # SGD with momentum ('sgd') or without ('plain_sgd')
+    c.optimizer.name = "sgd"  # 'sgd' (momentum, Nesterov) or 'adam'
     c.optimizer.momentum = 0.9
     c.optimizer.nesterov = True
     c.optimizer.weight_decay = 1e-4

@@ -505,7 +505,33 @@ def _environment() -> dict[str, Any]:
         "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": _git_commit(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+
+
+def _git_commit() -> str | None:
+    """The checkout's short commit (with '+dirty' for local changes), or None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _cpu_model() -> str:

@@ -49,6 +49,7 @@ RESUMABLE_CHANGES = (
     "eval_every_epochs",
     "eval_batch_size",
     "data.workers",
+    "data.cache",  # batches are bit-identical with and without the cache
     "data.data_dir",
     "distributed",
     "on_config_change",
