@@ -72,7 +72,8 @@ def _patch_no_weight_quant() -> None:
 
 
 def _patch_weight_single_select() -> None:
-    """The weight quantizer with one full-precision ``where`` instead of two (same values)."""
+    """The weight quantizer with one full-precision ``where`` instead of two (same values; lbq
+    has used this form since the measurement, so the patch now changes nothing)."""
     import jax.numpy as jnp
 
     from lbq.quant import layers, quantizers

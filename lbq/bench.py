@@ -145,11 +145,16 @@ def base_config() -> tuple[Any, str]:
     path = os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"
     )
-    if importlib.util.find_spec("ml_collections") is not None and os.path.exists(path):
-        spec = importlib.util.spec_from_file_location("_lbq_bench_default_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config(), "configs/default.py"
+    if os.path.exists(path):
+        try:
+            import ml_collections  # noqa: F401  (configs/default.py needs it)
+        except ImportError:
+            pass
+        else:
+            spec = importlib.util.spec_from_file_location("_lbq_bench_default_config", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module.get_config(), "configs/default.py"
     return mirror_config(), "mirror of configs/default.py"
 
 
