@@ -270,7 +270,7 @@ def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> Ste
     from lbq import train
     from lbq.data.config import DatasetInfo
     from lbq.schedules import Stage
-    from lbq.steps import LossWeights, make_train_step
+    from lbq.steps import LossWeights
 
     config, source = mode_config(model, mode, batch, dtype)
     cifar = model in _CIFAR_MODELS
@@ -295,7 +295,7 @@ def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> Ste
             )
         }
     )
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = train.data_mesh()
     repl = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     state = train.init_state(config, networks, optimizer, info, repl)
@@ -334,19 +334,7 @@ def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> Ste
         # As the trainer: host learning rates each step, device bit-widths for the stage.
         return {"lr": {k: np.float32(stage.learning_rate(step, k)) for k in stage.lr}, "bits": bits}
 
-    jitted = jax.jit(
-        make_train_step(
-            networks,
-            optimizer,
-            weights,
-            info.mean,
-            info.std,
-            skip_nonfinite=config.on_nonfinite == "skip",
-        ),
-        in_shardings=(repl, batch_sharding, repl),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-    )
+    jitted = train.jit_train_step(config, networks, optimizer, weights, info, mesh)
     t0 = time.perf_counter()
     lowered = jitted.lower(state, device_batch, hparams(0))
     t1 = time.perf_counter()

@@ -254,6 +254,24 @@ def stage_bits(stage: Stage, networks) -> dict[str, tuple[np.ndarray, np.ndarray
     return bits
 
 
+def jit_train_step(config, networks, optimizer, weights, info, mesh):
+    """The compiled train step: batch sharded over ``mesh``, state replicated and donated."""
+    repl, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(
+        make_train_step(
+            networks,
+            optimizer,
+            weights,
+            info.mean,
+            info.std,
+            skip_nonfinite=config.on_nonfinite == "skip",
+        ),
+        in_shardings=(repl, batch_sharding, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
+
+
 def init_state(config, networks, optimizer, info, sharding) -> TrainState:
     """Fresh parameters for every network, placed with ``sharding``."""
     key = jax.random.key(config.seed)
@@ -561,19 +579,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
                 state, config.distill.teacher_init, {"teacher": "teacher"}, "distill.teacher_init"
             )
 
-    train_step = jax.jit(
-        make_train_step(
-            networks,
-            optimizer,
-            weights,
-            info.mean,
-            info.std,
-            skip_nonfinite=config.on_nonfinite == "skip",
-        ),
-        in_shardings=(repl, batch_sharding, repl),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-    )
+    train_step = jit_train_step(config, networks, optimizer, weights, info, mesh)
     eval_step = jax.jit(
         make_eval_step(networks, info.mean, info.std),
         in_shardings=(repl, batch_sharding, repl),
