@@ -36,6 +36,13 @@
 #     bash launch/gpu_slurm.sh --config=configs/default.py --workdir=/shared/runs/x
 set -euo pipefail
 
+# sbatch runs a copy of this script from its spool folder: the helpers are found through the
+# submission folder, the repository root.
+repo=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
+LAUNCHER=gpu_slurm.sh
+# shellcheck source=launch/common.sh
+source "$repo/launch/common.sh"
+
 PYTHON=${PYTHON:-python3}
 dry_run=${DRY_RUN:-0}
 args=()
@@ -46,46 +53,11 @@ for arg in "$@"; do
   esac
 done
 
-die() {
-  echo "gpu_slurm.sh: error: $*" >&2
-  exit 2
-}
-
-# Whether the lbq.main arguments hold flag $1 (as --flag=VALUE or --flag VALUE).
-has_flag() {
-  local arg
-  for arg in "${args[@]}"; do
-    [[ $arg == "$1" || $arg == "$1="* ]] && return 0
-  done
-  return 1
-}
-
 has_flag --config || die "--config=CONFIG is required"
 has_flag --workdir || die "--workdir=DIR is required"
 for var in SLURM_JOB_NODELIST SLURM_NNODES SLURM_JOB_ID; do
   [[ -n ${!var:-} ]] || die "$var is not set: submit with sbatch (or set it for DRY_RUN=1)"
 done
-
-# Prints a command, quoted so that it can be pasted into a shell.
-show() {
-  local out="" word
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+="$word "
-    elif [[ $word =~ ^(--[A-Za-z0-9-]+=)(.*)$ ]]; then
-      out+="${BASH_REMATCH[1]}$(single_quote "${BASH_REMATCH[2]}") "
-    else
-      out+="$(single_quote "$word") "
-    fi
-  done
-  echo "+ ${out% }"
-}
-
-# Wraps a word in single quotes for the shell.
-single_quote() {
-  local q="'\\''"
-  echo "'${1//\'/$q}'"
-}
 
 # The first host of a SLURM node list such as 'gpu[07-08],cpu1', without scontrol (dry runs).
 first_host() {
@@ -111,7 +83,6 @@ fi
 
 # The same port range as JAX's SLURM detection, so that concurrent jobs rarely collide.
 port=${LBQ_PORT:-$((61440 + SLURM_JOB_ID % 4096))}
-repo=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
 
 export LBQ_DISTRIBUTED=1
 export LBQ_COORDINATOR_ADDRESS="$head_node:$port"

@@ -24,20 +24,15 @@
 # Exit code: 0 when every process succeeded; otherwise the first failing process's code
 # (75 means preempted: rerun the same command to resume from the last checkpoint).
 set -euo pipefail
+LAUNCHER=local.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 PYTHON=${PYTHON:-python3}
 processes=1
 port=""
 dry_run=${DRY_RUN:-0}
 args=()
-
-die() {
-  echo "local.sh: error: $*" >&2
-  exit 2
-}
-
-# The comment block at the top of this file.
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while (($#)); do
   case "$1" in
@@ -52,15 +47,6 @@ while (($#)); do
   shift
 done
 
-# Whether the lbq.main arguments hold flag $1 (as --flag=VALUE or --flag VALUE).
-has_flag() {
-  local arg
-  for arg in "${args[@]}"; do
-    [[ $arg == "$1" || $arg == "$1="* ]] && return 0
-  done
-  return 1
-}
-
 [[ $processes =~ ^[1-9][0-9]*$ ]] || die "--processes must be a positive integer, got '$processes'"
 workdir=""
 for ((i = 0; i < ${#args[@]}; i++)); do
@@ -71,27 +57,6 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 has_flag --config || die "--config=CONFIG is required"
 [[ -n $workdir ]] || die "--workdir=DIR is required"
-
-# Prints a command, quoted so that it can be pasted into a shell.
-show() {
-  local out="" word
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+="$word "
-    elif [[ $word =~ ^(--[A-Za-z0-9-]+=)(.*)$ ]]; then
-      out+="${BASH_REMATCH[1]}$(single_quote "${BASH_REMATCH[2]}") "
-    else
-      out+="$(single_quote "$word") "
-    fi
-  done
-  echo "+ ${out% }"
-}
-
-# Wraps a word in single quotes for the shell.
-single_quote() {
-  local q="'\\''"
-  echo "'${1//\'/$q}'"
-}
 
 # lbq and the configs package import from the repository wherever the command runs.
 repo=$(cd "$(dirname "$0")/.." && pwd)

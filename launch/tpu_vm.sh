@@ -42,19 +42,14 @@
 #   --dry-run                  print every command, run none
 #   -- ARGS...                 more lbq.main flags, e.g. -- --config.batch_size=1024
 set -euo pipefail
+LAUNCHER=tpu_vm.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 name="" zone="" project="" accelerator="v5litepod-8" version="" action="all"
 queued=0 spot=0 reuse=0 source_spec="local" python_version="3.12" config="" workdir=""
 gcs_mode="fuse" dry_run=${DRY_RUN:-0} log_worker=0
 extra=()
-
-die() {
-  echo "tpu_vm.sh: error: $*" >&2
-  exit 2
-}
-
-# The comment block at the top of this file.
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while (($#)); do
   arg=$1
@@ -126,27 +121,6 @@ fi
 
 where=(--zone="$zone")
 [[ -n $project ]] && where+=(--project="$project")
-
-# Prints a command, quoted so that it can be pasted into a shell.
-show() {
-  local out="" word
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+="$word "
-    elif [[ $word =~ ^(--[A-Za-z0-9-]+=)(.*)$ ]]; then
-      out+="${BASH_REMATCH[1]}$(single_quote "${BASH_REMATCH[2]}") "
-    else
-      out+="$(single_quote "$word") "
-    fi
-  done
-  echo "+ ${out% }"
-}
-
-# Wraps a word in single quotes for the shell.
-single_quote() {
-  local q="'\\''"
-  echo "'${1//\'/$q}'"
-}
 
 # Prints a command, then runs it unless this is a dry run.
 run() {

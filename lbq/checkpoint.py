@@ -119,36 +119,55 @@ def _reason(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- restore
 
 
+def _is_abandoned_read_report(unraisable: Any) -> bool:
+    """A report left by a read that a failed Orbax restore abandoned."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if "orbax" in getattr(code, "co_filename", ""):
+        return True  # the abandoned read itself, collected unfinished
+    # A read still in flight that finishes later and reports to the restore's closed loop.
+    error = unraisable.exc_value
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
+def _drop_abandoned_read_reports() -> None:
+    """Installs, once per process, an unraisable hook that drops only those reports.
+
+    It stays installed: reads in flight can finish, and report, long after the restore that
+    abandoned them returned. Every other report still reaches the hook that was there before.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_abandoned_read_report(unraisable):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _quiet_failed_reads() -> Iterator[list[int]]:
     """Silences the leftovers of a restore that failed part way.
 
-    Orbax abandons the other array reads of a failed restore; when they are collected Python
-    reports each one ("Exception ignored in <coroutine ...>", "Event loop is closed", asyncio's
-    "exception was never retrieved"): thousands of lines that would bury the one warning
-    that matters. Only those reports are dropped, and only while this is active. Append to the
-    yielded list when a restore failed: the abandoned reads are then collected before leaving.
+    Orbax abandons the other array reads of a failed restore; Python reports each one
+    ("Exception ignored in <coroutine ...>", "Event loop is closed", asyncio's "exception was
+    never retrieved"): thousands of lines that would bury the one warning that matters. Append
+    to the yielded list when a restore failed: the abandoned reads are then collected before
+    leaving, while asyncio's log is off.
     """
-    previous = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        code = getattr(unraisable.object, "cr_code", None)
-        if "orbax" in getattr(code, "co_filename", "") or "Event loop is closed" in str(
-            unraisable.exc_value
-        ):
-            return
-        previous(unraisable)
-
+    _drop_abandoned_read_reports()
     asyncio_log = logging.getLogger("asyncio")
     was_disabled = asyncio_log.disabled
-    sys.unraisablehook, asyncio_log.disabled = hook, True
+    asyncio_log.disabled = True
     failed: list[int] = []
     try:
         yield failed
     finally:
         if failed:
-            gc.collect()  # collect the abandoned reads now, while their reports are dropped
-        sys.unraisablehook, asyncio_log.disabled = previous, was_disabled
+            gc.collect()  # collect the abandoned reads now, while asyncio's log is off
+        asyncio_log.disabled = was_disabled
 
 
 def _abstract_from_metadata(manager: ocp.CheckpointManager, step: int) -> Any:

@@ -21,16 +21,23 @@ import numpy as np
 class MetricsWriter:
     """Writes ``metrics.jsonl`` and TensorBoard events (tensorboardX, no TensorFlow needed)."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
+        """``start_step``: the step the run starts or resumes from. Records of later steps,
+        left by a run killed after its last checkpoint, are dropped: they will be written again.
+        """
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
+            drop_records_after(self.path, start_step)
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                # purge_step hides the same steps' events from TensorBoard.
+                self._tb = SummaryWriter(
+                    os.path.join(workdir, "tensorboard"), purge_step=start_step + 1
+                )
             except ImportError:  # TensorBoard is optional; JSON lines are always written
                 self._tb = None
 
@@ -52,6 +59,31 @@ class MetricsWriter:
             self._tb.close()
 
 
+def drop_records_after(path: str, step: int) -> int:
+    """Rewrites the JSON-lines file ``path`` without its records of steps after ``step``, and
+    without a line cut short by a hard kill. Returns how many lines were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) < len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)  # atomic: a kill now leaves the old file or the new one
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    if not line.endswith("\n"):
+        return None  # cut short
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         value = value.item()
@@ -70,9 +102,11 @@ def mean_of(records: list[Mapping[str, jax.Array]]) -> dict[str, float]:
 class Progress:
     """A one-line progress bar with images/s and ETA, for the console of host 0."""
 
-    def __init__(self, total: int, start: int, enabled: bool, stream=sys.stderr):
+    def __init__(self, total: int, start: int, enabled: bool, stream=None):
         self.total, self.start = total, start
         self.enabled = enabled
+        # sys.stderr as it is now, not at import: it may have been replaced since (notebooks).
+        stream = sys.stderr if stream is None else stream
         self.stream = stream
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.t0 = time.time()

@@ -586,8 +586,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
         out_shardings=repl,
     )
 
-    writer = lbq_metrics.MetricsWriter(workdir, enabled=is_host0)
     step = int(jax.device_get(state.step))
+    writer = lbq_metrics.MetricsWriter(workdir, enabled=is_host0, start_step=step)
     progress = lbq_metrics.Progress(total_steps, step, enabled=is_host0 and config.progress)
     eval_every = round(config.eval_every_epochs * steps_per_epoch)
     final: dict[str, dict[str, float]] = {}
@@ -676,7 +676,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
                     {f"{n}/{k}": v for n, m in final.items() for k, v in m.items()}
                     | {"stage_name": stage.name},
                 )
-                if stage_end:
+                if stage_end:  # a stage extended after it had ended is listed once
+                    stage_results = [r for r in stage_results if r["name"] != stage.name]
                     stage_results.append(
                         {
                             "name": stage.name,

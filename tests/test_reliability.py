@@ -26,6 +26,7 @@ from runs import REPO, leaves, read_metrics, run_main, tiny_config
 
 from configs import default
 from lbq.checkpoint import UNREADABLE_DIR, CheckpointError, load_variables
+from lbq.metrics import MetricsWriter
 from lbq.train import (
     PREEMPTED_EXIT_CODE,
     NonFiniteError,
@@ -282,6 +283,20 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, cache
     assert step_dirs(workdir)[-1] == total
 
 
+def test_resume_drops_metrics_written_after_the_last_checkpoint(tmp_path):
+    """A hard kill after logging steps 4 and 5 (checkpoint at 3), mid-way through a line."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [f'{{"step": {s}, "kind": "train", "loss": {s / 10}}}\n' for s in range(1, 6)]
+    path.write_text("".join(lines) + '{"step": 6, "kind": "tr')
+    MetricsWriter(str(tmp_path), start_step=3).write(4, "train", {"loss": 0.25})
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path), "train")] == [
+        (1, 0.1),
+        (2, 0.2),
+        (3, 0.3),
+        (4, 0.25),
+    ]
+
+
 def test_watcher_turns_signals_into_a_stop_request_and_a_second_ctrl_c_into_an_interrupt():
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     with PreemptionWatcher() as watcher:
@@ -318,6 +333,7 @@ def test_workdir_with_another_config_refuse_continue_overwrite(tmp_path):
     changed.on_config_change = "continue"
     result = train_and_evaluate(changed, workdir)
     assert result.step == 3
+    assert [(r["name"], r["steps"]) for r in result.stages] == [("main", 3)]  # extended, once
     assert [r["step"] for r in read_metrics(workdir, "train")] == [2, 3]  # log_every_steps=3
     assert step_dirs(workdir) == [2, 3]
 

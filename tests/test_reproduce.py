@@ -3,6 +3,8 @@
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from lbq.experiments import reproduce
@@ -89,3 +91,36 @@ def test_dry_run_lists_runs_without_training(tmp_path, capsys):
     assert "26 runs (0 finished, 26 to do)" in out
     assert "best_w2a2_s1: w32a32:2 -> w4a4:1 -> w2a2:1 +kd" in out
     assert not any(p.name.endswith("_s0") for p in tmp_path.iterdir())
+
+
+def test_pretrained_plans_drop_the_32_bit_stage():
+    plan = reproduce.stage_plan("pq", 2, fine_tune_lr=0.02, pretrained=True)
+    assert [(w, a) for w, a, *_ in plan] == [(8, 8), (4, 4), (2, 2)]
+    assert [f for *_, f, _ in plan] == pytest.approx([1 / 3] * 3)
+    assert {lr for *_, lr in plan} == {0.02}
+    assert [w for w, *_ in reproduce.stage_plan("best", 2, pretrained=True)] == [4, 2]
+    assert reproduce.stage_plan("fp", 32, 0.02, pretrained=True) == [(32, 32, 1.0, 0.02)]
+    assert reproduce.stage_plan("ts", 2, 0.02, pretrained=True) == [
+        (2, 32, 0.5, 0.02),
+        (2, 2, 0.5, 0.02),
+    ]
+
+
+def test_start_from_loads_the_trained_model_into_student_and_teacher(tmp_path):
+    from lbq.checkpoint import load_variables
+
+    common = ["--preset=tiny", "--seeds=0", f"--compile_cache={tmp_path / 'cache'}"]
+    assert reproduce.main([*common, f"--outdir={tmp_path / 'fp'}", "--methods=fp"]) == 0
+    start = tmp_path / "fp" / "fp_w32a32_s0"
+    # lr 0: the weights stay those loaded, so they must equal the starting model's.
+    args = [f"--outdir={tmp_path / 'ft'}", "--methods=kd", "--bits=2", "--fine_tune_lr=0"]
+    assert reproduce.main([*common, *args, f"--start_from={start}"]) == 0
+    started = load_variables(str(tmp_path / "ft" / "kd_w2a2_s0"))
+    trained = load_variables(str(start))["student"]["params"]
+    for network in ("student", "teacher"):
+        jax.tree.map(np.testing.assert_array_equal, started[network]["params"], trained)
+    with open(tmp_path / "ft" / "kd_w2a2_s0" / "result.json") as f:
+        assert [s["w_bits"] for s in json.load(f)["stages"]] == [2]
+    assert "starts from the full-precision run" in (tmp_path / "ft" / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--outdir=x", f"--start_from={tmp_path / 'missing'}"])

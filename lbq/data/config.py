@@ -90,18 +90,18 @@ def read_settings(cfg: Any) -> Settings:
     """
     name = _field(cfg, "name", "digits")
     if not isinstance(name, str) or not name:
-        raise DataError(f"data_config.name must be a non-empty string, got {name!r}")
+        raise DataError(f"data.name must be a non-empty string, got {name!r}")
     data_dir = _field(cfg, "data_dir", None)
     image_size = int(_field(cfg, "image_size", 32))
     if image_size <= 0:
-        raise DataError(f"data_config.image_size must be positive, got {image_size}")
+        raise DataError(f"data.image_size must be positive, got {image_size}")
     augment = str(_field(cfg, "augment", "none"))
     if augment not in AUGMENTATIONS:
-        raise DataError(f"data_config.augment={augment!r} is not one of {AUGMENTATIONS}")
+        raise DataError(f"data.augment={augment!r} is not one of {AUGMENTATIONS}")
     # `workers` is the config's field; `num_workers` is accepted as an alias.
     num_workers = int(_field(cfg, "workers", _field(cfg, "num_workers", default_num_workers())))
     if num_workers < 0:
-        raise DataError(f"data_config.workers must be >= 0 (0: no threads), got {num_workers}")
+        raise DataError(f"data.workers must be >= 0 (0: no threads), got {num_workers}")
     # Batches in flight: enough to keep every worker busy plus a couple ready to hand out.
     prefetch = int(_field(cfg, "prefetch", max(num_workers, 1) + 2))
     return Settings(
@@ -124,7 +124,7 @@ def _cache_setting(cfg: Any) -> bool | None:
         return None
     if isinstance(value, bool):
         return value
-    raise DataError(f"data_config.cache must be True, False or 'auto', got {value!r}")
+    raise DataError(f"data.cache must be True, False or 'auto', got {value!r}")
 
 
 def known_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

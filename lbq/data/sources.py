@@ -255,7 +255,7 @@ def _tfds_dataset(s: Settings) -> TfdsDataset:
         ) from e
     if s.data_dir and not os.path.isdir(s.data_dir):
         raise DatasetNotFoundError(
-            f"data_dir {s.data_dir!r} of dataset {s.name!r} does not exist; set data_config."
+            f"data_dir {s.data_dir!r} of dataset {s.name!r} does not exist; set data."
             f"data_dir to the TFDS data dir that holds it, or create it with `{PREPARE_HINT}`"
         )
     registered = tfds.list_builders(with_community_datasets=False)

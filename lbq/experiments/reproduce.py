@@ -27,6 +27,10 @@ Run (the CIFAR-10 study of docs/results/, on a 2-core CPU):
         --seeds=0,1 --bits=2,4 --order=seed --epochs=1.5 --train_images=5000 \
         --eval_split='test[:2000]' --lr_schedule=cosine --compile_cache=/tmp/lbq_repro_jaxcache
 
+Fine-tuning from a trained full-precision model (the paper's ImageNet protocol): train fp
+first, then start every run from it (``--start_from=OUTDIR_FP/fp_w32a32_s0``); pq and best then
+skip their 32-bit stage and kd's teacher starts trained.
+
 List the runs without training: add ``--dry_run``. Tiny mode for tests (digits, 4 steps per
 run, enough for the four stages of pq at W2A2): ``--preset=tiny``.
 """
@@ -105,12 +109,26 @@ def base_config(preset: str, args: argparse.Namespace) -> ml_collections.ConfigD
 
 
 def stage_plan(
-    method: str, bits: int, fine_tune_lr: float = FINE_TUNE_LR
+    method: str, bits: int, fine_tune_lr: float = FINE_TUNE_LR, pretrained: bool = False
 ) -> list[tuple[int, int, float, float | None]]:
     """The stages of a method: (w_bits, a_bits, fraction of the budget, lr or None).
 
     None is the run's lr (0.1); ``fine_tune_lr`` is that of stages that start from a previous
-    stage's weights."""
+    stage's weights. ``pretrained``: the run starts from a trained full-precision model (the
+    paper's ImageNet protocol), which stands in for the 32-bit stage of pq and best; the
+    remaining stages share the budget in the same proportions, all at ``fine_tune_lr``.
+    """
+    plan = _scratch_plan(method, bits, fine_tune_lr)
+    if not pretrained:
+        return plan
+    kept = [(w, a, f) for w, a, f, _ in plan if (w, a) != (32, 32) or method == "fp"]
+    total = sum(f for _, _, f in kept)
+    return [(w, a, f / total, fine_tune_lr) for w, a, f in kept]
+
+
+def _scratch_plan(
+    method: str, bits: int, fine_tune_lr: float
+) -> list[tuple[int, int, float, float | None]]:
     k, ft = bits, fine_tune_lr
     if method in ("fp", "direct", "sp", "kd"):
         return [(32, 32, 1.0, None)] if method == "fp" else [(k, k, 1.0, None)]
@@ -149,21 +167,40 @@ def split_steps(total: int, fractions: Sequence[float]) -> list[int]:
 
 
 def run_config(
-    base: ml_collections.ConfigDict, run: Run, total_steps: int, fine_tune_lr: float = FINE_TUNE_LR
+    base: ml_collections.ConfigDict,
+    run: Run,
+    total_steps: int,
+    fine_tune_lr: float = FINE_TUNE_LR,
+    start_from: str = "",
+    teacher_lr_scale: float = 1.0,
 ) -> ml_collections.ConfigDict:
-    """The full config of one run."""
+    """The full config of one run.
+
+    ``start_from``: a trained full-precision run that every network starts from (the student
+    through ``init_from``, the teacher through ``distill.teacher_init``). ``teacher_lr_scale``:
+    the teacher's lr relative to the student's in every stage.
+    """
     from configs import default
 
     c = ml_collections.ConfigDict(base.to_dict())
     c.seed = run.seed
     c.model.quantized = run.method != "fp"
     c.quant.w_bits = c.quant.a_bits = 32 if run.method == "fp" else run.bits
-    plan = stage_plan(run.method, run.bits, fine_tune_lr)
+    plan = stage_plan(run.method, run.bits, fine_tune_lr, pretrained=bool(start_from))
     lengths = split_steps(total_steps, [f for _, _, f, _ in plan])
     stages = []
     for (w, a, _, lr), steps in zip(plan, lengths, strict=True):
-        kwargs = {"lr": lr, "teacher_lr": lr} if lr is not None else {}
-        stages.append(default.stage(f"w{w}a{a}", w_bits=w, a_bits=a, steps=steps, **kwargs))
+        lr = c.schedule.lr if lr is None else lr
+        stages.append(
+            default.stage(
+                f"w{w}a{a}",
+                w_bits=w,
+                a_bits=a,
+                steps=steps,
+                lr=lr,
+                teacher_lr=lr * teacher_lr_scale,
+            )
+        )
     c.stages = stages
     if run.method == "sp":
         c.stochastic.enabled = True
@@ -174,6 +211,8 @@ def run_config(
     if run.method in ("kd", "best"):
         c.distill.enabled = True
         c.distill.teacher = "joint"
+        c.distill.teacher_init = start_from or None
+    c.init_from = start_from or None
     return c
 
 
@@ -421,6 +460,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="lr of the stages that start from a previous stage (ts, pq, best)",
     )
     p.add_argument(
+        "--start_from",
+        default="",
+        help="a trained full-precision run (workdir) that every run starts from, teachers "
+        "included: the paper's ImageNet protocol. pq and best then skip their 32-bit stage and "
+        "every stage trains at --fine_tune_lr",
+    )
+    p.add_argument(
+        "--teacher_lr_scale",
+        type=float,
+        default=None,
+        help="teacher lr / student lr (default: 1 from scratch, 0.2 with --start_from, the "
+        "ImageNet recipe's 0.001 / 0.005)",
+    )
+    p.add_argument(
         "--compile_cache",
         default="",
         help="JAX persistent compilation cache folder: runs that differ only in data (seed, "
@@ -430,7 +483,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--report", action="store_true", help="only rewrite the table and plot from finished runs"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.teacher_lr_scale is None:
+        args.teacher_lr_scale = 0.2 if args.start_from else 1.0
+    if args.start_from:
+        args.start_from = os.path.abspath(args.start_from)
+        if not os.path.isdir(args.start_from):
+            p.error(f"--start_from={args.start_from}: no such run folder")
+    return args
+
+
+def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: argparse.Namespace):
+    return run_config(
+        base, run, total_steps, args.fine_tune_lr, args.start_from, args.teacher_lr_scale
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -456,6 +522,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"every run trains {total_steps} steps of batch {base.batch_size} ({epochs:.2f} epochs), "
         f"split between its stages. Mean ± sample std over n seeds.\n"
     )
+    if args.start_from:
+        header += (
+            f"\nEvery run, fp and teachers included, starts from the full-precision run "
+            f"{args.start_from}, which stands in for the 32-bit stage of pq and best; every "
+            f"stage trains at lr {args.fine_tune_lr:g}, teachers at {args.teacher_lr_scale:g}x "
+            f"that.\n"
+        )
     title = f"ResNet-20, {info.name} ({info.num_train} train images, {epochs:.2f} epochs)"
     os.makedirs(args.outdir, exist_ok=True)
 
@@ -466,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     for i, run in enumerate(runs, 1):
-        c = run_config(base, run, total_steps, args.fine_tune_lr)
+        c = _config(base, run, total_steps, args)
         stages = " -> ".join(f"{s.name}:{s.steps}" for s in c.stages)
         done = "done" if run not in pending else "todo"
         if args.dry_run:
@@ -490,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = os.path.join(args.outdir, run.name)
         if run not in pending:
             continue
-        c = run_config(base, run, total_steps, args.fine_tune_lr)
+        c = _config(base, run, total_steps, args)
         elapsed = time.time() - t0
         left = len(pending) - finished
         eta = (
