@@ -124,3 +124,16 @@ def test_start_from_loads_the_trained_model_into_student_and_teacher(tmp_path):
     assert "starts from the full-precision run" in (tmp_path / "ft" / "results.md").read_text()
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--outdir=x", f"--start_from={tmp_path / 'missing'}"])
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--outdir=x", f"--teacher_start_from={start}"])
+
+
+def test_teacher_can_start_from_another_run():
+    from configs import default
+
+    run = reproduce.Run("best", 2, 0)
+    config = reproduce.run_config(default.get_config(), run, 8, 0.01, "/s", 0.2, "/t")
+    assert (config.init_from, config.distill.teacher_init) == ("/s", "/t")
+    assert [(s.lr, s.teacher_lr) for s in config.stages] == [(0.01, 0.002)] * 2
+    plain = reproduce.run_config(default.get_config(), run, 8, 0.01, "/s", 0.2)
+    assert plain.distill.teacher_init == "/s"

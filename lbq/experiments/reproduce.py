@@ -173,11 +173,13 @@ def run_config(
     fine_tune_lr: float = FINE_TUNE_LR,
     start_from: str = "",
     teacher_lr_scale: float = 1.0,
+    teacher_start_from: str = "",
 ) -> ml_collections.ConfigDict:
     """The full config of one run.
 
     ``start_from``: a trained full-precision run that every network starts from (the student
-    through ``init_from``, the teacher through ``distill.teacher_init``). ``teacher_lr_scale``:
+    through ``init_from``, the teacher through ``distill.teacher_init``, unless
+    ``teacher_start_from`` names another run for the teacher). ``teacher_lr_scale``:
     the teacher's lr relative to the student's in every stage.
     """
     from configs import default
@@ -211,7 +213,7 @@ def run_config(
     if run.method in ("kd", "best"):
         c.distill.enabled = True
         c.distill.teacher = "joint"
-        c.distill.teacher_init = start_from or None
+        c.distill.teacher_init = teacher_start_from or start_from or None
     c.init_from = start_from or None
     return c
 
@@ -467,6 +469,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "every stage trains at --fine_tune_lr",
     )
     p.add_argument(
+        "--teacher_start_from",
+        default="",
+        help="the run that kd and best teachers start from (default: --start_from). Use it when "
+        "--start_from is a quantized network trained at 32 bits (clip(0, 1) activations): the "
+        "teacher is a plain-ReLU network",
+    )
+    p.add_argument(
         "--teacher_lr_scale",
         type=float,
         default=None,
@@ -486,16 +495,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.teacher_lr_scale is None:
         args.teacher_lr_scale = 0.2 if args.start_from else 1.0
-    if args.start_from:
-        args.start_from = os.path.abspath(args.start_from)
-        if not os.path.isdir(args.start_from):
-            p.error(f"--start_from={args.start_from}: no such run folder")
+    if args.teacher_start_from and not args.start_from:
+        p.error("--teacher_start_from needs --start_from")
+    for flag in ("start_from", "teacher_start_from"):
+        path = getattr(args, flag)
+        if path:
+            setattr(args, flag, os.path.abspath(path))
+            if not os.path.isdir(getattr(args, flag)):
+                p.error(f"--{flag}={path}: no such run folder")
     return args
 
 
 def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: argparse.Namespace):
     return run_config(
-        base, run, total_steps, args.fine_tune_lr, args.start_from, args.teacher_lr_scale
+        base,
+        run,
+        total_steps,
+        args.fine_tune_lr,
+        args.start_from,
+        args.teacher_lr_scale,
+        args.teacher_start_from,
     )
 
 
@@ -529,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"stage trains at lr {args.fine_tune_lr:g}, teachers at {args.teacher_lr_scale:g}x "
             f"that.\n"
         )
+        if args.teacher_start_from:
+            header += f"Teachers start from {args.teacher_start_from} instead.\n"
     title = f"ResNet-20, {info.name} ({info.num_train} train images, {epochs:.2f} epochs)"
     os.makedirs(args.outdir, exist_ok=True)
 
