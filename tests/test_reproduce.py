@@ -121,7 +121,9 @@ def test_start_from_loads_the_trained_model_into_student_and_teacher(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, started[network]["params"], trained)
     with open(tmp_path / "ft" / "kd_w2a2_s0" / "result.json") as f:
         assert [s["w_bits"] for s in json.load(f)["stages"]] == [2]
-    assert "starts from the full-precision run" in (tmp_path / "ft" / "results.md").read_text()
+    table = (tmp_path / "ft" / "results.md").read_text()
+    assert "starts from the full-precision run" in table
+    assert f"- `kd`: {reproduce.PRETRAINED_NOTES['kd']}" in table
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--outdir=x", f"--start_from={tmp_path / 'missing'}"])
     with pytest.raises(SystemExit):

@@ -59,6 +59,16 @@ METHOD_NOTES = {
     "kd": "joint FP teacher from scratch; student 0.7 CE + 0.7 KL, teacher 1.0 CE + 0.5 KL, T=1",
     "best": "W2A2: 32/4/2 bits 40/30/30 %; W4A4: 32/4 bits 40/60 %; lr 0.1 then 0.01; + kd",
 }
+# The same methods started from a trained full-precision model (--start_from).
+PRETRAINED_NOTES = {
+    "fp": "full precision, plain ReLU, trained on at the fine-tuning lr",
+    "direct": "wKaK from the first step (baseline)",
+    "ts": "wKa32 50 % -> wKaK 50 %",
+    "pq": "W2A2: 8/4/2 bits, a third each; W4A4: 8/4 bits 50/50 %",
+    "sp": "blocks quantized with p linear 0.5 -> 1 at 50 % of the run, then all quantized",
+    "kd": "joint teacher started trained; student 0.7 CE + 0.7 KL, teacher 1.0 CE + 0.5 KL, T=1",
+    "best": "W2A2: 4/2 bits 50/50 %; W4A4: 4 bits (the same run as kd); + kd",
+}
 # Stage plans as (w_bits, a_bits or None for 'same as w', fraction of the budget, lr or None).
 FINE_TUNE_LR = 0.01
 
@@ -317,7 +327,10 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[s
 
 
 def format_table(
-    records: Sequence[dict[str, Any]], header: str = "", bits: Sequence[int] = ()
+    records: Sequence[dict[str, Any]],
+    header: str = "",
+    bits: Sequence[int] = (),
+    notes: dict[str, str] = METHOD_NOTES,
 ) -> str:
     """The Markdown table: top-1 mean ± std (sample std over seeds, n seeds) per method and
     bit-width, then every run.
@@ -326,6 +339,7 @@ def format_table(
       records: the runs' result.json contents.
       header: a paragraph above the table.
       bits: the bit-width columns (default: those found in ``records``).
+      notes: a line per method, saying what it trains.
     """
     summary = summarize(records)
     bits = sorted(set(bits) or {b for _, b in summary if b != 32}, reverse=True)
@@ -356,7 +370,7 @@ def format_table(
             + f" | {sum(secs) / len(secs):.0f} |"
         )
     lines += ["", "Methods (every run has the same total number of training steps):", ""]
-    lines += [f"- `{m}`: {METHOD_NOTES[m]}" for m in METHODS]
+    lines += [f"- `{m}`: {notes[m]}" for m in METHODS]
     lines += [
         "",
         "Per run (wall time includes compilation and the evaluation after each stage):",
@@ -426,14 +440,18 @@ def plot(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
 
 
 def write_outputs(
-    outdir: str, header: str, title: str, bits: Sequence[int] = ()
+    outdir: str,
+    header: str,
+    title: str,
+    bits: Sequence[int] = (),
+    notes: dict[str, str] = METHOD_NOTES,
 ) -> list[dict[str, Any]]:
     """Writes results.md and accuracy_vs_bits.png from every finished run under ``outdir``."""
     records = load_results(outdir)
     if not records:
         return records
     with open(os.path.join(outdir, "results.md"), "w") as f:
-        f.write(format_table(records, header, bits))
+        f.write(format_table(records, header, bits, notes))
     plot(records, os.path.join(outdir, "accuracy_vs_bits.png"), title)
     return records
 
@@ -550,7 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.teacher_start_from:
             header += f"Teachers start from {args.teacher_start_from} instead.\n"
-    title = f"ResNet-20, {info.name} ({info.num_train} train images, {epochs:.2f} epochs)"
+    notes = PRETRAINED_NOTES if args.start_from else METHOD_NOTES
+    model = "ResNet-20 from a trained FP model" if args.start_from else "ResNet-20"
+    title = f"{model}, {info.name} ({info.num_train} train images, {epochs:.2f} epochs)"
     os.makedirs(args.outdir, exist_ok=True)
 
     pending = [r for r in runs if not os.path.exists(_result_path(args.outdir, r))]
@@ -570,8 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         return 0
     if args.report:
-        records = write_outputs(args.outdir, header, title, bits)
-        print(format_table(records, header, bits) if records else "no finished runs")
+        records = write_outputs(args.outdir, header, title, bits, notes)
+        print(format_table(records, header, bits, notes) if records else "no finished runs")
         return 0
 
     if args.compile_cache:
@@ -608,13 +628,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{record['seconds']:.0f} s",
             flush=True,
         )
-        write_outputs(args.outdir, header, title, bits)  # partial results are publishable
-    records = write_outputs(args.outdir, header, title, bits)
+        write_outputs(args.outdir, header, title, bits, notes)  # partial results are publishable
+    records = write_outputs(args.outdir, header, title, bits, notes)
     print(f"total {_fmt_time(time.time() - t0)}; {len(records)} results in {args.outdir}")
     if failed:
         print(f"failed (rerun to retry): {', '.join(failed)}")
     if records:
-        print(format_table(records, header, bits))
+        print(format_table(records, header, bits, notes))
     return 1 if failed else 0
 
 
