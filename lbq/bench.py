@@ -281,20 +281,7 @@ def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> Ste
 
     networks = train.build_networks(config, info)
     optimizer = train.build_optimizer(config, networks)
-    weights = LossWeights(
-        **{
-            k: float(getattr(config.distill, k))
-            for k in (
-                "student_ce",
-                "student_kl",
-                "student_att",
-                "teacher_ce",
-                "teacher_kl",
-                "teacher_att",
-                "temperature",
-            )
-        }
-    )
+    weights = LossWeights.from_config(config.distill)
     mesh = train.data_mesh()
     repl = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))

@@ -55,6 +55,11 @@ class LossWeights:
     teacher_att: float = 0.0
     temperature: float = 1.0
 
+    @classmethod
+    def from_config(cls, distill) -> LossWeights:
+        """The weights of a config's ``distill`` section."""
+        return cls(**{f.name: float(distill[f.name]) for f in dataclasses.fields(cls)})
+
 
 @flax.struct.dataclass
 class TrainState:

@@ -540,20 +540,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
     repl = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     optimizer = build_optimizer(config, networks)
-    weights = LossWeights(
-        **{
-            k: float(config.distill[k])
-            for k in (
-                "student_ce",
-                "student_kl",
-                "student_att",
-                "teacher_ce",
-                "teacher_kl",
-                "teacher_att",
-                "temperature",
-            )
-        }
-    )
+    weights = LossWeights.from_config(config.distill)
 
     prepare_workdir(config, workdir, is_host0)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)

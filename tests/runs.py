@@ -89,7 +89,7 @@ class StepRig:
         self.state = self.state.replace(opt_state=opt_state)
         self.bits = train.stage_bits(self.stage, self.networks)
         self.lr = {k: jnp.float32(v) for k, v in lr.items()}
-        weights = LossWeights(**{k: float(config.distill[k]) for k in LossWeights.__annotations__})
+        weights = LossWeights.from_config(config.distill)
         self.train_step = jax.jit(
             make_train_step(self.networks, self.optimizer, weights, self.info.mean, self.info.std)
         )
