@@ -5,11 +5,11 @@ Run from the repository root, for example (one GPU, the issue's ResNet-18 target
     python -m lbq.bench --model resnet18 --batch 256 --json /tmp/bench.json
 
 The step is the trainer's own: networks, optimizer, state and stage bit-widths are built with
-`lbq.train` from a config based on ``configs/default.py``, the step with
-`lbq.steps.make_train_step`, and it is jitted with the trainer's shardings (replicated state,
-batch sharded over a ('data',) mesh) and donation. The data is one synthetic batch that already
-lives on the device, so the figures are the step's alone, not the input pipeline's
-(``benchmarks/input_pipeline.py`` measures that).
+`lbq.build.build_trainer` from lbq's default config (`lbq/configs/default.py`) with the
+mode's bits and methods, exactly as the trainer builds them: the same jitted step, shardings
+(replicated state, batch sharded over a ('data',) mesh) and donation. The data is one
+synthetic batch that already lives on the device, so the figures are the step's alone, not
+the input pipeline's (``benchmarks/input_pipeline.py`` measures that).
 
 Timing: every step is dispatched and then waited for (``block_until_ready``); the reported rate
 is ``batch / median(step seconds)`` over the timed steps after warm-up. The same number of steps
@@ -22,9 +22,8 @@ it (GPU, TPU); on CPU it is the process's peak resident set size (``ru_maxrss``)
 the Python interpreter and XLA itself. Each (model, mode) runs in its own subprocess by default so
 that the peak belongs to that mode alone.
 
-The bench needs only jax, flax, optax and numpy: ml_collections, tensorflow-datasets and grain
-are not imported (when ml_collections is missing, the config is a plain attribute mirror of
-``configs/default.py``; tests check the mirror against the real config).
+The bench needs jax, flax, optax, orbax, ml_collections and numpy: tensorflow-datasets and grain
+are not imported.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
-import inspect
 import json
 import os
 import platform
@@ -42,15 +40,13 @@ import statistics
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 from typing import Any
+
+from lbq.models import SMALL_INPUT_MODELS
 
 MODES = ("fp", "w4a4", "w2a2", "w2a2_sp", "w2a2_kd")
 MODELS = ("resnet20", "resnet18", "resnet50")
 # The paper's recipes: CIFAR-100 for the CIFAR ResNets (32 px), ImageNet for the others (224 px).
-_CIFAR_MODELS = ("resnet20", "resnet32", "resnet56", "preresnet20", "alexnet_cifar")
-_CIFAR100_STATS = ((129.304, 124.070, 112.434), (68.170, 65.392, 70.418))
-_IMAGENET_STATS = ((123.675, 116.280, 103.530), (58.395, 57.120, 57.375))
 # The stochastic-precision stage is made this long so that p(t) stays near its start value and
 # the timed steps see random masks, as in the first part of a real stage.
 _SP_STAGE_STEPS = 100_000
@@ -73,7 +69,6 @@ class Result:
       peak_kind: 'device peak_bytes_in_use' or 'process peak RSS (ru_maxrss)'.
       compiled_temp_bytes: XLA's temporary buffer size of the compiled step, when reported.
       device: the device kind, and the backend.
-      config_source: 'configs/default.py' or 'mirror of configs/default.py'.
     """
 
     model: str
@@ -96,86 +91,33 @@ class Result:
     device: str
     backend: str
     num_devices: int
-    config_source: str
 
 
 # ----------------------------------------------------------------------------- config
 
 
-def _ns(**kwargs: Any) -> SimpleNamespace:
-    return SimpleNamespace(**kwargs)
+def mode_config(model: str, mode: str, batch: int, dtype: str = "auto"):
+    """The run config of one benchmark mode (see `MODES`): lbq's default config with the
+    mode's bits and methods, and one long constant-rate stage."""
+    from lbq.configs import default
 
-
-def mirror_config() -> SimpleNamespace:
-    """The fields of ``configs/default.py`` that building a train step reads, without
-    ml_collections (GPU boxes may lack it). ``tests/test_bench.py`` checks it against the real
-    config."""
-    return _ns(
-        seed=0,
-        model=_ns(
-            name="resnet20", quantized=True, per_channel=False, logit_scale=False, shortcut="A"
-        ),
-        quant=_ns(w_bits=2, a_bits=2),
-        batch_size=128,
-        compute_dtype="auto",
-        optimizer=_ns(name="sgd", momentum=0.9, nesterov=True, weight_decay=1e-4),
-        schedule=_ns(lr=0.1, teacher_lr=0.1),
-        stochastic=_ns(
-            enabled=False, unit="block", schedule="linear", p_start=0.5, full_at=0.5, num_steps=4
-        ),
-        distill=_ns(
-            enabled=False,
-            teacher="joint",
-            student_ce=0.7,
-            student_kl=0.7,
-            student_att=0.0,
-            teacher_ce=1.0,
-            teacher_kl=0.5,
-            teacher_att=0.0,
-            temperature=1.0,
-            extra_students=(),
-        ),
-        on_nonfinite="stop",
-    )
-
-
-def base_config() -> tuple[Any, str]:
-    """``configs/default.py``'s ``get_config()`` when ml_collections is installed, else the
-    mirror. Returns (config, source)."""
-    path = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"
-    )
-    if os.path.exists(path):
-        try:
-            import ml_collections  # noqa: F401  (configs/default.py needs it)
-        except ImportError:
-            pass
-        else:
-            spec = importlib.util.spec_from_file_location("_lbq_bench_default_config", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module.get_config(), "configs/default.py"
-    return mirror_config(), "mirror of configs/default.py"
-
-
-def mode_config(model: str, mode: str, batch: int, dtype: str = "auto") -> tuple[Any, str]:
-    """The run config of one benchmark mode (see `MODES`)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
-    config, source = base_config()
+    config = default.get_config()
     config.model.name = model
     config.batch_size = batch
     config.compute_dtype = dtype
     config.model.quantized = mode != "fp"
-    bits = 4 if mode == "w4a4" else 2
-    config.quant.w_bits, config.quant.a_bits = bits, bits
+    bits = 32 if mode == "fp" else 4 if mode == "w4a4" else 2
+    config.stages = [
+        default.stage(
+            "bench", w_bits=bits, a_bits=bits, steps=_SP_STAGE_STEPS, lr_schedule="constant"
+        )
+    ]
     config.stochastic.enabled = mode == "w2a2_sp"
     config.distill.enabled = mode == "w2a2_kd"
     config.distill.teacher = "joint"
-    return config, source
-
-
-# ----------------------------------------------------------------------------- one mode
+    return config
 
 
 def _peak_rss_bytes() -> int:
@@ -198,7 +140,6 @@ class StepBench:
         device_batch,
         hparams,
         networks,
-        config_source,
         model,
         mode,
         batch,
@@ -211,7 +152,6 @@ class StepBench:
         self.device_batch = device_batch
         self.hparams = hparams
         self.networks = networks
-        self.config_source = config_source
         self.model, self.mode, self.batch, self.image_size = model, mode, batch, image_size
         self.lower_s, self.compile_s = lower_s, compile_s
         self.step_index = 0
@@ -264,49 +204,23 @@ def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> Ste
     """
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    from lbq import train
-    from lbq.data.config import DatasetInfo
-    from lbq.schedules import Stage
-    from lbq.steps import LossWeights
+    from lbq.build import build_trainer
+    from lbq.data.config import DatasetInfo, known_stats
+    from lbq.plan import parse_config
+    from lbq.stages import lay_out
 
-    config, source = mode_config(model, mode, batch, dtype)
-    cifar = model in _CIFAR_MODELS
+    config = mode_config(model, mode, batch, dtype)
+    cifar = model in SMALL_INPUT_MODELS
     size = 32 if cifar else 224
     classes = 100 if cifar else 1000
-    mean, std = _CIFAR100_STATS if cifar else _IMAGENET_STATS
+    mean, std = known_stats("cifar100" if cifar else "imagenet2012")
     info = DatasetInfo("synthetic", classes, (size, size, 3), 50_000, 10_000, mean, std)
-
-    networks = train.build_networks(config, info)
-    optimizer = train.build_optimizer(config, networks)
-    weights = LossWeights.from_config(config.distill)
-    mesh = train.data_mesh()
-    repl = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
-    state = train.init_state(config, networks, optimizer, info, repl)
-    lrs = {
-        n.name: float(config.schedule.teacher_lr if n.teacher else config.schedule.lr)
-        for n in networks
-    }
-    stage = Stage(
-        0,
-        "bench",
-        config.quant.w_bits,
-        config.quant.a_bits,
-        {},
-        0,
-        _SP_STAGE_STEPS,
-        lrs,
-        lr_schedule="constant",
-    )
-    # As the trainer at a stage start (newer trainers also take the placement).
-    fresh = train.fresh_optimizer_state
-    extra = (repl,) if "sharding" in inspect.signature(fresh).parameters else ()
-    opt_state = fresh(config, optimizer, state, networks, stage, *extra)
-    state = state.replace(opt_state=jax.device_put(opt_state, repl))
-    bits = jax.device_put(train.stage_bits(stage, networks), repl)
+    trainer = build_trainer(parse_config(config, num_devices=jax.device_count()), info)
+    stage = lay_out(trainer.plan.stages, steps_per_epoch=1)[0]
+    state = trainer.start_stage(trainer.init_state(), stage)
+    bits = trainer.stage_bits(stage)
+    networks, batch_sharding = trainer.networks, trainer.batch_sharding
 
     rng = np.random.default_rng(0)
     device_batch = jax.device_put(
@@ -321,9 +235,8 @@ def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> Ste
         # As the trainer: host learning rates each step, device bit-widths for the stage.
         return {"lr": {k: np.float32(stage.learning_rate(step, k)) for k in stage.lr}, "bits": bits}
 
-    jitted = train.jit_train_step(config, networks, optimizer, weights, info, mesh)
     t0 = time.perf_counter()
-    lowered = jitted.lower(state, device_batch, hparams(0))
+    lowered = trainer.train_step.lower(state, device_batch, hparams(0))
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -333,7 +246,6 @@ def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> Ste
         device_batch=device_batch,
         hparams=hparams,
         networks=networks,
-        config_source=source,
         model=model,
         mode=mode,
         batch=batch,
@@ -413,7 +325,6 @@ def run_mode(
         device=getattr(device, "device_kind", str(device)),
         backend=jax.default_backend(),
         num_devices=jax.device_count(),
-        config_source=bench.config_source,
     )
 
 
@@ -587,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
     results = []
     for model in models:
-        batch = args.batch or (128 if model in _CIFAR_MODELS else 256)
+        batch = args.batch or (128 if model in SMALL_INPUT_MODELS else 256)
         for mode in modes:
             if args.isolate:
                 result = _run_isolated(

@@ -32,8 +32,61 @@ def configure_logging() -> None:
     logger.propagate = False
 
 
+def overridden_fields(argv: list[str]) -> list[str]:
+    """The config fields set on the command line: ``--config.quant.w_bits=4`` -> quant.w_bits."""
+    fields = []
+    for arg in argv:
+        if arg.startswith("--config."):
+            fields.append(arg[len("--config.") :].split("=", 1)[0])
+    return fields
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one error line instead of a traceback.
+
+    ml_collections raises plain KeyError/AttributeError/ValueError for an override of a field
+    that does not exist (``--config.quant.wbits=4``) or a config file that fails; absl only
+    catches its own flag errors.
+    """
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        _exit_with(f"{error}")
+    except (KeyError, AttributeError, ValueError, TypeError) as error:
+        _exit_with(_override_error(argv, error))
+
+
+def _override_error(argv: list[str], error: BaseException) -> str:
+    import difflib
+
+    from lbq.configs import default
+
+    known = sorted(_dotted(default.get_config().to_dict()))
+    for field in overridden_fields(argv):
+        base = field.split("[")[0]
+        if base.split(".")[0] != "stages" and base not in known:
+            close = difflib.get_close_matches(base, known, n=1)
+            hint = f"; did you mean --config.{close[0]}?" if close else ""
+            return f"--config.{field} is not a config field{hint}"
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"could not load the config: {type(error).__name__}: {message}"
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[str]:
+    names = []
+    for key, value in tree.items():
+        names.append(prefix + key)
+        if isinstance(value, dict):
+            names += _dotted(value, f"{prefix}{key}.")
+    return names
+
+
+def _exit_with(message: str) -> None:
+    print(f"lbq: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv) -> int:
-    del argv
     from lbq.checkpoint import CheckpointError
     from lbq.data import DataError
     from lbq.train import PREEMPTED_EXIT_CODE, NonFiniteError, train_and_evaluate
@@ -44,7 +97,11 @@ def main(argv) -> int:
         print("lbq: error: --workdir is required", file=sys.stderr)
         return 2
     try:
-        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        result = train_and_evaluate(
+            FLAGS.config,
+            FLAGS.workdir,
+            overridden=overridden_fields(argv),
+        )
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as error:
         print(f"lbq: error: {error}", file=sys.stderr)
         return 1
@@ -60,4 +117,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(sys.argv)), flags_parser=parse_flags)

@@ -19,8 +19,8 @@ import optax
 
 from lbq import losses
 from lbq.models import QuantNetwork
-from lbq.quant.precision import find_masks
-from lbq.quant.spec import Precision
+from lbq.quant.precision import Precision
+from lbq.quant.stochastic import find_masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Network:
       trainable: False for a frozen teacher (eval-mode BatchNorm, no updates).
       unit_of_layer: for stochastic precision, the unit of each quantized layer (the mask
         is per unit); None when the network always runs fully quantized.
+      fixed_bits: (w_bits, a_bits) of an extra student, which ignores the stages' bits.
     """
 
     name: str
@@ -41,6 +42,7 @@ class Network:
     teacher: bool = False
     trainable: bool = True
     unit_of_layer: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    fixed_bits: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +58,9 @@ class LossWeights:
     temperature: float = 1.0
 
     @classmethod
-    def from_config(cls, distill) -> LossWeights:
-        """The weights of a config's ``distill`` section."""
-        return cls(**{f.name: float(distill[f.name]) for f in dataclasses.fields(cls)})
+    def field_names(cls) -> tuple[str, ...]:
+        """The names of the weights, as the config's ``distill`` section spells them."""
+        return tuple(f.name for f in dataclasses.fields(cls))
 
 
 @flax.struct.dataclass

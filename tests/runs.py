@@ -9,7 +9,9 @@ import sys
 
 import numpy as np
 
-from configs import default
+from lbq.build import stage_bits
+from lbq.configs import default
+from lbq.stages import lay_out
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,53 +49,31 @@ def leaves(tree) -> list[np.ndarray]:
 
 
 class StepRig:
-    """The trainer's real networks, optimizer, state and jitted steps on random 16x16 data."""
+    """The trainer's real networks, optimizer, state and jitted steps (built by
+    `lbq.build.build_trainer`) on random 16x16 data, with one constant-rate stage."""
 
     def __init__(self, config, batch: int = 8, size: int = 16, stage_steps: int = 100):
-        import jax
         import jax.numpy as jnp
 
-        from lbq import train
+        from lbq.build import build_trainer
         from lbq.data import DatasetInfo
-        from lbq.schedules import build_stages
-        from lbq.steps import LossWeights, make_eval_step, make_train_step
+        from lbq.mesh import data_mesh
+        from lbq.plan import parse_config
 
+        config = config.copy_and_resolve_references()
+        config.stages = [default.stage("s", steps=stage_steps, lr_schedule="constant")]
+        config.schedule.teacher_lr = config.schedule.lr = 0.1
         self.config = config
+        self.plan = parse_config(config)
         self.info = DatasetInfo("random", 10, (size, size, 3), 1000, 100, (127.0,) * 3, (64.0,) * 3)
-        self.networks = train.build_networks(config, self.info)
-        self.optimizer = train.build_optimizer(config, self.networks)
-        mesh = train.data_mesh(1)
-        self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.state = train.init_state(
-            config, self.networks, self.optimizer, self.info, self.sharding
-        )
-        stage_cfg = [default.stage("s", steps=stage_steps)]
-        lr = {n.name: 0.1 for n in self.networks if n.trainable}
-        self.stage = build_stages(
-            stage_cfg,
-            defaults={
-                "w_bits": config.quant.w_bits,
-                "a_bits": config.quant.a_bits,
-                "lr": lr,
-                "lr_schedule": "constant",
-                "lr_boundaries": (),
-                "lr_decay": 0.1,
-                "warmup_epochs": 0.0,
-            },
-            networks=list(lr),
-            steps_per_epoch=10,
-        )[0]
-        opt_state = train.fresh_optimizer_state(
-            config, self.optimizer, self.state, self.networks, self.stage, self.sharding
-        )
-        self.state = self.state.replace(opt_state=opt_state)
-        self.bits = train.stage_bits(self.stage, self.networks)
-        self.lr = {k: jnp.float32(v) for k, v in lr.items()}
-        weights = LossWeights.from_config(config.distill)
-        self.train_step = jax.jit(
-            make_train_step(self.networks, self.optimizer, weights, self.info.mean, self.info.std)
-        )
-        self.eval_step = jax.jit(make_eval_step(self.networks, self.info.mean, self.info.std))
+        self.trainer = build_trainer(self.plan, self.info, data_mesh(1), donate=False)
+        self.networks = self.trainer.networks
+        self.stage = lay_out(self.plan.stages, steps_per_epoch=10)[0]
+        self.state = self.trainer.start_stage(self.trainer.init_state(), self.stage)
+        self.bits = stage_bits(self.stage, self.networks)
+        self.lr = {k: jnp.float32(v) for k, v in self.stage.lr.items()}
+        self.train_step = self.trainer.train_step
+        self.eval_step = self.trainer.eval_step
         rng = np.random.default_rng(0)
         self.batch = {
             "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),

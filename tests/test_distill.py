@@ -22,7 +22,7 @@ def test_stop_gradient_separates_teacher_and_student():
     student, teacher = rig.networks[0], rig.networks[-1]
     images = (rig.batch["image"].astype(np.float32) - 127.0) / 64.0
     bits = rig.bits["student"]
-    from lbq.quant.spec import Precision
+    from lbq.quant.precision import Precision
 
     precision = Precision(bits[0], bits[1], jnp.ones_like(bits[0]))
 

@@ -8,7 +8,7 @@ import pytest
 
 from lbq.models import get_model
 from lbq.quant import quantize_weight
-from lbq.quant.spec import make_precision, unit_index
+from lbq.quant.precision import make_precision, unit_index
 
 IMAGENET = {"resnet18", "resnet34", "resnet50", "alexnet"}
 

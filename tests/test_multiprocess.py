@@ -4,7 +4,7 @@ JAX's CPU client runs cross-process collectives over Gloo (the default of
 jax_cpu_collectives_implementation in jax 0.10; the subprocesses also set it explicitly), so
 two processes with one CPU device each form a 2-device mesh, as two hosts would. The training
 processes start through `launch/local.sh --processes=2`, which sets LBQ_COORDINATOR_ADDRESS /
-LBQ_NUM_PROCESSES / LBQ_PROCESS_ID for `lbq.train.maybe_initialize_distributed`.
+LBQ_NUM_PROCESSES / LBQ_PROCESS_ID for `lbq.mesh.maybe_initialize_distributed`.
 
 XLA's LLVM optimisation is switched off in the subprocesses (--xla_backend_optimization_level=0)
 to halve the CPU compile time; runs that are compared use the same flags.
@@ -98,20 +98,21 @@ WORKER = textwrap.dedent("""
     import numpy as np
     import jax
     from jax.experimental import multihost_utils
-    from jax.sharding import NamedSharding, PartitionSpec as P
     sys.path[:0] = [{repo!r}, {tests!r}]
     from runs import tiny_config
     from lbq import data as lbq_data
     from lbq import train
+    from lbq.build import build_trainer
+    from lbq.mesh import maybe_initialize_distributed
+    from lbq.plan import parse_config
 
     config = tiny_config()
-    train.maybe_initialize_distributed(config)  # from LBQ_* set by the test
+    maybe_initialize_distributed(config.distributed)  # from LBQ_* set by the test
     index, count = jax.process_index(), jax.process_count()
     ids = multihost_utils.process_allgather(np.int32(index))
-    info = lbq_data.get_info(config.data)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    batches = train._batches(config, info, NamedSharding(mesh, P("data")),
-                             NamedSharding(mesh, P()), start_step=2)
+    plan = parse_config(config, num_devices=jax.device_count(), num_processes=count)
+    trainer = build_trainer(plan, lbq_data.get_info(plan.data))
+    batches = train.train_batches(trainer, start_step=2, on_device=False)
     batch = next(batches)  # the trainer's global batch of step 2, built from host parts
     local = np.concatenate([np.asarray(s.data) for s in batch["image"].addressable_shards])
     full = multihost_utils.process_allgather(batch["image"], tiled=True)
@@ -261,7 +262,7 @@ def jax_paths(tree) -> list[tuple[str, np.ndarray]]:
     ],
 )
 def test_incomplete_distributed_environment_is_a_config_error(monkeypatch, env, message):
-    from lbq.train import maybe_initialize_distributed
+    from lbq.mesh import maybe_initialize_distributed
     from lbq.validate import ConfigError
 
     for name in ("LBQ_COORDINATOR_ADDRESS", "LBQ_NUM_PROCESSES", "LBQ_PROCESS_ID"):
@@ -269,4 +270,4 @@ def test_incomplete_distributed_environment_is_a_config_error(monkeypatch, env, 
     for name, value in {"LBQ_DISTRIBUTED": "1", **env}.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=message):
-        maybe_initialize_distributed(tiny_config())
+        maybe_initialize_distributed(False)

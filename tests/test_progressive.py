@@ -4,9 +4,9 @@ import orbax.checkpoint as ocp
 import pytest
 from runs import read_metrics, tiny_config
 
-from configs import default
 from lbq.checkpoint import Checkpoints
-from lbq.schedules import build_stages, stage_at
+from lbq.configs import default
+from lbq.stages import build_stages, stage_at
 from lbq.train import train_and_evaluate
 from lbq.validate import ConfigError
 
@@ -22,9 +22,7 @@ DEFAULTS = {
 
 
 def _build(*stages, steps_per_epoch=10):
-    return build_stages(
-        list(stages), defaults=DEFAULTS, networks=["student"], steps_per_epoch=steps_per_epoch
-    )
+    return build_stages(list(stages), defaults=DEFAULTS, steps_per_epoch=steps_per_epoch)
 
 
 def test_stages_are_laid_on_one_step_counter():
@@ -55,7 +53,7 @@ def test_per_block_bits_and_warmup():
 @pytest.mark.parametrize(
     "stages,match",
     [
-        ([], "stages is empty"),
+        ([], "must be a non-empty list of stages"),
         ([default.stage("a", steps=0)], r"stages\[0\] \(a\)\.steps=0"),
         ([default.stage("a", epochs=0.0)], r"stages\[0\] \(a\)\.epochs=0.0"),
         (

@@ -24,16 +24,12 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from runs import REPO, leaves, read_metrics, run_main, tiny_config
 
-from configs import default
 from lbq.checkpoint import UNREADABLE_DIR, CheckpointError, load_variables
+from lbq.configs import default
 from lbq.metrics import MetricsWriter
-from lbq.train import (
-    PREEMPTED_EXIT_CODE,
-    NonFiniteError,
-    PreemptionWatcher,
-    train_and_evaluate,
-)
+from lbq.train import PREEMPTED_EXIT_CODE, NonFiniteError, train_and_evaluate
 from lbq.validate import ConfigError
+from lbq.workdir import PreemptionWatcher
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -240,7 +236,7 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, cache
     total = 25
     config_file = tmp_path / "long.py"
     config_file.write_text(
-        "from configs import default\n\n\n"
+        "from lbq.configs import default\n\n\n"
         "def get_config():\n"
         "    c = default.get_config('tiny')\n"
         f"    c.stages = [default.stage('main', steps={total})]\n"

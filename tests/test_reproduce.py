@@ -12,7 +12,7 @@ from lbq.experiments import reproduce
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_every_method_gets_the_same_number_of_steps(bits):
-    from configs import default
+    from lbq.configs import default
 
     base = default.get_config()
     for total in (4, 58, 200):
@@ -131,7 +131,7 @@ def test_start_from_loads_the_trained_model_into_student_and_teacher(tmp_path):
 
 
 def test_teacher_can_start_from_another_run():
-    from configs import default
+    from lbq.configs import default
 
     run = reproduce.Run("best", 2, 0)
     config = reproduce.run_config(default.get_config(), run, 8, 0.01, "/s", 0.2, "/t")

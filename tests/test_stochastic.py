@@ -7,7 +7,7 @@ import optax
 import pytest
 from runs import StepRig, leaves, tiny_config
 
-from lbq.quant.precision import (
+from lbq.quant.stochastic import (
     ProbabilitySchedule,
     StochasticPrecisionState,
     find_masks,

@@ -10,10 +10,11 @@ import jax
 import pytest
 from runs import run_main, tiny_config
 
-from configs import default
+from lbq.configs import default
 from lbq.data import DataError
+from lbq.plan import parse_config
 from lbq.train import train_and_evaluate
-from lbq.validate import ConfigError, validate_config
+from lbq.validate import ConfigError
 
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -74,7 +75,7 @@ def frozen_teacher(config, tmp_path) -> None:
 
 
 S = default.stage
-V, T = True, False  # caught by validate_config itself / only once the data is known
+V, T = True, False  # caught by parse_config itself / only once the data is known
 # fmt: off
 CASES = [  # (id, edit, error type, text the message must contain, V or T)
     ("unknown-model", changes(model__name="resnet21"), ConfigError,
@@ -99,7 +100,7 @@ CASES = [  # (id, edit, error type, text the message must contain, V or T)
     ("stage-bits-out-of-range", stages(S("fp", steps=1, w_bits=32), S("low", steps=1, a_bits=64)),
      ConfigError, "stages[1] (low).a_bits=64 is not a valid bit-width", V),
     ("stage-negative-lr", stages(S("main", steps=1, lr=-0.5)), ConfigError,
-     "stages[0] (main): learning rate of student is -0.5", V),
+     "stages[0] (main).lr=-0.5 must be a finite number >= 0", V),
     ("stage-not-a-stage", stages("main"), ConfigError, "stages[0]='main' must be a stage", V),
     ("stage-unknown-block", stages(S("main", steps=1, block_bits={"stage9_block0": (4, 4)})),
      ConfigError, "stages[0] (main).block_bits: block_bits names unknown blocks ['stage9_block0']",
@@ -149,6 +150,27 @@ CASES = [  # (id, edit, error type, text the message must contain, V or T)
      "data.augment='random' is not one of", V),
     ("keep-no-checkpoints", changes(keep_checkpoints=0), ConfigError,
      "keep_checkpoints=0 must be >= 1", V),
+    ("unknown-field", changes(chekpoint_every_steps=5), ConfigError,
+     "chekpoint_every_steps is not a config field; did you mean checkpoint_every_steps?", V),
+    ("unknown-nested-field", changes(schedule__lr_schedul="cosine"), ConfigError,
+     "schedule.lr_schedul is not a config field; did you mean schedule.lr_schedule?", V),
+    ("unknown-stage-field", stages(S("main", steps=1, w_bit=4)), ConfigError,
+     "stages[0].w_bit is not a config field; did you mean stages[0].w_bits?", V),
+    ("stage-negative-lr-decay", stages(S("main", steps=1, lr_decay=-1.0)), ConfigError,
+     "stages[0] (main).lr_decay=-1.0 must be a finite number >= 0", V),
+    ("stage-negative-warmup", stages(S("main", steps=1, warmup_epochs=-2.0)), ConfigError,
+     "stages[0] (main).warmup_epochs=-2.0 must be a finite number >= 0", V),
+    ("repeated-extra-students",
+     changes(distill__enabled=True, distill__extra_students=((4, 4), (4, 4))), ConfigError,
+     "distill.extra_students[1]=(4, 4) repeats an extra student", V),
+    ("full-precision-model-low-bit-stage", changes(model__quantized=False), ConfigError,
+     "stages[0] (main) asks for w2a2, but model.quantized=False", V),
+    ("bits-string", changes(quant__w_bits="2"), ConfigError,
+     "quant.w_bits='2' is not a valid bit-width", V),
+    ("lr-boundaries-string", changes(schedule__lr_boundaries="0.4,0.6"), ConfigError,
+     "schedule.lr_boundaries='0.4,0.6' must be a list of fractions in (0, 1)", V),
+    ("stages-not-a-list", changes(stages=S("main", steps=1)), ConfigError,
+     "must be a non-empty list of stages", V),
 ]
 # fmt: on
 
@@ -164,7 +186,7 @@ def _bad_config(edit, tmp_path):
 )
 def test_validate_config_names_the_field(edit, error, text, tmp_path):
     with pytest.raises(error) as raised:
-        validate_config(_bad_config(edit, tmp_path))
+        parse_config(_bad_config(edit, tmp_path))
     assert text in str(raised.value)
     assert "\n" not in str(raised.value)
 
@@ -190,7 +212,7 @@ def test_compile_events_are_seen(compile_events):
 
 def test_the_default_and_tiny_configs_are_valid():
     for variant in ("", "tiny"):
-        validate_config(default.get_config(variant))
+        parse_config(default.get_config(variant))
 
 
 def _one_error_line(proc) -> str:
@@ -228,6 +250,56 @@ def test_cli_batch_must_divide_over_the_devices(tmp_path):
     assert _one_error_line(proc) == (
         "lbq: error: batch_size=12 does not divide over 8 devices; use a multiple of 8"
     )
+    assert not workdir.exists()
+
+
+def test_a_stage_field_of_the_wrong_type_is_refused_where_the_stage_is_built():
+    with pytest.raises(ValueError, match="stage 'main': lr='fast' has type str; expected float"):
+        default.stage("main", steps=1, lr="fast")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--config.quant.wbits=4"],
+            "lbq: error: --config.quant.wbits is not a config field; did you mean "
+            "--config.quant.w_bits?",
+        ),
+        (
+            ["--config.learning_rate=0.1"],
+            "lbq: error: --config.learning_rate is not a config field",
+        ),
+        (
+            ["--config.distributed=True"],
+            "lbq: error: distributed=True: no cluster was detected",
+        ),
+    ],
+    ids=["misspelled", "unknown", "distributed-without-cluster"],
+)
+def test_cli_unknown_fields_and_failed_start_up_are_one_line(args, expected, tmp_path):
+    workdir = tmp_path / "run"
+    proc = run_main(
+        ["--config=configs/default.py:tiny", f"--workdir={workdir}", *args],
+        env={"LBQ_COORDINATOR_ADDRESS": "", "LBQ_NUM_PROCESSES": "", "LBQ_PROCESS_ID": ""},
+    )
+    assert _one_error_line(proc).startswith(expected)
+    assert not workdir.exists()
+
+
+def test_cli_override_that_every_stage_hides_is_refused(tmp_path):
+    """The two-stage config sets its own bits in both stages: quant.w_bits cannot act."""
+    workdir = tmp_path / "run"
+    proc = run_main(
+        [
+            "--config=configs/cifar100_w2a2_ts.py:tiny",
+            f"--workdir={workdir}",
+            "--config.quant.w_bits=4",
+        ]
+    )
+    line = _one_error_line(proc)
+    assert line.startswith("lbq: error: --config.quant.w_bits has no effect: every stage sets ")
+    assert "stages[0] (w2a32).w_bits" in line and "--config.stages[0].w_bits=" in line
     assert not workdir.exists()
 
 

@@ -88,7 +88,7 @@ class Run:
 
 def base_config(preset: str, args: argparse.Namespace) -> ml_collections.ConfigDict:
     """The settings every run shares, before the method is applied."""
-    from configs import default
+    from lbq.configs import default
 
     c = default.get_config()
     c.model.name = "resnet20"
@@ -192,7 +192,7 @@ def run_config(
     ``teacher_start_from`` names another run for the teacher). ``teacher_lr_scale``:
     the teacher's lr relative to the student's in every stage.
     """
-    from configs import default
+    from lbq.configs import default
 
     c = ml_collections.ConfigDict(base.to_dict())
     c.seed = run.seed

@@ -23,6 +23,10 @@ _REGISTRY = {
 }
 
 MODEL_NAMES = tuple(_REGISTRY)
+# The CIFAR-style ResNets (3x3 stem, three stages), which take the `shortcut` option.
+CIFAR_MODELS = tuple(name for name, (cls, _) in _REGISTRY.items() if cls is CifarResNet)
+# Every network built for 32x32 inputs (the rest expect ImageNet-size images).
+SMALL_INPUT_MODELS = (*CIFAR_MODELS, "alexnet_cifar")
 
 
 def get_model(

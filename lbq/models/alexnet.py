@@ -14,7 +14,7 @@ import flax.linen as nn
 
 from lbq.models.common import QuantNetwork
 from lbq.quant.layers import QuantConv, QuantDense, activation
-from lbq.quant.spec import Precision
+from lbq.quant.precision import Precision
 
 
 class ConvSpec(NamedTuple):

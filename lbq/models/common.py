@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lbq.quant.layers import LayerPrecision
-from lbq.quant.spec import Precision
+from lbq.quant.precision import Precision
 
 Dtype = Any
 
@@ -33,7 +33,7 @@ class QuantNetwork(nn.Module):
 
     def blocks(self) -> tuple[str, ...]:
         """The block names, in order: the units of stochastic precision by default."""
-        from lbq.quant.spec import block_of
+        from lbq.quant.precision import block_of
 
         return tuple(dict.fromkeys(block_of(n) for n in self.layer_names()))
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from lbq.models.common import QuantNetwork
 from lbq.quant.layers import QuantConv, activation
-from lbq.quant.spec import Precision
+from lbq.quant.precision import Precision
 
 
 class BlockPlan(NamedTuple):

@@ -8,32 +8,19 @@ stochastic precision change them between steps without recompiling.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lbq.quant.precision import LayerPrecision
 from lbq.quant.quantizers import FULL_PRECISION_BITS, quantize_activation, quantize_weight
 
 Dtype = Any
 
 # He initialisation over fan-out, as torchvision and the authors' ResNets use.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-class LayerPrecision(NamedTuple):
-    """The precision of one quantized layer (conv or dense, and the activation it feeds).
-
-    Attributes:
-      w_bits: weight bit-width (scalar array).
-      a_bits: activation bit-width (scalar array).
-      quantize: 1 to run quantized, 0 to run in full precision (scalar array).
-    """
-
-    w_bits: jax.Array
-    a_bits: jax.Array
-    quantize: jax.Array
 
 
 def effective_bits(bits: jax.Array, quantize: jax.Array) -> jax.Array:

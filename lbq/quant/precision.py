@@ -1,157 +1,124 @@
-"""Stochastic precision (SPEC section 3) as an optax transformation.
-
-At each step every unit (a residual block, or a single layer) runs quantized with probability
-``p(t)``, independently; the others run in full precision. The transformation's state holds the
-PRNG key, the step count and the mask of the current step. It passes updates through unchanged
-and draws the next step's mask on each update, so the train step simply reads the mask from the
-optimizer state, and a checkpoint of the optimizer state makes the masks resume exactly.
-
-``p(t)`` is a function of the fraction of the stage done, ``count / horizon``. The horizon lives in
-the state, not in the Python closure, so the same transformation (and the same compiled step)
-serves stages of any length: `start_stage` sets it when a stage begins.
-"""
+"""Precision types: per layer (`LayerPrecision`) and network-wide (`Precision`, one entry per
+quantized layer), passed to a network as data, and the helpers that build them."""
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
-SCHEDULES = ("constant", "linear", "step")
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbabilitySchedule:
-    """The probability ``p(t)`` that a unit runs quantized, over a stage.
-
-    Attributes:
-      kind: 'constant' (``p_start`` until ``full_at``), 'linear' (from ``p_start`` to 1 at
-        ``full_at``) or 'step' (``num_steps`` equal steps from ``p_start`` to 1 at ``full_at``).
-      p_start: the probability at the start of the stage.
-      full_at: fraction of the stage from which every unit is quantized; the last part of
-        training then runs the network that is evaluated, with matching BN statistics.
-      num_steps: number of increments for 'step'.
-    """
-
-    kind: str = "linear"
-    p_start: float = 0.5
-    full_at: float = 0.5
-    num_steps: int = 4
-
-    def __post_init__(self):
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"stochastic.schedule={self.kind!r} is not one of {SCHEDULES}")
-        if not 0.0 <= self.p_start <= 1.0:
-            raise ValueError(f"stochastic.p_start={self.p_start} is not in [0, 1]")
-        if not 0.0 <= self.full_at <= 1.0:
-            raise ValueError(f"stochastic.full_at={self.full_at} is not in [0, 1]")
-        if self.num_steps < 1:
-            raise ValueError(f"stochastic.num_steps={self.num_steps} is not >= 1")
-
-    def __call__(self, fraction: jax.Array) -> jax.Array:
-        """``p`` at ``fraction`` (traced) of the stage."""
-        progress = jnp.clip(fraction / max(self.full_at, 1e-9), 0.0, 1.0)
-        if self.kind == "constant":
-            p = jnp.full_like(progress, self.p_start)
-        elif self.kind == "linear":
-            p = self.p_start + (1.0 - self.p_start) * progress
-        else:
-            p = (
-                self.p_start
-                + (1.0 - self.p_start) * jnp.floor(progress * self.num_steps) / self.num_steps
-            )
-        return jnp.where(fraction >= self.full_at, 1.0, p)
+from lbq.quant.quantizers import check_bits
 
 
-class StochasticPrecisionState(NamedTuple):
-    """State of `stochastic_precision`.
+class LayerPrecision(NamedTuple):
+    """The precision of one quantized layer (conv or dense, and the activation it feeds).
 
     Attributes:
-      count: steps taken in this stage.
-      horizon: the stage's length in steps.
-      key: raw PRNG key data (uint32), so that checkpoints store plain arrays.
-      mask: float32 [num_units], 1 where the unit runs quantized at the current step.
+      w_bits: weight bit-width (scalar array).
+      a_bits: activation bit-width (scalar array).
+      quantize: 1 to run quantized, 0 to run in full precision (scalar array).
     """
 
-    count: jax.Array
-    horizon: jax.Array
-    key: jax.Array
-    mask: jax.Array
+    w_bits: jax.Array
+    a_bits: jax.Array
+    quantize: jax.Array
 
 
-def _sample(key: jax.Array, schedule: ProbabilitySchedule, count, horizon, num_units):
-    key, draw = jax.random.split(jax.random.wrap_key_data(key))
-    p = schedule(count / jnp.maximum(horizon, 1).astype(jnp.float32))
-    mask = jax.random.bernoulli(draw, p, (num_units,)).astype(jnp.float32)
-    return jax.random.key_data(key), mask
+class Precision(NamedTuple):
+    """Per-layer precision of a network, as three float32 vectors of length L.
+
+    Layer i is the i-th name of the network's ``layer_names()``. Because these are arrays,
+    one compiled step serves every precision and every stochastic mask.
+
+    Attributes:
+      w_bits: weight bit-widths, shape [L].
+      a_bits: activation bit-widths, shape [L].
+      quantize: 1 where the layer runs quantized, 0 where it runs in full precision.
+    """
+
+    w_bits: jax.Array
+    a_bits: jax.Array
+    quantize: jax.Array
+
+    def layer(self, index: int) -> LayerPrecision:
+        """The `LayerPrecision` of layer ``index``."""
+        return LayerPrecision(self.w_bits[index], self.a_bits[index], self.quantize[index])
+
+    def with_mask(self, quantize: jax.Array) -> Precision:
+        """The same bit-widths with another quantize switch vector."""
+        return self._replace(quantize=jnp.asarray(quantize, jnp.float32))
 
 
-def stochastic_precision(
-    num_units: int, schedule: ProbabilitySchedule, seed: int = 0, horizon: int = 1
-) -> optax.GradientTransformation:
-    """An identity transformation that samples per-unit quantize masks.
+def block_of(layer_name: str) -> str:
+    """The block a layer belongs to: the part of its name before the last '/'."""
+    return layer_name.rsplit("/", 1)[0]
+
+
+def make_precision(
+    layer_names: Sequence[str],
+    w_bits: int,
+    a_bits: int,
+    *,
+    block_bits: Mapping[str, tuple[int, int]] | None = None,
+    quantize: float = 1.0,
+) -> Precision:
+    """Builds a host-side `Precision` with the same bits everywhere, or per block.
 
     Args:
-      num_units: how many independently sampled units (blocks or layers).
-      schedule: ``p(t)`` over the stage.
-      seed: seed of the mask stream; `start_stage` reseeds it per stage.
-      horizon: the stage's length in steps; `start_stage` sets it per stage, so the trainer
-        leaves the default.
+      layer_names: the network's quantized layers, in order.
+      w_bits: default weight bit-width.
+      a_bits: default activation bit-width.
+      block_bits: optional {block name: (w_bits, a_bits)} overrides.
+      quantize: the quantize switch for every layer.
 
     Returns:
-      An `optax.GradientTransformation` whose state is a `StochasticPrecisionState`.
+      A `Precision` of numpy float32 vectors.
+
+    Raises:
+      ValueError: on a bit-width out of range or an unknown block name.
     """
+    check_bits(w_bits, "w_bits")
+    check_bits(a_bits, "a_bits")
+    block_bits = dict(block_bits or {})
+    known_blocks = {block_of(name) for name in layer_names}
+    unknown = sorted(set(block_bits) - known_blocks)
+    if unknown:
+        raise ValueError(
+            f"block_bits names unknown blocks {unknown}; this network's blocks are "
+            f"{sorted(known_blocks)}"
+        )
+    rows = []
+    for name in layer_names:
+        w, a = block_bits.get(block_of(name), (w_bits, a_bits))
+        rows.append(
+            (
+                check_bits(w, f"block_bits[{block_of(name)!r}]"),
+                check_bits(a, f"block_bits[{block_of(name)!r}]"),
+            )
+        )
+    bits = np.asarray(rows, np.float32).reshape(len(layer_names), 2)
+    mask = np.full(len(layer_names), quantize, np.float32)
+    return Precision(bits[:, 0], bits[:, 1], mask)
 
-    def init(params):
-        del params
-        key = jax.random.key_data(jax.random.key(seed))
-        return _state_at_start(key, horizon, schedule, num_units)
 
-    def update(updates, state, params=None):
-        del params
-        count = state.count + 1
-        key, mask = _sample(state.key, schedule, count, state.horizon, num_units)
-        return updates, StochasticPrecisionState(count, state.horizon, key, mask)
-
-    return optax.GradientTransformation(init, update)
-
-
-def _state_at_start(key, horizon, schedule, num_units) -> StochasticPrecisionState:
-    count = jnp.int32(0)
-    key, mask = _sample(key, schedule, count, horizon, num_units)
-    return StochasticPrecisionState(count, jnp.asarray(horizon, jnp.int32), key, mask)
-
-
-def _is_state(node) -> bool:
-    return isinstance(node, StochasticPrecisionState)
-
-
-def start_stage(
-    opt_state: optax.OptState, horizon: int, key: jax.Array, schedule: ProbabilitySchedule
-) -> optax.OptState:
-    """Sets the horizon and a fresh key in every stochastic-precision state of ``opt_state``.
+def unit_index(layer_names: Sequence[str], unit: str) -> tuple[list[str], np.ndarray]:
+    """Groups layers into the units whose precision is sampled independently.
 
     Args:
-      opt_state: a freshly initialised optimizer state.
-      horizon: the stage's length in steps.
-      key: a typed PRNG key for this stage; each state found gets its own fold of it.
-      schedule: the schedule, to draw the stage's first mask.
+      layer_names: the network's quantized layers, in order.
+      unit: 'block' (all layers of a residual block together) or 'layer'.
+
+    Returns:
+      (unit names, int32 vector mapping each layer to its unit).
     """
-    index = iter(range(1 << 30))
-
-    def reset(node):
-        if not _is_state(node):
-            return node
-        node_key = jax.random.key_data(jax.random.fold_in(key, next(index)))
-        return _state_at_start(node_key, horizon, schedule, node.mask.shape[0])
-
-    return jax.tree.map(reset, opt_state, is_leaf=_is_state)
-
-
-def find_masks(opt_state: optax.OptState) -> list[jax.Array]:
-    """The current masks of every stochastic-precision state in ``opt_state``, in tree order."""
-    nodes = jax.tree.leaves(opt_state, is_leaf=_is_state)
-    return [node.mask for node in nodes if _is_state(node)]
+    if unit == "layer":
+        keys = list(layer_names)
+    elif unit == "block":
+        keys = [block_of(name) for name in layer_names]
+    else:
+        raise ValueError(f"unit={unit!r} is not one of 'block', 'layer'")
+    names = list(dict.fromkeys(keys))
+    return names, np.asarray([names.index(k) for k in keys], np.int32)

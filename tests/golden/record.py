@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 def golden_configs():
     """{name: config}: the default run and the CIFAR-100 flagship's tiny variant, 20 steps each,
     every step logged."""
-    from configs import cifar100_w2a2, default
+    from lbq.configs import cifar100_w2a2, default
 
     base = default.get_config()
     base.stages = [default.stage("main", steps=20)]
@@ -43,7 +43,7 @@ def golden_configs():
 
 def resume_config():
     """The run whose first half is committed in resume_run/ (stopped after step 3 of 6)."""
-    from configs import default
+    from lbq.configs import default
 
     c = default.get_config("tiny")
     c.stages = [default.stage("main", steps=6)]
@@ -56,9 +56,7 @@ def trajectory(workdir: str) -> dict:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     drop = ("images_per_second", "time", "wall_time")
-    train = [
-        {k: v for k, v in r.items() if k not in drop} for r in records if r["kind"] == "train"
-    ]
+    train = [{k: v for k, v in r.items() if k not in drop} for r in records if r["kind"] == "train"]
     evals = [{k: v for k, v in r.items() if k not in drop} for r in records if r["kind"] == "eval"]
     return {"train": train, "eval": evals}
 

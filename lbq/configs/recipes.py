@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs import default
+from lbq.configs import default
 
 
 def cifar100(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

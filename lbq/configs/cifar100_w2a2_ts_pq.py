@@ -14,7 +14,7 @@ Tiny variant for tests (a few CPU steps on the embedded digits data):
     python -m lbq.main --config=configs/cifar100_w2a2_ts_pq.py:tiny --workdir=WORKDIR
 """
 
-from configs import default, recipes
+from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):

@@ -9,7 +9,7 @@ Tiny variant for tests (a few CPU steps on the embedded digits data):
     python -m lbq.main --config=configs/cifar100_fp.py:tiny --workdir=WORKDIR
 """
 
-from configs import default, recipes
+from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):

@@ -17,7 +17,7 @@ Tiny variant for tests (a few CPU steps on the embedded digits data):
     python -m lbq.main --config=configs/imagenet_w2a2.py:tiny --workdir=WORKDIR
 """
 
-from configs import default, recipes
+from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):

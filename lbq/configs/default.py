@@ -12,24 +12,40 @@ import ml_collections
 
 
 def stage(name, *, w_bits=None, a_bits=None, epochs=None, steps=None, **kwargs):
-    """One stage of a run; unset fields take the run's defaults (quant.*, schedule.*)."""
+    """One stage of a run; unset fields take the run's defaults (quant.*, schedule.*).
+
+    Give its length in ``epochs`` or ``steps``; ``steps`` wins when both are set, so a stage
+    can be shortened from the command line: ``--config.stages[0].steps=200``. Every field is
+    typed (an unset one is a typed placeholder), so each can be overridden that way.
+    """
+    placeholder = ml_collections.config_dict.placeholder
     entry = ml_collections.ConfigDict(
         {
             "name": name,
-            "w_bits": w_bits,
-            "a_bits": a_bits,
-            "epochs": epochs,
-            "steps": steps,
+            "w_bits": placeholder(int),
+            "a_bits": placeholder(int),
+            "epochs": placeholder(float),
+            "steps": placeholder(int),
             "block_bits": {},
-            "lr": None,
-            "teacher_lr": None,
-            "lr_schedule": None,
-            "lr_boundaries": None,
-            "lr_decay": None,
-            "warmup_epochs": None,
+            "lr": placeholder(float),
+            "teacher_lr": placeholder(float),
+            "lr_schedule": placeholder(str),
+            "lr_boundaries": placeholder(tuple),
+            "lr_decay": placeholder(float),
+            "warmup_epochs": placeholder(float),
         }
     )
-    entry.update(kwargs)
+    given = {"w_bits": w_bits, "a_bits": a_bits, "epochs": epochs, "steps": steps, **kwargs}
+    for key, value in given.items():
+        if value is None:
+            continue
+        try:
+            entry[key] = value
+        except TypeError:
+            raise ValueError(
+                f"stage {name!r}: {key}={value!r} has type {type(value).__name__}; "
+                f"expected {entry.get_type(key).__name__}"
+            ) from None
     return entry
 
 

@@ -1,0 +1,278 @@
+"""A run's parts, built from its plan: networks, optimizer, state and the compiled steps.
+
+`build_trainer` is the one builder that the trainer, the benchmark (`lbq.bench`) and the tests
+call. The train step is compiled once with `jax.jit` over a ('data',) mesh: batches are
+sharded, parameters and optimizer state are replicated, and the state is donated. Learning
+rates, bit-widths and stochastic masks are inputs of the step, so stages and masks never
+recompile it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lbq.checkpoint import CheckpointError, load_variables
+from lbq.data import DatasetInfo
+from lbq.mesh import data_mesh
+from lbq.models import get_model
+from lbq.plan import RunPlan
+from lbq.quant.precision import make_precision, unit_index
+from lbq.quant.stochastic import start_stage, stochastic_precision
+from lbq.stages import Stage
+from lbq.steps import Network, TrainState, make_eval_step, make_train_step
+from lbq.validate import ConfigError
+
+
+def compute_dtype(name: str):
+    """bfloat16 on accelerators and float32 on CPU for 'auto' (CPU bf16 convs are slow)."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def build_networks(plan: RunPlan, num_classes: int) -> tuple[Network, ...]:
+    """The student(s) and, with joint distillation, the full-precision teacher."""
+    dtype = compute_dtype(plan.compute_dtype)
+
+    def model(quantized: bool):
+        return get_model(
+            plan.model.name,
+            num_classes=num_classes,
+            quantized=quantized,
+            dtype=dtype,
+            **plan.model.kwargs(),
+        )
+
+    student = model(plan.model.quantized)
+    units = None
+    if plan.stochastic.enabled:
+        units = unit_index(student.layer_names(), plan.stochastic.unit)[1]
+    networks = []
+    for spec in plan.networks:
+        if spec.teacher:
+            networks.append(Network(spec.name, model(False), True, spec.trainable))
+        else:
+            networks.append(
+                Network(spec.name, student, unit_of_layer=units, fixed_bits=spec.fixed_bits)
+            )
+    return tuple(networks)
+
+
+def build_optimizer(plan: RunPlan, networks: tuple[Network, ...]) -> optax.GradientTransformation:
+    """One optimizer per trainable network, combined with `optax.multi_transform`.
+
+    The learning rate is not part of it: the train step applies it from data.
+    """
+    transforms = {}
+    for index, net in enumerate(n for n in networks if n.trainable):
+        parts = []
+        if net.unit_of_layer is not None:
+            num_units = int(np.max(net.unit_of_layer)) + 1
+            parts.append(
+                stochastic_precision(num_units, plan.stochastic.schedule, seed=plan.seed + index)
+            )
+        opt = plan.optimizer
+        if opt.name == "sgd":
+            parts += [
+                optax.add_decayed_weights(opt.weight_decay),
+                optax.trace(decay=opt.momentum, nesterov=opt.nesterov),
+            ]
+        else:
+            parts += [optax.scale_by_adam(), optax.add_decayed_weights(opt.weight_decay)]
+        transforms[net.name] = optax.chain(*parts)
+    return optax.multi_transform(
+        transforms, lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
+    )
+
+
+def stage_bits(stage: Stage, networks) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Host-side {student: (w_bits [L], a_bits [L])} for a stage; extra students keep their
+    own fixed bit-widths."""
+    bits = {}
+    for net in networks:
+        if net.teacher:
+            continue
+        if net.fixed_bits is None:
+            w, a, blocks = stage.w_bits, stage.a_bits, stage.block_bits
+        else:
+            (w, a), blocks = net.fixed_bits, {}
+        p = make_precision(net.model.layer_names(), w, a, block_bits=blocks)
+        bits[net.name] = (p.w_bits, p.a_bits)
+    return bits
+
+
+def _describe_path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _check_shapes(source, target, field: str, path: str, network: str) -> None:
+    """One line naming the first parameter whose shape differs (instead of a Flax traceback
+    after compiling)."""
+    theirs = dict(jax.tree_util.tree_flatten_with_path(source)[0])
+    for key, ours in jax.tree_util.tree_flatten_with_path(target)[0]:
+        shape = tuple(np.shape(theirs[key]))
+        if shape != tuple(ours.shape):
+            raise ConfigError(
+                f"{field}={path!r}: {network} parameter {_describe_path(key)} has shape "
+                f"{shape} there but {tuple(ours.shape)} in this run (another model, classes "
+                "or image size?)"
+            )
+
+
+def load_into(state: TrainState, path: str, mapping: Mapping[str, str], field: str) -> TrainState:
+    """Copies networks' weights from another run: {our network: their network}.
+
+    Raises:
+      ConfigError: naming ``field`` when the run cannot be read, or its parameters do not fit
+        (another structure, or the first parameter whose shape differs, with both shapes).
+    """
+    try:
+        loaded = load_variables(path)
+    except CheckpointError as error:
+        raise ConfigError(f"{field}: {error}") from None
+    params, stats = dict(state.params), dict(state.batch_stats)
+    for ours, theirs in mapping.items():
+        if theirs not in loaded:
+            theirs = "student"
+        source = loaded[theirs]
+        for target, name in ((params, "params"), (stats, "batch_stats")):
+            want = jax.tree.structure(target[ours])
+            if jax.tree.structure(source[name]) != want:
+                raise ConfigError(f"{field}={path!r}: {name} of {theirs!r} do not match {ours!r}")
+            _check_shapes(source[name], target[ours], field, path, ours)
+            target[ours] = jax.tree.map(
+                lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+                source[name],
+                target[ours],
+            )
+    return state.replace(params=params, batch_stats=stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The compiled parts of a run and what they run on.
+
+    Attributes:
+      plan: the run plan.
+      info: the dataset's description (classes, image shape, normalisation).
+      networks: students and teacher.
+      optimizer: over {name: params} of the trainable networks.
+      mesh: the ('data',) device mesh; ``replicated`` and ``batch_sharding`` are its
+        shardings for the state and the batches.
+      train_step: jitted ``(state, batch, {'lr', 'bits'}) -> (state, metrics)``, the state
+        donated.
+      eval_step: jitted ``(state, batch, bits) -> sums``.
+    """
+
+    plan: RunPlan
+    info: DatasetInfo
+    networks: tuple[Network, ...]
+    optimizer: optax.GradientTransformation
+    mesh: jax.sharding.Mesh
+    train_step: jax.stages.Wrapped
+    eval_step: jax.stages.Wrapped
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data"))
+
+    def init_state(self) -> TrainState:
+        """Fresh parameters for every network, replicated over the mesh."""
+        key = jax.random.key(self.plan.seed)
+        shape = (1, *self.info.image_shape)
+        params, stats = {}, {}
+        for index, net in enumerate(self.networks):
+            precision = None
+            if net.model.quantized:
+                precision = make_precision(net.model.layer_names(), 32, 32)
+            init = jax.jit(
+                lambda k, net=net, p=precision: net.model.init(k, jnp.zeros(shape), p),
+                out_shardings=self.replicated,
+            )
+            variables = init(jax.random.fold_in(key, index))
+            params[net.name] = variables["params"]
+            stats[net.name] = variables.get("batch_stats", {})
+        trainable = {n.name: params[n.name] for n in self.networks if n.trainable}
+        return TrainState(
+            step=jax.device_put(jnp.int32(0), self.replicated),
+            params=params,
+            batch_stats=stats,
+            opt_state=jax.device_put(self.optimizer.init(trainable), self.replicated),
+            first_nonfinite=jax.device_put(jnp.int32(-1), self.replicated),
+        )
+
+    def start_stage(self, state: TrainState, stage: Stage) -> TrainState:
+        """The state with a fresh optimizer state for ``stage`` (a per-stage key for stochastic
+        precision), placed like the rest of the state so the compiled step sees the same input
+        types."""
+        trainable = {n.name: state.params[n.name] for n in self.networks if n.trainable}
+        opt_state = self.optimizer.init(trainable)
+        if self.plan.stochastic.enabled:
+            key = jax.random.fold_in(jax.random.key(self.plan.seed + 1), stage.index)
+            opt_state = start_stage(opt_state, stage.num_steps, key, self.plan.stochastic.schedule)
+        return state.replace(opt_state=jax.device_put(opt_state, self.replicated))
+
+    def stage_bits(self, stage: Stage):
+        """The bit-widths of ``stage``, on the devices."""
+        return jax.device_put(stage_bits(stage, self.networks), self.replicated)
+
+    def load_start_weights(self, state: TrainState) -> TrainState:
+        """A new run's state with the weights of ``init_from`` and ``distill.teacher_init``."""
+        if self.plan.init_from:
+            mapping = {n.name: n.name for n in self.networks}
+            state = load_into(state, self.plan.init_from, mapping, "init_from")
+        distill = self.plan.distill
+        if distill.enabled and distill.teacher_init:
+            mapping = {"teacher": "teacher"}
+            state = load_into(state, distill.teacher_init, mapping, "distill.teacher_init")
+        return state
+
+
+def build_trainer(
+    plan: RunPlan, info: DatasetInfo, mesh: jax.sharding.Mesh | None = None, donate: bool = True
+) -> Trainer:
+    """Builds the networks, the optimizer and the jitted steps of ``plan`` (nothing is
+    compiled until the steps first run).
+
+    Args:
+      plan: from `lbq.plan.parse_config`.
+      info: the dataset the steps will see (`lbq.data.get_info`, or a synthetic one).
+      mesh: the devices; all of them by default.
+      donate: let the train step reuse the input state's buffers (the trainer and the
+        benchmark); False keeps the input state readable after a step (tests compare them).
+    """
+    mesh = mesh or data_mesh()
+    networks = build_networks(plan, info.num_classes)
+    optimizer = build_optimizer(plan, networks)
+    repl, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    train_step = jax.jit(
+        make_train_step(
+            networks,
+            optimizer,
+            plan.distill.weights,
+            info.mean,
+            info.std,
+            skip_nonfinite=plan.on_nonfinite == "skip",
+        ),
+        in_shardings=(repl, batch_sharding, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,) if donate else (),
+    )
+    eval_step = jax.jit(
+        make_eval_step(networks, info.mean, info.std),
+        in_shardings=(repl, batch_sharding, repl),
+        out_shardings=repl,
+    )
+    return Trainer(plan, info, networks, optimizer, mesh, train_step, eval_step)
