@@ -30,8 +30,12 @@
 # which resumes from the workdir (set LBQ_REQUEUE=0 to stop instead).
 #
 # Environment: PYTHON (default python3), LBQ_PORT (coordinator port; default derived from the
-# job id), LBQ_REQUEUE. Dry run, outside SLURM too (prints the environment and the srun line):
+# job id), LBQ_REQUEUE. --dry-run (or DRY_RUN=1) prints the environment and the srun line
+# instead of running them. Outside SLURM it stands HEAD_NODE and JOB_ID in for the job's first
+# node and id, takes the node count from the #SBATCH --nodes line, and says so; set
+# SLURM_JOB_NODELIST, SLURM_NNODES and SLURM_JOB_ID to see a particular job's values:
 #
+#   bash launch/gpu_slurm.sh --dry-run --config=configs/default.py --workdir=/shared/runs/x
 #   DRY_RUN=1 SLURM_JOB_NODELIST='gpu[01-02]' SLURM_NNODES=2 SLURM_JOB_ID=1 \
 #     bash launch/gpu_slurm.sh --config=configs/default.py --workdir=/shared/runs/x
 set -euo pipefail
@@ -55,9 +59,42 @@ done
 
 has_flag --config || die "--config=CONFIG is required"
 has_flag --workdir || die "--workdir=DIR is required"
+# Outside a job, a dry run stands placeholders in for what SLURM would set, and says so.
+unset_vars=()
 for var in SLURM_JOB_NODELIST SLURM_NNODES SLURM_JOB_ID; do
-  [[ -n ${!var:-} ]] || die "$var is not set: submit with sbatch (or set it for DRY_RUN=1)"
+  [[ -n ${!var:-} ]] && continue
+  [[ $dry_run == 1 ]] ||
+    die "$var is not set: submit with sbatch (or add --dry-run to print the commands)"
+  unset_vars+=("$var")
 done
+[[ ${SLURM_NNODES:-1} =~ ^[1-9][0-9]*$ ]] ||
+  die "SLURM_NNODES must be a node count, got '$SLURM_NNODES'"
+[[ ${SLURM_JOB_ID:-0} =~ ^[0-9]+$ ]] || die "SLURM_JOB_ID must be a job number, got '$SLURM_JOB_ID'"
+if [[ -n ${LBQ_PORT:-} ]] && ! { [[ $LBQ_PORT =~ ^[0-9]{1,5}$ ]] && ((10#$LBQ_PORT >= 1 &&
+  10#$LBQ_PORT <= 65535)); }; then
+  die "LBQ_PORT must be a port number (1-65535), got '$LBQ_PORT'"
+fi
+placeholder_node="" placeholder_job=""
+if ((${#unset_vars[@]})); then
+  stand_ins=()
+  if [[ -z ${SLURM_NNODES:-} ]]; then
+    # What sbatch uses without --nodes: this script's #SBATCH line.
+    SLURM_NNODES=$(sed -n 's/^#SBATCH --nodes=\([1-9][0-9]*\)$/\1/p' "$0")
+    SLURM_NNODES=${SLURM_NNODES:-1}
+    stand_ins+=("$SLURM_NNODES nodes, from #SBATCH --nodes")
+  fi
+  if [[ -z ${SLURM_JOB_NODELIST:-} ]]; then
+    placeholder_node=HEAD_NODE
+    stand_ins+=("HEAD_NODE for the job's first node")
+  fi
+  if [[ -z ${SLURM_JOB_ID:-} ]]; then
+    placeholder_job=JOB_ID
+    stand_ins+=("JOB_ID for its id")
+    [[ -n ${LBQ_PORT:-} ]] || stand_ins+=("PORT for 61440 + JOB_ID mod 4096")
+  fi
+  printf -v joined '%s; ' "${stand_ins[@]}"
+  echo "# Dry run outside SLURM (${unset_vars[*]} not set); stand-ins: ${joined%; }."
+fi
 
 # The first host of a SLURM node list such as 'gpu[07-08],cpu1', without scontrol (dry runs).
 first_host() {
@@ -70,7 +107,9 @@ first_host() {
   echo "$head"
 }
 
-if command -v scontrol >/dev/null 2>&1; then
+if [[ -n $placeholder_node ]]; then
+  head_node=$placeholder_node
+elif command -v scontrol >/dev/null 2>&1; then
   mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   head_node=${hosts[0]:-}
   [[ -n $head_node ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no host"
@@ -82,7 +121,13 @@ else
 fi
 
 # The same port range as JAX's SLURM detection, so that concurrent jobs rarely collide.
-port=${LBQ_PORT:-$((61440 + SLURM_JOB_ID % 4096))}
+if [[ -n ${LBQ_PORT:-} ]]; then
+  port=$LBQ_PORT
+elif [[ -n $placeholder_job ]]; then
+  port=PORT
+else
+  port=$((61440 + SLURM_JOB_ID % 4096))
+fi
 
 export LBQ_DISTRIBUTED=1
 export LBQ_COORDINATOR_ADDRESS="$head_node:$port"
@@ -105,7 +150,8 @@ if [[ $dry_run == 1 ]]; then
   echo "+ cd $(printf '%q' "$repo")"
   echo "# each task: LBQ_PROCESS_ID=\$SLURM_PROCID (0..$((SLURM_NNODES - 1)))"
   show "${launch[@]}"
-  echo "# on exit code 75 (preempted): scontrol requeue $SLURM_JOB_ID"
+  echo "# on exit code 75 (preempted): scontrol requeue ${SLURM_JOB_ID:-$placeholder_job}"
+  echo "# Dry run: the commands above were only printed; nothing was started."
   exit 0
 fi
 

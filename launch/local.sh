@@ -48,6 +48,10 @@ while (($#)); do
 done
 
 [[ $processes =~ ^[1-9][0-9]*$ ]] || die "--processes must be a positive integer, got '$processes'"
+if [[ -n $port ]] && ! { [[ $port =~ ^[0-9]{1,5}$ ]] && ((10#$port >= 1 && 10#$port <= 65535)); }
+then
+  die "--port must be a port number (1-65535), got '$port'"
+fi
 workdir=""
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
@@ -63,9 +67,17 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 [[ $dry_run == 1 ]] && show export "PYTHONPATH=$PYTHONPATH"
 
+if [[ $dry_run != 1 ]] && ! command -v "$PYTHON" >/dev/null 2>&1; then
+  die "PYTHON=$PYTHON is not a command; activate the environment that has lbq, or set PYTHON"
+fi
+
 if ((processes == 1)); then
   cmd=("$PYTHON" -m lbq.main "${args[@]}")
-  if [[ $dry_run == 1 ]]; then show "${cmd[@]}"; exit 0; fi
+  if [[ $dry_run == 1 ]]; then
+    show "${cmd[@]}"
+    echo "# Dry run: the command above was only printed; nothing was started."
+    exit 0
+  fi
   exec "${cmd[@]}"
 fi
 
@@ -83,7 +95,10 @@ if ((${#gpus[@]})); then
   per_process=$((${#gpus[@]} / processes))
 fi
 
-if [[ -z $port ]]; then
+if [[ -z $port && $dry_run == 1 ]]; then
+  port=PORT # chosen when it runs; a dry run needs no Python
+  echo "# PORT stands for a free port, chosen when it runs (or --port)."
+elif [[ -z $port ]]; then
   port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 logdir="$workdir/logs"
@@ -106,6 +121,7 @@ if [[ $dry_run == 1 ]]; then
     echo "$line &"
   done
   echo "+ wait"
+  echo "# Dry run: the commands above were only printed; nothing was started."
   exit 0
 fi
 

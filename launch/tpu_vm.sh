@@ -92,8 +92,56 @@ while (($#)); do
   shift
 done
 
+# Whether $1 is an upper-case placeholder copied from an example, such as ZONE or MY_BUCKET.
+is_placeholder() { [[ $1 =~ ^[A-Z][A-Z0-9_]*$ ]]; }
+
+# Why $1 is not a valid Cloud Storage bucket name (nothing if it is valid), after the rules
+# of https://cloud.google.com/storage/docs/naming-buckets.
+bucket_problem() {
+  local bucket=$1 part
+  if is_placeholder "$bucket"; then
+    echo "'$bucket' is a placeholder; put your bucket's name there, e.g. gs://my-bucket/run"
+  elif [[ $bucket =~ [A-Z] ]]; then
+    echo "bucket name '$bucket' has upper-case letters; Cloud Storage bucket names are lower-case"
+  elif [[ ! $bucket =~ ^[a-z0-9._-]+$ ]]; then
+    echo "bucket name '$bucket' may hold only lower-case letters, digits, '-', '_' and '.'"
+  elif [[ ! $bucket =~ ^[a-z0-9](.*[a-z0-9])?$ ]]; then
+    echo "bucket name '$bucket' must start and end with a letter or digit"
+  elif ((${#bucket} < 3)) || { [[ $bucket != *.* ]] && ((${#bucket} > 63)); } ||
+    ((${#bucket} > 222)); then
+    echo "bucket name '$bucket' must have 3 to 63 characters (up to 222 with dots)"
+  elif [[ $bucket =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+    echo "bucket name '$bucket' is an IP address, which Cloud Storage does not allow"
+  elif [[ $bucket == goog* || $bucket == *google* ]]; then
+    echo "bucket name '$bucket' starts with 'goog' or holds 'google', which Cloud Storage reserves"
+  else
+    for part in ${bucket//./ }; do
+      if ((${#part} > 63)); then
+        echo "bucket name '$bucket' has a dot-separated part longer than 63 characters"
+        return
+      fi
+    done
+  fi
+}
+
 [[ -n $name ]] || die "--name is required (the TPU VM's name)"
+# TPU names follow the Compute Engine resource-name rule (RFC 1035).
+is_placeholder "$name" && die "--name=$name is a placeholder; name the TPU VM, e.g. --name=lbq-v5e"
+[[ $name =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
+  die "--name '$name' must be 1-63 lower-case letters, digits or '-', starting with a letter"
 [[ -n $zone ]] || die "--zone is required, e.g. --zone=us-west4-a"
+is_placeholder "$zone" && die "--zone=$zone is a placeholder; give a TPU zone, e.g. --zone=us-west4-a"
+[[ $zone =~ ^[a-z0-9-]+$ ]] || die "--zone '$zone' is not a zone name such as us-west4-a"
+if [[ -n $project ]]; then
+  is_placeholder "$project" &&
+    die "--project=$project is a placeholder; give your project ID, e.g. --project=my-project"
+  # Project IDs: 6-30 lower-case letters, digits or hyphens (older ones may be domain-scoped).
+  [[ $project =~ ^([a-z0-9.-]+:)?[a-z][-a-z0-9]{4,28}[a-z0-9]$ ]] ||
+    die "--project '$project' is not a project ID (6-30 lower-case letters, digits or '-')"
+fi
+[[ $accelerator =~ ^v[0-9][a-z0-9]*-[0-9]+$ ]] ||
+  die "--accelerator-type '$accelerator' is not a TPU type such as v5litepod-16 or v4-8"
+[[ $log_worker =~ ^[0-9]+$ ]] || die "--worker must be a worker number (0, 1, ...), got '$log_worker'"
 case "$action" in
   create | install | run | logs | stop | delete | all) ;;
   *) die "--action must be create, install, run, logs, stop, delete or all; got '$action'" ;;
@@ -101,9 +149,15 @@ esac
 case "$gcs_mode" in fuse | native) ;; *) die "--gcs must be fuse or native, got '$gcs_mode'" ;; esac
 if [[ $action == run || $action == all ]]; then
   [[ -n $config ]] || die "--config is required to run, e.g. --config=configs/imagenet_w2a2.py"
-  [[ -n $workdir ]] || die "--workdir is required to run, e.g. --workdir=gs://BUCKET/runs/NAME"
+  [[ -n $workdir ]] || die "--workdir is required to run, e.g. --workdir=gs://my-bucket/runs/NAME"
+  if [[ $source_spec == local && ! -f "$(dirname "$0")/../${config%%:*}" ]]; then
+    die "--config '$config' is not a file of this checkout (paths are relative to its root)"
+  fi
   if [[ $workdir == gs://* ]]; then
-    [[ $workdir =~ ^gs://[a-z0-9][a-z0-9._-]*[a-z0-9](/.*)?$ ]] || die "bad bucket in '$workdir'"
+    bucket=${workdir#gs://}
+    bucket=${bucket%%/*}
+    problem=$(bucket_problem "$bucket")
+    [[ -z $problem ]] || die "--workdir=$workdir: $problem"
   else
     echo "tpu_vm.sh: warning: --workdir '$workdir' is on each worker's own disk; a multi-host" \
       "slice needs a shared workdir such as gs://BUCKET/PATH" >&2
@@ -247,7 +301,12 @@ do_run() {
   busy+=" exit 1; fi"
   on_all_workers "$busy; ${mount}cd ~/lbq && { $train > ~/lbq-run.log 2>&1 < /dev/null & echo \$! > ~/lbq-run.pid; }"
   echo
-  echo "Started on every worker of $name (workdir $workdir). Follow worker 0's log with:"
+  if [[ $dry_run == 1 ]]; then
+    echo "# A real run starts lbq on every worker of $name (workdir $workdir)."
+    echo "# Follow worker 0's log with:"
+  else
+    echo "Started on every worker of $name (workdir $workdir). Follow worker 0's log with:"
+  fi
   echo "  $(show gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=0 \
     --command='tail -n 100 -f ~/lbq-run.log' | cut -c3-)"
   echo "or: launch/tpu_vm.sh --name=$name --zone=$zone${project:+ --project=$project} --action=logs"
@@ -274,3 +333,6 @@ case "$action" in
   all) do_create; do_install; do_run ;;
   *) "do_$action" ;;
 esac
+if [[ $dry_run == 1 ]]; then
+  echo "# Dry run: the commands above were only printed; nothing was created, copied or started."
+fi

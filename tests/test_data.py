@@ -327,16 +327,24 @@ def folder_config(data_dir, **overrides):
 
 
 def test_prepare_folder_info(prepared):
-    info, data_dir, lines = prepared
+    report, data_dir, lines = prepared
     n = PER_CLASS * CIFAR_CLASSES
-    assert info.name == "cifar_small" and info.num_classes == CIFAR_CLASSES
-    assert info.image_shape == (32, 32, 3)
-    assert (info.num_train, info.num_eval) == (n, n)
+    assert report.name == "cifar_small" and report.num_classes == CIFAR_CLASSES
+    assert report.class_counts == {
+        split: (PER_CLASS,) * CIFAR_CLASSES for split in ("test", "train")
+    }
+    assert report.image_sizes == {(32, 32): 2 * n}
+    assert (report.stats_split, report.eval_split) == ("train", "test")
+    assert report.skipped == report.unreadable == ()
     # Mean of a CIFAR sample is near the published mean (125.3, 122.9, 113.9).
-    assert all(abs(m - ref) < 20 for m, ref in zip(info.mean, (125.3, 122.9, 113.9), strict=True))
-    assert all(40 < s < 90 for s in info.std)
-    assert any("train: 200 images in 10 classes" in line for line in lines)
-    assert data.get_info(folder_config(data_dir)) == info
+    ref = (125.3, 122.9, 113.9)
+    assert all(abs(m - r) < 20 for m, r in zip(report.mean, ref, strict=True))
+    assert all(40 < s < 90 for s in report.std)
+    assert any(f"scan train: {n}/{n} images" in line for line in lines)
+    info = data.get_info(folder_config(data_dir))
+    assert info == data.DatasetInfo(
+        "cifar_small", CIFAR_CLASSES, (32, 32, 3), n, n, report.mean, report.std
+    )
     assert "tensorflow" not in sys.modules
 
 
@@ -392,7 +400,8 @@ def test_prepare_cli(cifar_folder, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert status == 0
-    assert "test: 200 images in 10 classes" in out and "num_classes: 10" in out
+    assert out.startswith("prepared dataset 'cli_small': 200 images in 10 classes")
+    assert "  test: 200 images, 20 per class" in out
     # Running it again refuses to overwrite, with a one-line error.
     assert prepare.main([f"--root={cifar_folder}", f"--data_dir={tmp_path}", "--name=cli_small"])
     assert "already exists" in capsys.readouterr().err
@@ -490,12 +499,14 @@ def test_prepare_converts_odd_images_and_checks_names(tmp_path):
     (root / "train" / "b").mkdir()
     Image.new("L", (9, 11), 77).save(root / "train" / "b" / "grey.png")
     Image.new("CMYK", (10, 10), (0, 0, 0, 0)).save(root / "train" / "b" / "cmyk.jpg")
-    info = data.prepare_folder(str(root), str(tmp_path / "out"), "odd_images")
-    assert info.num_train == 4 and info.num_classes == 2
-    assert info.image_shape == (224, 224, 3)  # mixed sizes: the ImageNet-style default
+    prepared = data.prepare_folder(str(root), str(tmp_path / "out"), "odd_images")
+    assert prepared.class_counts == {"train": (2, 2)}
+    assert prepared.image_sizes == {(12, 10): 2, (9, 11): 1, (10, 10): 1}  # (W, H): counts
     cfg = digits_config(name="odd_images", data_dir=str(tmp_path / "out"), eval_split="train")
     x, y = data.load_split_arrays(cfg, "train")
     assert x.shape == (4, 32, 32, 3) and sorted(y.tolist()) == [0, 0, 1, 1]
+    # Grey 77 and CMYK (0, 0, 0, 0) = white, both stored as RGB.
+    assert {tuple(img[0, 0]) for img in x[y == 1]} == {(77, 77, 77), (255, 255, 255)}
     with pytest.raises(data.DataError, match="registered TFDS dataset"):
         data.prepare_folder(str(root), str(tmp_path / "out2"), "cifar10")
     with pytest.raises(data.DataError, match="not usable"):

@@ -102,6 +102,9 @@ def test_tpu_dry_run_prints_create_install_run(no_gcloud):
     assert "gcsfuse --implicit-dirs --rename-dir-limit=1000000 lbq-bucket" in run
     assert run.index("--workdir") < run.index("--config.batch_size=1024")
     assert "tail -n 100 -f ~/lbq-run.log" in proc.stdout  # how to follow the logs
+    # A dry run says that it only printed the commands, never that it started anything.
+    assert "Started" not in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("# Dry run: the commands above were only")
     order = [verbs.index("compute tpus tpu-vm create"), verbs.index("compute tpus tpu-vm scp")]
     order.append(
         next(i for i, c in enumerate(gcloud) if "lbq.main" in (_flag(c, "--command") or ""))
@@ -124,10 +127,12 @@ def test_tpu_local_source_tarball_holds_the_checkout(no_gcloud, tmp_path):
     pack = next(c for c in _commands(proc.stdout) if c[0] == "bash")
     subprocess.run(pack, check=True, timeout=60)  # the printed step, run for real
     tarball = tmp_path / "lbq-lbq-pod.tar.gz"
+    unpacked = tmp_path / "worker"
     with tarfile.open(tarball) as tar:
         names = set(tar.getnames())
+        tar.extractall(unpacked, filter="tar")  # as `tar -xzf` on a worker, links included
     for expected in ("lbq/train.py", "configs/default.py", "launch/tpu_vm.sh", "pyproject.toml"):
-        assert expected in names
+        assert (unpacked / expected).is_file(), expected
     assert not any(n.startswith((".git/", "DATA/")) or "__pycache__" in n for n in names)
 
 
@@ -219,6 +224,98 @@ def test_tpu_bad_input_is_a_clear_error(no_gcloud, args, message):
     assert not _commands(proc.stdout) and not marker.exists()
 
 
+def test_tpu_readme_command_runs_and_placeholders_are_named(no_gcloud):
+    """The README's command, with real-looking names, passes; upper-case placeholders copied
+    from an example are named in a one-line error instead of a bare rejection."""
+    env, marker = no_gcloud
+    readme = [
+        "--name=lbq",
+        "--zone=us-west4-a",
+        "--project=my-project",
+        "--accelerator-type=v5litepod-16",
+        "--config=configs/imagenet_w2a2.py",
+        "--workdir=gs://my-bucket/run",
+        "--dry-run",
+    ]
+    proc = _run(TPU, readme, env)
+    assert proc.returncode == 0, proc.stderr
+    assert any("lbq.main" in (_flag(c, "--command") or "") for c in _commands(proc.stdout))
+    for placeholder, message in [
+        ("--workdir=gs://BUCKET/run", "--workdir=gs://BUCKET/run: 'BUCKET' is a placeholder"),
+        ("--zone=ZONE", "--zone=ZONE is a placeholder"),
+        ("--project=PROJECT", "--project=PROJECT is a placeholder"),
+        ("--name=MY_TPU", "--name=MY_TPU is a placeholder"),
+    ]:
+        flag = placeholder.split("=", 1)[0]
+        args = [a for a in readme if not a.startswith(flag + "=")] + [placeholder]
+        proc = _run(TPU, args, env)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith(f"tpu_vm.sh: error: {message}"), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and not _commands(proc.stdout)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "bucket, problem",
+    [
+        ("My-Bucket", "has upper-case letters"),
+        ("ab", "must have 3 to 63 characters"),
+        ("a" * 64, "must have 3 to 63 characters"),
+        ("-abc", "must start and end with a letter or digit"),
+        ("abc_", "must start and end with a letter or digit"),
+        ("a b", "may hold only lower-case letters"),
+        ("192.168.5.4", "is an IP address"),
+        ("goog-runs", "starts with 'goog' or holds 'google'"),
+        ("my-google-runs", "starts with 'goog' or holds 'google'"),
+        ("runs." + "a" * 64, "has a dot-separated part longer than 63 characters"),
+    ],
+)
+def test_tpu_workdir_bucket_follows_cloud_storage_naming(no_gcloud, bucket, problem):
+    env, _ = no_gcloud
+    args = ["--name=t", "--zone=z", "--config=configs/default.py", "--dry-run"]
+    proc = _run(TPU, [*args, f"--workdir=gs://{bucket}/x"], env)
+    assert proc.returncode == 2
+    assert f"tpu_vm.sh: error: --workdir=gs://{bucket}/x: bucket name '{bucket}' {problem}" in (
+        proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "bucket", ["abc", "my_bucket-2", "a" * 63, "runs.example.com", f"{'a' * 63}.{'b' * 63}"]
+)
+def test_tpu_workdir_accepts_valid_bucket_names(no_gcloud, bucket):
+    env, _ = no_gcloud
+    args = ["--name=t", "--zone=z", "--config=configs/default.py", "--dry-run"]
+    proc = _run(TPU, [*args, f"--workdir=gs://{bucket}/x", "--gcs=native"], env)
+    assert proc.returncode == 0, proc.stderr
+    payloads = [_flag(c, "--command") or "" for c in _commands(proc.stdout)]
+    assert any(f"--workdir=gs://{bucket}/x" in p for p in payloads)
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--name=Lbq", "--name 'Lbq' must be 1-63 lower-case letters"),
+        ("--name=1lbq", "--name '1lbq' must be 1-63 lower-case letters"),
+        ("--zone=us west", "--zone 'us west' is not a zone name"),
+        ("--project=abc", "--project 'abc' is not a project ID"),
+        ("--project=My-Project", "--project 'My-Project' is not a project ID"),
+        ("--accelerator-type=tpu", "--accelerator-type 'tpu' is not a TPU type"),
+        ("--worker=one", "--worker must be a worker number"),
+        ("--config=configs/missing.py", "--config 'configs/missing.py' is not a file"),
+    ],
+)
+def test_tpu_bad_names_are_clear_errors(no_gcloud, arg, message):
+    env, marker = no_gcloud
+    base = ["--name=t", "--zone=z", "--config=configs/default.py", "--workdir=gs://abc/x"]
+    flag = arg.split("=", 1)[0]
+    args = [a for a in base if not a.startswith(flag + "=")] + [arg, "--dry-run"]
+    proc = _run(TPU, args, env)
+    assert proc.returncode == 2
+    assert f"tpu_vm.sh: error: {message}" in proc.stderr
+    assert not _commands(proc.stdout) and not marker.exists()
+
+
 def test_slurm_dry_run_prints_environment_and_srun(no_gcloud):
     env, marker = no_gcloud
     bin_dir = env["PATH"].split(":")[0]
@@ -289,8 +386,38 @@ def test_slurm_outside_slurm_is_a_clear_error(no_gcloud):
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
     proc = _run(SLURM, ["--config=c", "--workdir=w"], env)
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
+    assert "--dry-run" in proc.stderr  # says how to see the commands without a cluster
     proc = _run(SLURM, ["--workdir=w"], {**env, "DRY_RUN": "1"})
     assert proc.returncode == 2 and "--config=CONFIG is required" in proc.stderr
+    proc = _run(SLURM, ["--dry-run", "--config=c", "--workdir=w"], {**env, "LBQ_PORT": "70000"})
+    assert proc.returncode == 2 and "LBQ_PORT must be a port number" in proc.stderr
+
+
+def test_slurm_dry_run_outside_slurm_prints_stand_ins(no_gcloud):
+    """`--dry-run` alone, with no SLURM variables: the commands with named stand-ins."""
+    env, marker = no_gcloud
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_") and k != "LBQ_PORT"}
+    proc = _run(SLURM, ["--dry-run", "--config=configs/default.py", "--workdir=/runs/x"], env)
+    assert proc.returncode == 0, proc.stderr
+    first, last = proc.stdout.splitlines()[0], proc.stdout.splitlines()[-1]
+    assert first.startswith("# Dry run outside SLURM (SLURM_JOB_NODELIST SLURM_NNODES")
+    assert "HEAD_NODE for the job's first node" in first and "JOB_ID for its id" in first
+    assert last.startswith("# Dry run: the commands above were only printed")
+    commands = _commands(proc.stdout)
+    exports = dict(c[1].split("=", 1) for c in commands if c[0] == "export")
+    assert exports["LBQ_COORDINATOR_ADDRESS"] == "HEAD_NODE:PORT"
+    with open(SLURM) as f:  # the node count sbatch would use: the script's own header
+        nodes = next(line for line in f if line.startswith("#SBATCH --nodes=")).split("=")[1]
+    assert exports["LBQ_NUM_PROCESSES"] == nodes.strip()
+    srun = next(c for c in commands if c[0] == "srun")
+    assert f"--ntasks={nodes.strip()}" in srun and srun[-1] == "--config.distributed=True"
+    assert "scontrol requeue JOB_ID" in proc.stdout
+    assert not marker.exists()
+    # The variables that are set are used, and only the missing ones are stood in for.
+    proc = _run(SLURM, ["--dry-run", "--config=c", "--workdir=w"], {**env, "SLURM_JOB_ID": "10"})
+    exports = dict(c[1].split("=", 1) for c in _commands(proc.stdout) if c[0] == "export")
+    assert exports["LBQ_COORDINATOR_ADDRESS"] == f"HEAD_NODE:{61440 + 10}"
+    assert "JOB_ID" not in proc.stdout.splitlines()[0]
 
 
 def test_local_dry_run_one_process_and_several(no_gcloud):
@@ -321,3 +448,23 @@ def test_local_dry_run_one_process_and_several(no_gcloud):
     assert proc.returncode == 2 and "do not divide over 3 processes" in proc.stderr
     proc = _run(LOCAL, ["--dry-run", "--processes=0", *args], env)
     assert proc.returncode == 2 and "--processes must be a positive integer" in proc.stderr
+    proc = _run(LOCAL, ["--dry-run", "--processes=2", "--port=http", *args], env)
+    assert proc.returncode == 2 and "--port must be a port number" in proc.stderr
+
+
+def test_local_dry_run_needs_no_python_and_says_it_ran_nothing(no_gcloud):
+    env, _ = no_gcloud
+    env = {**env, "PYTHON": "no-such-python"}
+    args = ["--config=configs/default.py:tiny", "--workdir=/tmp/lbq_run"]
+    proc = _run(LOCAL, ["--dry-run", "--processes=2", *args], env)
+    assert proc.returncode == 0, proc.stderr
+    launches = [c for c in _commands(proc.stdout) if c[0] == "env"]
+    assert all("LBQ_COORDINATOR_ADDRESS=127.0.0.1:PORT" in c for c in launches)
+    assert "PORT stands for a free port" in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("# Dry run: the commands above were only")
+    proc = _run(LOCAL, args, env)  # a real run names the missing interpreter
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "local.sh: error: PYTHON=no-such-python is not a command; activate the environment "
+        "that has lbq, or set PYTHON"
+    )

@@ -15,8 +15,9 @@ from lbq.data.errors import (
     ImageReadError,
     UnknownDatasetError,
 )
-from lbq.data.folder import prepare_folder
+from lbq.data.folder import PreparedFolder, SkippedFile, prepare_folder
 from lbq.data.pipeline import eval_iterator, get_info, load_split_arrays, train_iterator
+from lbq.data.stats import STD_FLOOR
 
 _DEVICE_NAMES = ("device_augment", "device_augment_params", "device_train_batch")
 
@@ -26,6 +27,9 @@ __all__ = [
     "DatasetNotFoundError",
     "FolderLayoutError",
     "ImageReadError",
+    "PreparedFolder",
+    "STD_FLOOR",
+    "SkippedFile",
     "UnknownDatasetError",
     "eval_iterator",
     "get_info",

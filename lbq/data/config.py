@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from lbq.data.errors import DataError
+from lbq.data.stats import STD_FLOOR
 
 AUGMENTATIONS = ("cifar", "imagenet", "none")
+DEFAULT_IMAGE_SIZE = 32  # data.image_size when a config does not set it
+MIN_CLASSES = 2  # a classifier with one class learns nothing (loss 0, top-1 1.0 by construction)
 
 # Standard published per-channel statistics, in 0..255 units (the usual 0..1 values x 255).
 KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -30,7 +34,12 @@ class DatasetInfo:
       num_train: examples in the train split.
       num_eval: examples in the eval split.
       mean: per-channel mean, 0..255 units.
-      std: per-channel standard deviation, 0..255 units.
+      std: per-channel standard deviation, 0..255 units, at least ``STD_FLOOR`` (``get_info``
+        floors smaller values, see ``lbq.data.stats.floor_std``).
+
+    Raises:
+      DataError: at construction, for fewer than ``MIN_CLASSES`` classes, a non-finite mean or
+        std, or a std below ``STD_FLOOR``: every input is later divided by it.
     """
 
     name: str
@@ -40,6 +49,26 @@ class DatasetInfo:
     num_eval: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.num_classes < MIN_CLASSES:
+            raise DataError(
+                f"dataset {self.name!r} has {self.num_classes} "
+                f"class{'' if self.num_classes == 1 else 'es'}; a classifier needs at least "
+                f"{MIN_CLASSES}"
+            )
+        if len(self.mean) != len(self.std) or not all(
+            math.isfinite(v) for v in (*self.mean, *self.std)
+        ):
+            raise DataError(
+                f"dataset {self.name!r}: mean {self.mean} and std {self.std} must be finite "
+                f"numbers, one per channel"
+            )
+        if min(self.std) < STD_FLOOR:
+            raise DataError(
+                f"dataset {self.name!r}: std {self.std} has a value below {STD_FLOOR} (0..255 "
+                f"units); floor it with lbq.data.stats.floor_std"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +121,7 @@ def read_settings(cfg: Any) -> Settings:
     if not isinstance(name, str) or not name:
         raise DataError(f"data.name must be a non-empty string, got {name!r}")
     data_dir = _field(cfg, "data_dir", None)
-    image_size = int(_field(cfg, "image_size", 32))
+    image_size = int(_field(cfg, "image_size", DEFAULT_IMAGE_SIZE))
     if image_size <= 0:
         raise DataError(f"data.image_size must be positive, got {image_size}")
     augment = str(_field(cfg, "augment", "none"))

@@ -20,4 +20,12 @@ class FolderLayoutError(DataError, FileNotFoundError):
 
 
 class ImageReadError(DataError):
-    """An image file or record could not be decoded."""
+    """An image file or record could not be decoded, or its mode has no defined 8-bit RGB form.
+
+    Attributes:
+      reason: the cause alone, without the file or record name (for lists of skipped files).
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason if reason is not None else message

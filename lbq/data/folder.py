@@ -2,14 +2,22 @@
 
 The dataset is written by a ``tfds.core.GeneratorBasedBuilder`` in ArrayRecord format, which
 TFDS does without TensorFlow as long as images are handed over encoded (file bytes or PIL
-images; encoding a NumPy array would call ``tf.image.encode_png``). RGB JPEG/PNG files are stored
-byte for byte; other modes (grayscale, CMYK, palette, alpha) are converted to RGB and stored as
-lossless PNG, so every record decodes to HxWx3. Per-channel mean/std of the train split are
-stored in the dataset's metadata.json, where ``get_info`` reads them.
+images; encoding a NumPy array would call ``tf.image.encode_png``). 8-bit RGB JPEG/PNG files are
+stored byte for byte; every other image (grey, 16-bit, float, palette, alpha, CMYK, BMP, TIFF,
+GIF, WebP...) is converted to 8-bit RGB by ``lbq.data.transforms.to_rgb`` and stored as lossless
+PNG, so every record decodes to HxWx3 uint8. Per-channel mean/std of the train split, computed
+exactly (``lbq.data.stats.PixelStats``), are stored as float64 in the dataset's metadata.json,
+where ``get_info`` reads them.
+
+Layout rules (as torchvision's ``ImageFolder``): images may sit in sub-folders of a class folder;
+extensions are matched case-insensitively; hidden files and folders are skipped. Every file
+that is not used is reported with the reason.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import io
 import logging
@@ -18,20 +26,172 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from lbq.data.config import DatasetInfo, default_num_workers
+from lbq.data.config import DEFAULT_IMAGE_SIZE, MIN_CLASSES, default_num_workers, read_settings
 from lbq.data.errors import DataError, FolderLayoutError, ImageReadError
+from lbq.data.stats import PixelStats, std_floor_warnings
+from lbq.data.transforms import RESIZE_RATIO, one_line, to_rgb
 
 VERSION = "1.0.0"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-DEFAULT_IMAGE_SIZE = 224  # model input recorded for folders whose images differ in size
+# torchvision's ImageFolder extensions plus GIF and PNM variants, all decoded by Pillow. WebP
+# needs Pillow built with libwebp; without it .webp files are skipped and listed.
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm",
+)  # fmt: skip
+PROGRESS_SECONDS = 2.0  # at most one progress line this often per split and phase
+SHOW_PATHS = 3  # paths listed per group of skipped files in the report
+SHOW_SIZES = 5  # most common image sizes listed in the report
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _SPLIT_RE = re.compile(r"^\w+$")
 _CHUNK = 256  # files per scan task
+# Class folders all named like these mean ROOT is one level too high (ROOT/data/train/<class>).
+_SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation", "eval", "dev"})
+_PNG_BIT_DEPTH_OFFSET = 24  # signature (8) + IHDR length, type, width, height (16)
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedFile:
+    """A path under the image folder that is not in the dataset.
+
+    Attributes:
+      path: relative to the image folder; folders end with the path separator.
+      reason: why, e.g. "hidden file" or the decoder's error for an unreadable image.
+    """
+
+    path: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedFolder:
+    """What ``prepare_folder`` wrote and what it found in the image folder.
+
+    Attributes:
+      name: TFDS dataset name (``data.name``).
+      data_dir: TFDS data dir (``data.data_dir``).
+      path: the dataset's version folder inside data_dir.
+      class_names: label i is class_names[i] (sorted class folder names).
+      class_counts: split -> images per label, in label order.
+      stats_split: the split mean/std were measured on.
+      eval_split: the split to evaluate on (test, validation or val when present).
+      mean: per-channel mean, 0..255 units, as stored (float64, exact).
+      std: per-channel std, 0..255 units, as stored (measured; ``get_info`` floors it).
+      image_sizes: (width, height) -> number of images, over every split, as stored.
+      skipped: files and folders not used (hidden, other extensions, outside class folders).
+      unreadable: images that could not be decoded, skipped because of ``skip_corrupt``.
+      seconds: wall time of the preparation.
+    """
+
+    name: str
+    data_dir: str
+    path: str
+    class_names: tuple[str, ...]
+    class_counts: dict[str, tuple[int, ...]]
+    stats_split: str
+    eval_split: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_sizes: dict[tuple[int, int], int]
+    skipped: tuple[SkippedFile, ...]
+    unreadable: tuple[SkippedFile, ...]
+    seconds: float
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def num_examples(self, split: str) -> int:
+        return sum(self.class_counts[split])
+
+    def warnings(self) -> list[str]:
+        """Lines that need the user's attention (a floored std, skipped unreadable images)."""
+        lines = std_floor_warnings(self.std, f"split {self.stats_split!r}")
+        if self.unreadable:
+            lines.append(
+                f"skipped {len(self.unreadable)} unreadable image"
+                f"{'s' if len(self.unreadable) > 1 else ''} (skip_corrupt): "
+                + "; ".join(f"{s.path} ({s.reason})" for s in self.unreadable[:SHOW_PATHS])
+                + ("; ..." if len(self.unreadable) > SHOW_PATHS else "")
+            )
+        return lines
+
+    def report(self) -> list[str]:
+        """The human-readable summary ``python -m lbq.data.prepare`` prints."""
+        total = sum(self.num_examples(s) for s in self.class_counts)
+        lines = [
+            f"prepared dataset {self.name!r}: {total} images in {self.num_classes} classes, "
+            f"in {self.seconds:.1f} s, to {self.path}",
+            f"  classes: {_first(self.class_names, 10)}",
+        ]
+        for split, counts in self.class_counts.items():
+            lo, hi = min(counts), max(counts)
+            per_class = f"{lo}" if lo == hi else f"{lo}..{hi}"
+            lines.append(f"  {split}: {sum(counts)} images, {per_class} per class")
+        lines += _size_lines(self.image_sizes)
+        lines.append(
+            f"  mean ({self.stats_split}, 0..255): {_numbers(self.mean)}; std: "
+            f"{_numbers(self.std)} (stored as float64)"
+        )
+        lines += _skipped_lines(self.skipped)
+        lines += [f"warning: {line}" for line in self.warnings()]
+        lines.append(
+            f"  use it with: --config.data.name={self.name} --config.data.data_dir="
+            f"{self.data_dir} --config.data.train_split={self.stats_split} "
+            f"--config.data.eval_split={self.eval_split}"
+        )
+        return lines
+
+
+def _first(names: Sequence[str], n: int) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return " ".join(f"{v:.3f}" for v in values)
+
+
+def _size_lines(sizes: dict[tuple[int, int], int]) -> list[str]:
+    """The image size distribution, and the size the images are used at when training."""
+    used_at = (
+        f"  used at: data.image_size x data.image_size, a training config field (default "
+        f"{DEFAULT_IMAGE_SIZE}); each image is resized to it whole (aspect ratio not kept), or "
+        f"with data.augment=imagenet its shorter side to image_size*{RESIZE_RATIO * 224:.0f}/224 "
+        f"and its centre cropped"
+    )
+    if len(sizes) == 1:
+        (w, h), n = next(iter(sizes.items()))
+        same = f"; data.image_size={w} uses them as they are" if w == h else ""
+        return [f"  image size (W x H): {w}x{h}, all {n} images", used_at + same]
+    widths = np.repeat([w for w, _ in sizes], list(sizes.values()))
+    heights = np.repeat([h for _, h in sizes], list(sizes.values()))
+    common = collections.Counter(sizes).most_common(SHOW_SIZES)
+    return [
+        f"  image sizes (W x H): width {widths.min()}..{widths.max()} (median "
+        f"{np.median(widths):g}), height {heights.min()}..{heights.max()} (median "
+        f"{np.median(heights):g}); {len(sizes)} distinct, most common: "
+        + ", ".join(f"{w}x{h} ({n})" for (w, h), n in common)
+        + (", ..." if len(sizes) > SHOW_SIZES else ""),
+        used_at,
+    ]
+
+
+def _skipped_lines(skipped: Sequence[SkippedFile]) -> list[str]:
+    if not skipped:
+        return []
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for s in skipped:
+        groups[s.reason].append(s.path)
+    plural = "s" if len(skipped) > 1 else ""
+    lines = [f"  skipped {len(skipped)} file{plural}:"]
+    for reason, paths in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        more = ", ..." if len(paths) > SHOW_PATHS else ""
+        lines.append(f"    {reason} ({len(paths)}): {', '.join(paths[:SHOW_PATHS])}{more}")
+    return lines
 
 
 @dataclasses.dataclass
@@ -42,95 +202,271 @@ class _Split:
     reencode: list[bool] = dataclasses.field(default_factory=list)
 
 
-def _subdirs(path: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+def _webp_supported() -> bool:
+    from PIL import features
+
+    return bool(features.check("webp"))
 
 
-def _list_split(root: str, split: str) -> tuple[dict[str, list[str]], str]:
+def skip_reason(name: str, path: str, webp: bool) -> str | None:
+    """Why a file inside a class folder is not an image of the dataset, or None if it is one.
+
+    Args:
+      name: the file name.
+      path: its full path (checked to be a regular file, links followed).
+      webp: whether Pillow can decode WebP here (``PIL.features.check("webp")``).
+    """
+    if name.startswith("."):
+        return "hidden file"
+    ext = os.path.splitext(name)[1].lower()
+    if ext not in IMAGE_EXTENSIONS:
+        return f"extension {ext or '(none)'}, not an image type lbq reads"
+    if ext == ".webp" and not webp:
+        return "WebP, which this Pillow cannot decode (built without libwebp)"
+    if not os.path.isfile(path):
+        return "not a regular file (a broken link?)"
+    return None
+
+
+def _list_class(root: str, class_dir: str, webp: bool) -> tuple[list[str], list[SkippedFile]]:
+    """Images under a class folder, sub-folders included (paths relative to root), and skips."""
+    images, skipped, seen = [], [], set()
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree: do not loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        for d in dirnames:
+            if d.startswith("."):
+                rel = os.path.relpath(os.path.join(dirpath, d), root)
+                skipped.append(SkippedFile(rel + os.sep, "hidden folder"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            reason = skip_reason(f, path, webp)
+            rel = os.path.relpath(path, root)
+            if reason:
+                skipped.append(SkippedFile(rel, reason))
+            else:
+                images.append(rel)
+    return sorted(images), sorted(skipped, key=lambda s: s.path)
+
+
+def _hidden(entry: os.DirEntry, rel: str) -> SkippedFile:
+    if entry.is_dir():
+        return SkippedFile(rel + os.sep, "hidden folder")
+    return SkippedFile(rel, "hidden file")
+
+
+def _list_split(
+    root: str, split: str, webp: bool
+) -> tuple[dict[str, list[str]], list[SkippedFile]]:
     """Maps class name -> sorted image paths (relative to root) of one split folder."""
     split_dir = os.path.join(root, split)
     if not _SPLIT_RE.match(split):
         raise FolderLayoutError(
             f"split folder {split_dir} has a name TFDS cannot use (letters, digits, _ only)"
         )
-    classes = _subdirs(split_dir)
+    classes, skipped, loose_images = [], [], False
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        rel = os.path.join(split, entry.name)
+        if entry.name.startswith("."):
+            skipped.append(_hidden(entry, rel))
+        elif entry.is_dir():
+            classes.append(entry.name)
+        else:
+            loose_images |= entry.name.lower().endswith(IMAGE_EXTENSIONS)
+            skipped.append(SkippedFile(rel, "not inside a class folder"))
     if not classes:
+        hint = "; it holds images directly: is the path one level too deep?" if loose_images else ""
         raise FolderLayoutError(
             f"image folder {split_dir} has no class folders (expected "
-            f"{split_dir}/<class>/<image>.jpg)"
+            f"{split_dir}/<class>/<image>.jpg){hint}"
+        )
+    if len(classes) > 1 and set(classes) <= _SPLIT_NAMES:
+        raise FolderLayoutError(
+            f"the class folders of {split_dir} are named like splits ({', '.join(classes)}): "
+            f"use {split_dir} as the image folder (ROOT/<split>/<class>/<image>)"
         )
     per_class = {}
     for cls in classes:
-        names = sorted(
-            f
-            for f in os.listdir(os.path.join(split_dir, cls))
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-        )
-        per_class[cls] = [os.path.join(split, cls, f) for f in names]
-    if not any(per_class.values()):
+        class_dir = os.path.join(split_dir, cls)
+        images, class_skipped = _list_class(root, class_dir, webp)
+        if not images:
+            found = (
+                f" ({len(class_skipped)} other entries, e.g. {class_skipped[0].path}: "
+                f"{class_skipped[0].reason})"
+                if class_skipped
+                else ""
+            )
+            raise FolderLayoutError(
+                f"class folder {class_dir} holds no images{found}; add images or remove it"
+            )
+        per_class[cls] = images
+        skipped += class_skipped
+    return per_class, skipped
+
+
+def _check_classes(root: str, listing: dict[str, dict[str, list[str]]], stats_split: str) -> None:
+    """At least two classes, and every class of any split present in the train split."""
+    class_names = sorted({c for per_class in listing.values() for c in per_class})
+    if len(class_names) < MIN_CLASSES:
         raise FolderLayoutError(
-            f"image folder {split_dir} has class folders but no {'/'.join(IMAGE_EXTENSIONS)} images"
+            f"image folder {root} has {len(class_names)} class ({', '.join(class_names)}); a "
+            f"classifier needs at least {MIN_CLASSES} class folders with images, as "
+            f"{root}/<split>/<class>/<image>"
         )
-    return per_class, split_dir
+    if stats_split == "train":
+        for split, per_class in listing.items():
+            missing = sorted(set(per_class) - set(listing["train"]))
+            if missing:
+                raise FolderLayoutError(
+                    f"class folder {os.path.join(root, split, missing[0])} has no counterpart "
+                    f"{os.path.join(root, 'train', missing[0])}: a class without training "
+                    f"images cannot be learned ({len(missing)} such class"
+                    f"{'es' if len(missing) > 1 else ''} in {split})"
+                )
+
+
+def _plan(listing: dict[str, dict[str, list[str]]]) -> tuple[list[str], dict[str, _Split]]:
+    """Class names (sorted union over splits) and each split's files with their labels."""
+    class_names = sorted({c for per_class in listing.values() for c in per_class})
+    label_of = {c: i for i, c in enumerate(class_names)}
+    plan = {}
+    for split, per_class in listing.items():
+        files = [f for c in sorted(per_class) for f in per_class[c]]
+        labels = [label_of[c] for c in sorted(per_class) for _ in per_class[c]]
+        plan[split] = _Split(split, files, labels)
+    return class_names, plan
+
+
+def _check_readable_classes(
+    root: str,
+    listing: dict[str, dict[str, list[str]]],
+    plan: dict[str, _Split],
+    class_names: Sequence[str],
+) -> None:
+    """After unreadable images were skipped, every class folder must still hold an image."""
+    for split, per_class in listing.items():
+        kept = {class_names[label] for label in plan[split].labels}
+        for cls, files in per_class.items():
+            if cls not in kept:
+                raise FolderLayoutError(
+                    f"class folder {os.path.join(root, split, cls)} holds no readable image "
+                    f"(all {len(files)} are unreadable)"
+                )
+
+
+def _check_written(name: str, data_dir: str, plan: dict[str, _Split]) -> None:
+    """Reads the new dataset back through the training path: every split, every example."""
+    from lbq.data.sources import open_dataset
+
+    dataset = open_dataset(read_settings({"name": name, "data_dir": data_dir}))
+    for split, p in plan.items():
+        if dataset.num_examples(split) != len(p.files):
+            raise DataError(
+                f"dataset {name!r} in {data_dir} holds {dataset.num_examples(split)} examples "
+                f"in split {split!r} after writing {len(p.files)}"
+            )
+
+
+def _png_bit_depth(path: str) -> int:
+    with open(path, "rb") as f:
+        header = f.read(_PNG_BIT_DEPTH_OFFSET + 1)
+    return header[_PNG_BIT_DEPTH_OFFSET] if len(header) > _PNG_BIT_DEPTH_OFFSET else 0
+
+
+def _stored_as_is(img: Any, path: str) -> bool:
+    """Whether a file's own bytes decode to what ``to_rgb`` gives: 8-bit opaque RGB JPEG/PNG."""
+    if img.mode != "RGB" or "transparency" in img.info:
+        return False
+    return img.format == "JPEG" or (img.format == "PNG" and _png_bit_depth(path) == 8)
 
 
 def _scan_chunk(root: str, files: Sequence[str], with_stats: bool) -> dict[str, Any]:
-    """Decodes every file of a chunk: validates it, accumulates pixel sums, notes its size."""
+    """Decodes every file of a chunk: validates it, accumulates pixel counts, notes its size."""
     from PIL import Image
 
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    count = 0
-    sizes = set()
-    reencode = []
+    pixels = PixelStats()
+    sizes: collections.Counter = collections.Counter()
+    good: list[tuple[str, bool]] = []  # (path, re-encode) of the readable files, in order
+    unreadable: list[SkippedFile] = []
     for rel in files:
         path = os.path.join(root, rel)
         try:
             with Image.open(path) as img:
-                fmt, mode = img.format, img.mode
-                rgb = np.asarray(img.convert("RGB"))
+                rgb = to_rgb(img, f"image file {path}")
+                stored_as_is = _stored_as_is(img, path)
+        except ImageReadError as e:
+            unreadable.append(SkippedFile(rel, e.reason))
+            continue
         except Exception as e:  # PIL raises several unrelated types for corrupt files.
-            raise ImageReadError(f"cannot read image file {path}: {e}") from e
-        reencode.append(not (fmt in ("JPEG", "PNG") and mode == "RGB"))
-        sizes.add(rgb.shape)
+            unreadable.append(SkippedFile(rel, one_line(e)))
+            continue
+        good.append((rel, not stored_as_is))
+        sizes[(rgb.shape[1], rgb.shape[0])] += 1
         if with_stats:
-            x = rgb.reshape(-1, 3).astype(np.float64)
-            total += x.sum(0)
-            total_sq += (x * x).sum(0)
-            count += len(x)
-    return {
-        "total": total,
-        "total_sq": total_sq,
-        "count": count,
-        "sizes": sizes,
-        "reencode": reencode,
-    }
+            pixels.add(rgb)
+    return {"pixels": pixels, "sizes": sizes, "good": good, "unreadable": unreadable}
+
+
+class _Progress:
+    """Progress lines of one phase of one split: at most one per PROGRESS_SECONDS, and the last."""
+
+    def __init__(self, label: str, total: int, emit: Callable[[str], None]):
+        self._label, self._total, self._emit = label, total, emit
+        self._t0 = self._last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if done < self._total and now - self._last < PROGRESS_SECONDS:
+            return
+        self._last = now
+        rate = done / max(now - self._t0, 1e-9)
+        left = f", {(self._total - done) / rate:.0f} s left" if done < self._total and rate else ""
+        self._emit(f"{self._label}: {done}/{self._total} images ({rate:.0f}/s{left})")
 
 
 def _scan(
-    root: str, split: _Split, with_stats: bool, num_workers: int, progress: Callable[[str], None]
+    root: str,
+    split: _Split,
+    with_stats: bool,
+    num_workers: int,
+    progress: Callable[[str], None],
+    skip_corrupt: bool,
 ) -> dict[str, Any]:
-    """Decodes all images of a split on a thread pool, reporting progress."""
+    """Decodes all images of a split on a thread pool; drops unreadable ones if skip_corrupt."""
     from lbq.data.pipeline import _ordered_map
 
     chunks = [split.files[i : i + _CHUNK] for i in range(0, len(split.files), _CHUNK)]
-    acc = {"total": np.zeros(3), "total_sq": np.zeros(3), "count": 0, "sizes": set()}
-    done, t0, last = 0, time.time(), 0.0
+    label_of = dict(zip(split.files, split.labels, strict=True))
+    pixels, sizes = PixelStats(), collections.Counter()
+    files, labels, reencode, unreadable = [], [], [], []
+    bar = _Progress(f"scan {split.name}", len(split.files), progress)
+    done = 0
     results = _ordered_map(
         lambda c: _scan_chunk(root, c, with_stats), chunks, num_workers, num_workers + 2
     )
     for result in results:
-        for k in ("total", "total_sq", "count"):
-            acc[k] = acc[k] + result[k]
-        acc["sizes"] |= result["sizes"]
-        split.reencode.extend(result["reencode"])
-        done += len(result["reencode"])
-        now = time.time()
-        if now - last > 2 or done == len(split.files):
-            last = now
-            rate = done / max(now - t0, 1e-9)
-            progress(f"  scan {split.name}: {done}/{len(split.files)} images ({rate:.0f}/s)")
-    return acc
+        if result["unreadable"] and not skip_corrupt:
+            bad = result["unreadable"][0]
+            raise ImageReadError(
+                f"cannot read image file {os.path.join(root, bad.path)}: {bad.reason} (pass "
+                f"--skip_corrupt to skip and list unreadable images)",
+                bad.reason,
+            )
+        pixels.merge(result["pixels"])
+        sizes.update(result["sizes"])
+        unreadable += result["unreadable"]
+        for rel, again in result["good"]:
+            files.append(rel)
+            labels.append(label_of[rel])
+            reencode.append(again)
+        done += len(result["good"]) + len(result["unreadable"])
+        bar.update(done)
+    split.files, split.labels, split.reencode = files, labels, reencode
+    return {"pixels": pixels, "sizes": sizes, "unreadable": unreadable}
 
 
 def _builder_class() -> type:
@@ -153,6 +489,7 @@ def _builder_class() -> type:
             class_names: list[str],
             splits: dict[str, _Split],
             metadata: dict[str, Any],
+            progress: Callable[[str], None] = lambda line: None,
             **kwargs: Any,
         ):
             self.name = name
@@ -160,7 +497,17 @@ def _builder_class() -> type:
             self._class_names = class_names
             self._splits = splits
             self._metadata = metadata
+            self._progress = progress
             super().__init__(**kwargs)
+
+        # TFDS prints "Downloading and preparing dataset Unknown size ..." and "Dataset ...
+        # downloaded and prepared" to stdout from these two hooks: nothing is downloaded here,
+        # and lbq.data.prepare reports what it wrote itself.
+        def _log_download_bytes(self) -> None:
+            pass
+
+        def _log_download_done(self) -> None:
+            pass
 
         def _info(self) -> Any:
             return tfds.core.DatasetInfo(
@@ -181,60 +528,78 @@ def _builder_class() -> type:
             del dl_manager
             return {name: self._generate_examples(split) for name, split in self._splits.items()}
 
-        def _generate_examples(self, split: _Split) -> Any:
+        def _generate_examples(self, split: _Split) -> Iterator[tuple[str, dict[str, Any]]]:
             from PIL import Image
 
-            for rel, label, reencode in zip(split.files, split.labels, split.reencode, strict=True):
+            bar = _Progress(f"write {split.name}", len(split.files), self._progress)
+            for i, (rel, label, reencode) in enumerate(
+                zip(split.files, split.labels, split.reencode, strict=True)
+            ):
                 path = os.path.join(self._root, rel)
                 if reencode:
                     with Image.open(path) as img:
-                        buf = io.BytesIO()
-                        img.convert("RGB").save(buf, format="PNG")
-                    image: Any = buf.getvalue()
+                        rgb = to_rgb(img, f"image file {path}")
+                    buf = io.BytesIO()
+                    Image.fromarray(rgb).save(buf, format="PNG")
+                    image = buf.getvalue()
                 else:
                     with open(path, "rb") as f:
                         image = f.read()
                 yield rel, {"image": image, "label": label, "file_name": rel}
+                bar.update(i + 1)
 
     return FolderImageBuilder
 
 
-def prepare_folder(
+@contextlib.contextmanager
+def _tfds_progress_bars_off() -> Iterator[None]:
+    """TFDS's own tqdm bars ("Generating splits...", "Shuffling .../incomplete...") off, then
+    restored: lbq prints its own progress lines."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was_on = getattr(tqdm_utils, "_active", True)  # TFDS has a setter but no getter
+    tqdm_utils.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tqdm_utils.display_progress_bar(was_on)
+
+
+def write_tfds(
+    name: str,
     root: str,
     data_dir: str,
-    name: str,
-    *,
-    splits: Sequence[str] | None = None,
-    num_workers: int | None = None,
-    overwrite: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> DatasetInfo:
-    """Builds a TFDS dataset (ArrayRecord) named ``name`` in ``data_dir`` from an image folder.
-
-    Afterwards ``data_config.name = name, data_config.data_dir = data_dir`` reads it through
-    the normal TFDS path. Labels are the sorted union of class folder names over the splits.
-
-    Args:
-      root: folder with ROOT/<split>/<class>/*.jpg|jpeg|png.
-      data_dir: TFDS data dir to write into (created if missing).
-      name: dataset name: lowercase letters, digits and _, not an existing TFDS name.
-      splits: split folders to use; default every sub-folder of root.
-      num_workers: decode threads for the validation/statistics pass.
-      overwrite: replace a dataset of the same name already prepared in data_dir.
-      progress: called with progress lines (default: logging.info).
-
-    Returns:
-      ``DatasetInfo`` of the prepared dataset (image_shape is the images' common size, or
-      224x224x3 when sizes differ; mean/std measured on the 'train' split, else the first).
-    """
-    log = progress or logging.getLogger(__name__).info
-    root = os.path.abspath(os.fspath(root))
-    data_dir = os.path.abspath(os.fspath(data_dir))
-    workers = default_num_workers() if num_workers is None else max(1, num_workers)
+    class_names: Sequence[str],
+    splits: dict[str, _Split],
+    metadata: dict[str, Any],
+    progress: Callable[[str], None],
+) -> str:
+    """Writes the scanned splits as TFDS ArrayRecord files; returns the dataset's folder."""
+    os.makedirs(data_dir, exist_ok=True)
+    builder = _builder_class()(
+        name=name,
+        root=root,
+        class_names=list(class_names),
+        splits=splits,
+        metadata=metadata,
+        progress=progress,
+        data_dir=data_dir,
+    )
+    progress(f"write TFDS dataset {name} {VERSION} (array_record) to {builder.data_dir}")
+    # Keep TFDS's (unused) download folder out of the data dir.
     try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise DataError("prepare_folder needs tensorflow-datasets, which is not installed") from e
+        with tempfile.TemporaryDirectory() as download_dir, _tfds_progress_bars_off():
+            builder.download_and_prepare(download_dir=download_dir, file_format="array_record")
+    except BaseException:
+        # A half-written dataset would block the next attempt ("already exists").
+        shutil.rmtree(os.path.join(data_dir, name), ignore_errors=True)
+        raise
+    return str(builder.data_dir)
+
+
+def _check_name(name: str) -> None:
+    import tensorflow_datasets as tfds
+
     if not _NAME_RE.match(name) or name == "digits":
         raise DataError(
             f"dataset name {name!r} is not usable: use lowercase letters, digits and _ "
@@ -245,9 +610,20 @@ def prepare_folder(
             f"dataset name {name!r} is a registered TFDS dataset, whose own builder would "
             f"shadow the prepared files; choose another name, e.g. {name}_folder"
         )
+
+
+def _choose_splits(root: str, splits: Sequence[str] | None) -> tuple[list[str], list[SkippedFile]]:
+    """The split folders to prepare, and what else ROOT holds (listed when splits is None)."""
     if not os.path.isdir(root):
         raise FolderLayoutError(f"image folder {root} does not exist")
-    found = _subdirs(root)
+    found, skipped = [], []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            skipped.append(_hidden(entry, entry.name))
+        elif entry.is_dir():
+            found.append(entry.name)
+        else:
+            skipped.append(SkippedFile(entry.name, "not inside a split folder"))
     if isinstance(splits, str):  # a single split name, not a sequence of characters
         splits = [splits]
     if splits is None:
@@ -256,81 +632,128 @@ def prepare_folder(
                 f"image folder {root} has no split folders (expected {root}/<split>/<class>/"
                 f"<image>.jpg)"
             )
-        splits = found
+        return found, skipped
     for split in splits:
         if not os.path.isdir(os.path.join(root, split)):
             raise FolderLayoutError(
                 f"split folder {os.path.join(root, split)} is missing (found: "
                 f"{', '.join(found) or 'nothing'})"
             )
+    return list(splits), []
+
+
+def prepare_folder(
+    root: str,
+    data_dir: str,
+    name: str,
+    *,
+    splits: Sequence[str] | None = None,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    skip_corrupt: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> PreparedFolder:
+    """Builds a TFDS dataset (ArrayRecord) named ``name`` in ``data_dir`` from an image folder.
+
+    Afterwards ``data_config.name = name, data_config.data_dir = data_dir`` reads it through
+    the normal TFDS path. Labels are the sorted union of class folder names over the splits.
+
+    Args:
+      root: folder with ROOT/<split>/<class>/<image>, images possibly in sub-folders of a class
+        folder; extensions ``IMAGE_EXTENSIONS``, any case.
+      data_dir: TFDS data dir to write into (created if missing).
+      name: dataset name: lowercase letters, digits and _, not an existing TFDS name.
+      splits: split folders to use; default every sub-folder of root.
+      num_workers: decode threads for the validation/statistics pass.
+      overwrite: replace a dataset of the same name already prepared in data_dir.
+      skip_corrupt: skip images that cannot be decoded or converted to RGB and list them in
+        ``PreparedFolder.unreadable``, instead of stopping at the first.
+      progress: called with progress lines, at most one per ``PROGRESS_SECONDS`` per split and
+        phase (default: logging.info).
+
+    Returns:
+      ``PreparedFolder``: classes, split sizes, image size distribution, skipped files, the
+      measured mean/std (0..255 units, float64) of the 'train' split (else the first split);
+      ``report()`` gives the text ``python -m lbq.data.prepare`` prints.
+
+    Raises:
+      FolderLayoutError: no split or class folders, a class folder without images, fewer than
+        two classes, or a class with images in another split but none in 'train'.
+      ImageReadError: an image cannot be decoded or has no 8-bit RGB form (see
+        ``lbq.data.transforms.to_rgb``), unless skip_corrupt.
+      DataError: a bad dataset name or an existing dataset without overwrite.
+    """
+    t0 = time.monotonic()
+    log = progress or logging.getLogger(__name__).info
+    root = os.path.abspath(os.fspath(root))
+    data_dir = os.path.abspath(os.fspath(data_dir))
+    workers = default_num_workers() if num_workers is None else max(1, num_workers)
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError as e:
+        raise DataError("prepare_folder needs tensorflow-datasets, which is not installed") from e
+    _check_name(name)
+    split_names, skipped = _choose_splits(root, splits)
     target = os.path.join(data_dir, name)
-    if os.path.exists(target):
-        if not overwrite:
-            raise DataError(
-                f"dataset {name!r} already exists in {data_dir}; pass overwrite=True "
-                f"(--overwrite) to rebuild it"
-            )
-        shutil.rmtree(target)
+    if os.path.exists(target) and not overwrite:
+        raise DataError(
+            f"dataset {name!r} already exists in {data_dir}; pass overwrite=True "
+            f"(--overwrite) to rebuild it"
+        )
 
-    listing = {split: _list_split(root, split)[0] for split in splits}
-    class_names = sorted({c for per_class in listing.values() for c in per_class})
-    label_of = {c: i for i, c in enumerate(class_names)}
-    plan = {}
-    for split, per_class in listing.items():
-        files = [f for c in sorted(per_class) for f in per_class[c]]
-        labels = [label_of[c] for c in sorted(per_class) for _ in per_class[c]]
-        plan[split] = _Split(split, files, labels)
-        log(f"{split}: {len(files)} images in {len(per_class)} classes")
-    stats_split = "train" if "train" in plan else splits[0]
+    webp = _webp_supported()
+    listing = {}
+    for split in split_names:
+        listing[split], split_skipped = _list_split(root, split, webp)
+        skipped += split_skipped
+    stats_split = "train" if "train" in listing else split_names[0]
+    _check_classes(root, listing, stats_split)
+    class_names, plan = _plan(listing)
 
-    sizes: set = set()
-    mean = std = None
+    sizes: collections.Counter = collections.Counter()
+    unreadable: list[SkippedFile] = []
+    pixels = PixelStats()
     for split in plan.values():
-        acc = _scan(root, split, split.name == stats_split, workers, log)
-        sizes |= acc["sizes"]
-        if split.name == stats_split:
-            mean = acc["total"] / acc["count"]
-            std = np.sqrt(np.maximum(acc["total_sq"] / acc["count"] - mean * mean, 0.0))
-    image_shape = list(next(iter(sizes))) if len(sizes) == 1 else None
+        scan = _scan(root, split, split.name == stats_split, workers, log, skip_corrupt)
+        sizes.update(scan["sizes"])
+        unreadable += scan["unreadable"]
+        pixels.merge(scan["pixels"])  # empty unless split is the stats split
+    if unreadable:
+        _check_readable_classes(root, listing, plan, class_names)
+    mean, std = pixels.mean_std()
+
+    if os.path.exists(target):  # overwrite: only now that the folder checked out
+        shutil.rmtree(target)
     metadata = {
-        "mean": [round(float(v), 3) for v in mean],
-        "std": [round(float(v), 3) for v in std],
+        "mean": list(mean),  # Python floats: JSON keeps every float64 digit
+        "std": list(std),
         "stats_split": stats_split,
-        "image_shape": image_shape,
+        # (H, W, 3) when every image has one size: lets training cache small images decoded.
+        "image_shape": [*next(iter(sizes))[::-1], 3] if len(sizes) == 1 else None,
         "source_root": root,
         "prepared_by": "lbq.data.prepare",
     }
-    log(f"writing TFDS dataset {name} {VERSION} (array_record) to {target}")
-    os.makedirs(data_dir, exist_ok=True)
-    builder = _builder_class()(
-        name=name,
-        root=root,
-        class_names=class_names,
-        splits=plan,
-        metadata=metadata,
-        data_dir=data_dir,
-    )
-    # Keep TFDS's (unused) download folder out of the data dir.
-    try:
-        with tempfile.TemporaryDirectory() as download_dir:
-            builder.download_and_prepare(download_dir=download_dir, file_format="array_record")
-    except BaseException:
-        # A half-written dataset would block the next attempt ("already exists").
-        shutil.rmtree(target, ignore_errors=True)
-        raise
-
-    from lbq.data.pipeline import get_info
-
+    path = write_tfds(name, root, data_dir, class_names, plan, metadata, log)
+    _check_written(name, data_dir, plan)
     eval_split = next(
         (s for s in ("test", "validation", "val") if s in plan and s != stats_split),
         next((s for s in plan if s != stats_split), stats_split),
     )
-    return get_info(
-        {
-            "name": name,
-            "data_dir": data_dir,
-            "train_split": stats_split,
-            "eval_split": eval_split,
-            "image_size": image_shape[0] if image_shape else DEFAULT_IMAGE_SIZE,
-        }
+    return PreparedFolder(
+        name=name,
+        data_dir=data_dir,
+        path=path,
+        class_names=tuple(class_names),
+        class_counts={
+            s: tuple(np.bincount(p.labels, minlength=len(class_names)).tolist())
+            for s, p in plan.items()
+        },
+        stats_split=stats_split,
+        eval_split=eval_split,
+        mean=tuple(mean),
+        std=tuple(std),
+        image_sizes=dict(sizes),
+        skipped=tuple(skipped),
+        unreadable=tuple(unreadable),
+        seconds=time.monotonic() - t0,
     )

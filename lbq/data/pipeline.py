@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from lbq.data import transforms
-from lbq.data.config import DatasetInfo, Settings, read_settings
+from lbq.data.config import MIN_CLASSES, DatasetInfo, Settings, read_settings
 from lbq.data.errors import DataError
 from lbq.data.sources import ArraySource, Dataset, Source, open_dataset
+from lbq.data.stats import floor_std
 
 CIFAR_PAD = 4
 # Train splits decoded once into memory when cache is unset: small images of one size only.
@@ -87,8 +88,21 @@ def get_info(data_config: Any) -> DatasetInfo:
 
     Returns:
       ``DatasetInfo``; image_shape is (image_size, image_size, 3) since every path outputs RGB.
+      Its std is floored at ``STD_FLOOR`` whatever its source (metadata written by any version
+      of lbq.data.prepare, published constants, sampling), with a warning naming the channel.
+
+    Raises:
+      DataError: for a bad config, a dataset that cannot be found or read, or a dataset with
+        fewer than two classes (a one-class classifier trains to loss 0 and learns nothing);
+        raised before any image is decoded.
     """
     s, ds = _resolve(data_config)
+    if ds.num_classes < MIN_CLASSES:
+        raise DataError(
+            f"dataset {s.name!r}{f' in {s.data_dir}' if s.data_dir else ''} has "
+            f"{ds.num_classes} class{'' if ds.num_classes == 1 else 'es'}; a classifier needs "
+            f"at least {MIN_CLASSES} (check data.name, or the class folders it was prepared from)"
+        )
     mean, std = ds.stats(s.train_split)
     return DatasetInfo(
         name=s.name,
@@ -96,8 +110,8 @@ def get_info(data_config: Any) -> DatasetInfo:
         image_shape=(s.image_size, s.image_size, 3),
         num_train=ds.num_examples(s.train_split),
         num_eval=ds.num_examples(s.eval_split),
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=tuple(float(v) for v in mean),
+        std=floor_std(std, f"dataset {s.name!r}"),
     )
 
 

@@ -2,16 +2,16 @@
 
     python -m lbq.data.prepare --root=ROOT --data_dir=DIR --name=NAME
 
-ROOT holds ROOT/<split>/<class>/*.jpg|jpeg|png. Afterwards set data_config.name=NAME and
-data_config.data_dir=DIR to train on it.
+ROOT holds ROOT/<split>/<class>/<image> (.jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm
+.pbm .pnm, any case, also in sub-folders of a class folder). Afterwards set data.name=NAME and
+data.data_dir=DIR to train on it. The report (classes, split sizes, image sizes, mean/std,
+skipped files, warnings) goes to stdout; progress lines and errors go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import time
 
 from lbq.data.errors import DataError
 from lbq.data.folder import prepare_folder
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
       argv: arguments (default: sys.argv[1:]).
 
     Returns:
-      Exit status: 0 on success, 2 on a data error.
+      Exit status: 0 on success, 2 on a data error (one line on stderr, ``lbq: error: ...``).
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1].strip())
     parser.add_argument("--root", required=True, help="image folder ROOT/<split>/<class>/*")
@@ -35,28 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num_workers", type=int, default=None, help="decode threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    parser.add_argument(
+        "--skip_corrupt",
+        action="store_true",
+        help="skip images that cannot be decoded or converted to RGB, and list them (default: "
+        "stop at the first, naming it)",
+    )
     args = parser.parse_args(argv)
 
     def progress(line: str) -> None:
-        print(line, flush=True)
+        print(f"lbq: {line}", file=sys.stderr, flush=True)
 
-    t0 = time.time()
     try:
-        info = prepare_folder(
+        prepared = prepare_folder(
             args.root,
             args.data_dir,
             args.name,
             splits=args.splits.split(",") if args.splits else None,
             num_workers=args.num_workers,
             overwrite=args.overwrite,
+            skip_corrupt=args.skip_corrupt,
             progress=progress,
         )
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"lbq: error: {e}", file=sys.stderr)
         return 2
-    print(f"done in {time.time() - t0:.1f}s")
-    for field in dataclasses.fields(info):
-        print(f"  {field.name}: {getattr(info, field.name)}")
+    print("\n".join(prepared.report()), flush=True)
     return 0
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from lbq.data import digits
 from lbq.data.config import Settings, known_stats
 from lbq.data.errors import DataError, DatasetNotFoundError, UnknownDatasetError
+from lbq.data.stats import PixelStats
 
 PREPARE_HINT = "python -m lbq.data.prepare --root=ROOT --data_dir=DIR --name=NAME"
 STATS_SAMPLE = 512  # images decoded to estimate mean/std when nothing better is known
@@ -177,11 +178,25 @@ class TfdsDataset(Dataset):
         # Measured at prepare time (lbq.data.prepare) beats published constants beats sampling.
         metadata = self._builder.info.metadata or {}
         if "mean" in metadata and "std" in metadata:
-            return tuple(map(float, metadata["mean"])), tuple(map(float, metadata["std"]))
+            return self._metadata_stats(metadata)
         stats = known_stats(self.name)
         if stats is not None:
             return stats
         return _sampled_stats(self.source(train_split), (str(self._builder.data_path), train_split))
+
+    def _metadata_stats(self, metadata: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """mean/std as lbq.data.prepare stores them: 3 numbers each (get_info floors std)."""
+        try:
+            mean = tuple(float(v) for v in metadata["mean"])
+            std = tuple(float(v) for v in metadata["std"])
+            if len(mean) == len(std) == 3:
+                return mean, std
+        except (TypeError, ValueError):
+            pass
+        raise DataError(
+            f"dataset {self.name!r}: mean={metadata['mean']!r} and std={metadata['std']!r} in "
+            f"{self._builder.data_path}/metadata.json are not 3 numbers each; prepare it again"
+        )
 
     def native_shape(self) -> tuple[int, ...] | None:
         metadata = self._builder.info.metadata or {}
@@ -299,17 +314,9 @@ def _sampled_stats(source: Source, key: tuple[str, str]) -> tuple[tuple, tuple]:
     n = len(source)
     idx = np.unique(np.linspace(0, n - 1, num=min(n, STATS_SAMPLE)).astype(np.int64))
     items, _ = source.read(idx)
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    count = 0
+    pixels = PixelStats()
     for i, item in zip(idx, items, strict=True):
-        what = f"record {i} of {source.description}"
-        x = decode_rgb(item, what).reshape(-1, 3).astype(np.float64)
-        total += x.sum(0)
-        total_sq += (x * x).sum(0)
-        count += len(x)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
-    result = tuple(round(float(v), 3) for v in mean), tuple(round(float(v), 3) for v in std)
+        pixels.add(decode_rgb(item, f"record {i} of {source.description}"))
+    result = pixels.mean_std()
     _STATS_CACHE[key] = result
     return result

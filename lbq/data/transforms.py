@@ -2,7 +2,9 @@
 
 Items come either as decoded uint8 HxWx3 arrays (in-memory datasets) or as encoded image bytes
 (TFDS records). JPEGs are opened with PIL's ``draft`` so that large images are DCT-downscaled
-while decoding whenever the output needs fewer pixels than the file holds.
+while decoding whenever the output needs fewer pixels than the file holds. Every image mode
+becomes 8-bit RGB through ``to_rgb``, the one conversion used by training, evaluation and
+``lbq.data.prepare``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ RESIZE_RATIO = 256 / 224
 # Inception-style random-resized-crop ranges.
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
+# Transparent pixels are composited over white, so that an image's transparent background looks
+# the same whatever colour the file keeps under it (often an arbitrary palette entry). Loaders
+# that call Image.convert("RGB") (torchvision's ImageFolder, Keras) drop alpha instead.
+ALPHA_BACKGROUND = 255
+MAX_16BIT = 65535
+# Grey modes with more than 8 bits per pixel; Pillow's convert("RGB") clips them at 255.
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_TIFF_BITS_PER_SAMPLE = 258
 
 
 def _open(item: bytes, what: str) -> Any:
@@ -29,7 +40,126 @@ def _open(item: bytes, what: str) -> Any:
     try:
         return Image.open(io.BytesIO(item))
     except Exception as e:  # PIL raises several unrelated types for corrupt data.
-        raise ImageReadError(f"cannot decode {what}: {e}") from e
+        raise ImageReadError(f"cannot decode {what}: {one_line(e)}", one_line(e)) from e
+
+
+def one_line(error: Exception) -> str:
+    """An exception's message on one line (decoder messages may span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def composite_over_background(
+    rgb: np.ndarray, alpha: np.ndarray, background: int = ALPHA_BACKGROUND
+) -> np.ndarray:
+    """Alpha compositing over a constant grey level: round((c*a + bg*(255-a)) / 255).
+
+    Args:
+      rgb: uint8 [H, W, 3] colour (straight, not premultiplied, alpha).
+      alpha: uint8 [H, W] opacity, 255 opaque.
+      background: 0..255 level of the background in every channel.
+
+    Returns:
+      uint8 [H, W, 3]; exact integer rounding (a tie cannot occur: 255 is odd).
+    """
+    a = alpha.astype(np.int32)[..., None]
+    out = (rgb.astype(np.int32) * a + background * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def _refuse(what: str, reason: str) -> ImageReadError:
+    return ImageReadError(f"cannot use {what}: {reason}", reason)
+
+
+def _high_depth_to_uint8(img: Any, values: np.ndarray, what: str) -> np.ndarray:
+    """8-bit grey levels of an I;16*, I or F image (see ``to_rgb``)."""
+    if img.mode == "F":
+        x = values.astype(np.float64)
+        if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+            finite = x[np.isfinite(x)]
+            span = f"[{finite.min():g}, {finite.max():g}]" if finite.size else "no finite value"
+            raise _refuse(
+                what,
+                f"32-bit float pixels span {span}"
+                f"{'' if finite.size == x.size else ' and include NaN or inf'}; lbq reads float "
+                f"images as 0..1 (scale them to 0..1 or save them as 8- or 16-bit)",
+            )
+        return np.round(x * 255).astype(np.uint8)
+    if img.mode == "I" and img.format == "TIFF":
+        bits = img.tag_v2.get(_TIFF_BITS_PER_SAMPLE, (32,))
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        if bits != 16:
+            raise _refuse(
+                what,
+                f"{bits}-bit integer pixels have no standard 8-bit scale (save it as 8- or 16-bit)",
+            )
+    x = values.astype(np.int64)
+    if x.size and (x.min() < 0 or x.max() > MAX_16BIT):
+        raise _refuse(
+            what,
+            f"integer pixels span [{x.min()}, {x.max()}], outside the 16-bit range 0..{MAX_16BIT}",
+        )
+    # round(v * 255 / 65535) in integers; ties cannot occur (65535 is odd).
+    return ((x * 255 + MAX_16BIT // 2) // MAX_16BIT).astype(np.uint8)
+
+
+def to_rgb(img: Any, what: str = "image") -> np.ndarray:
+    """The 8-bit RGB pixels of a PIL image of any mode.
+
+    - RGB (no transparency): as decoded. 1, L, P, RGBX, CMYK, YCbCr, LAB, HSV: Pillow's
+      ``convert("RGB")`` (CMYK as (255-c)(255-k)/255; embedded ICC profiles are not applied).
+    - 16-bit grey (I;16, I;16L, I;16B, I;16N, and I, Pillow's mode for 16-bit PNM and 16-bit
+      TIFF data): round(v * 255 / 65535) in every channel. Pillow's own ``convert`` clips at
+      255, which turns a 16-bit ramp into black and white.
+    - 32-bit float grey (F): read as 0..1 (the usual range of float images): round(v * 255).
+    - Alpha (LA, PA, RGBA, RGBa, or a transparent colour or palette index in ``img.info``):
+      composited over white (``composite_over_background``).
+    - Refused with ``ImageReadError``: 32-bit integer TIFFs, I values outside 0..65535, F values
+      outside [0, 1] or not finite, and modes Pillow cannot convert (La).
+
+    Multi-frame files (GIF, TIFF) give their first frame. Pillow itself reads 16-bit colour PNGs
+    as 8-bit by dropping the low byte (v >> 8), at most one level below round(v * 255 / 65535).
+
+    Args:
+      img: an opened PIL image (decoded here if it was only opened).
+      what: names the image in error messages, e.g. "image file /data/train/cat/1.png".
+
+    Returns:
+      uint8 [H, W, 3].
+
+    Raises:
+      ImageReadError: the file cannot be decoded, or its mode/values have no defined 8-bit RGB
+        form; one line naming ``what``.
+    """
+    try:
+        img.load()
+        mode, transparency = img.mode, img.info.get("transparency")
+        if mode == "RGB" and transparency is None:
+            return np.asarray(img)
+        if mode in _HIGH_DEPTH_MODES:
+            values = np.asarray(img)
+            rgb = np.repeat(_high_depth_to_uint8(img, values, what)[..., None], 3, axis=-1)
+            alpha = None
+            if transparency is not None:  # tRNS: one grey value is transparent
+                alpha = np.where(values == transparency, 0, 255).astype(np.uint8)
+        elif mode in _ALPHA_MODES or transparency is not None:
+            rgba = np.asarray(img.convert("RGBA"))
+            rgb, alpha = rgba[..., :3], rgba[..., 3]
+        else:
+            return np.asarray(img.convert("RGB"))
+    except ImageReadError:
+        raise
+    except Exception as e:  # PIL raises several unrelated types for corrupt or odd files.
+        raise ImageReadError(f"cannot decode {what}: {one_line(e)}", one_line(e)) from e
+    return rgb if alpha is None else composite_over_background(rgb, alpha)
+
+
+def to_rgb_image(img: Any, what: str = "image") -> Any:
+    """``to_rgb`` as a PIL image; an RGB image without transparency is returned as is."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    from PIL import Image
+
+    return Image.fromarray(to_rgb(img, what))
 
 
 def _to_pil(item: Any, what: str) -> Any:
@@ -52,8 +182,7 @@ def _finish(img: Any, size: int, box: tuple[float, float, float, float], what: s
             img.draft("RGB", (math.ceil(w * size / bw), math.ceil(h * size / bh)))
             fx, fy = img.size[0] / w, img.size[1] / h
             box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb_image(img, what)
         if box == (0, 0, img.size[0], img.size[1]) and img.size == (size, size):
             out = np.asarray(img)
         else:
@@ -61,19 +190,15 @@ def _finish(img: Any, size: int, box: tuple[float, float, float, float], what: s
     except ImageReadError:
         raise
     except Exception as e:
-        raise ImageReadError(f"cannot decode {what}: {e}") from e
+        raise ImageReadError(f"cannot decode {what}: {one_line(e)}", one_line(e)) from e
     return out
 
 
 def decode_rgb(item: Any, what: str = "image") -> np.ndarray:
-    """Full-resolution uint8 HxWx3 array of an item (array passes through)."""
+    """Full-resolution uint8 HxWx3 array of an item (array passes through; see ``to_rgb``)."""
     if isinstance(item, np.ndarray):
         return item
-    img = _open(item, what)
-    try:
-        return np.asarray(img.convert("RGB"))
-    except Exception as e:
-        raise ImageReadError(f"cannot decode {what}: {e}") from e
+    return to_rgb(_open(item, what), what)
 
 
 def eval_transform(item: Any, size: int, imagenet_style: bool, what: str = "image") -> np.ndarray:
