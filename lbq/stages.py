@@ -235,8 +235,9 @@ def parse_stages(entries: Any, defaults: Mapping[str, Any]) -> tuple[StageSpec, 
         stage and the field) or repeated stage names.
     """
     if not isinstance(entries, (list, tuple)) or not entries:
+        given = "one stage" if hasattr(entries, "to_dict") else repr(entries)
         raise ValueError(
-            f"stages={entries!r} must be a non-empty list of stages, e.g. "
+            f"stages={given} must be a non-empty list of stages, e.g. "
             "[lbq.configs.default.stage('main', steps=1000)]"
         )
     stages = tuple(parse_stage(entry, i, defaults) for i, entry in enumerate(entries))

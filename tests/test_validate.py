@@ -44,7 +44,8 @@ def set_raw(config, field: str, value: Any) -> None:
     node = config
     for part in parents:
         node = node[part]
-    del node[name]
+    if name in node:
+        del node[name]
     node[name] = value
 
 
@@ -163,8 +164,9 @@ CASES = [  # (id, edit, error type, text the message must contain, V or T)
     ("repeated-extra-students",
      changes(distill__enabled=True, distill__extra_students=((4, 4), (4, 4))), ConfigError,
      "distill.extra_students[1]=(4, 4) repeats an extra student", V),
-    ("full-precision-model-low-bit-stage", changes(model__quantized=False), ConfigError,
-     "stages[0] (main) asks for w2a2, but model.quantized=False", V),
+    ("full-precision-model-low-bit-stage",
+     lambda c, t: (changes(model__quantized=False)(c, t), stages(S("w2", w_bits=2, steps=1))(c, t)),
+     ConfigError, "stages[0] (w2) asks for w2a2, but model.quantized=False", V),
     ("bits-string", changes(quant__w_bits="2"), ConfigError,
      "quant.w_bits='2' is not a valid bit-width", V),
     ("lr-boundaries-string", changes(schedule__lr_boundaries="0.4,0.6"), ConfigError,

@@ -13,6 +13,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.cifar100(default.get_config())
-    c.model.quantized = False
+    c = recipes.apply_method(
+        recipes.cifar100(default.get_config()), "fp", 32, epochs=200, fine_tune_lr=0.01
+    )
     return recipes.finish(c, variant)

@@ -20,12 +20,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.cifar100(default.get_config())
-    c.distill.enabled = True
-    c.distill.teacher = "joint"
-    c.stages = [
-        default.stage("w32a32", w_bits=32, a_bits=32, epochs=80),
-        default.stage("w4a4", w_bits=4, a_bits=4, epochs=60, lr=0.01, teacher_lr=0.01),
-        default.stage("w2a2", w_bits=2, a_bits=2, epochs=60, lr=0.01, teacher_lr=0.01),
-    ]
+    c = recipes.apply_method(
+        recipes.cifar100(default.get_config()), "best", 2, epochs=200, fine_tune_lr=0.01
+    )
     return recipes.finish(c, variant)

@@ -16,8 +16,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.cifar100(default.get_config())
-    c.quant.w_bits, c.quant.a_bits = 2, 2
-    c.distill.enabled = True
-    c.distill.teacher = "joint"
+    c = recipes.apply_method(
+        recipes.cifar100(default.get_config()), "kd", 2, epochs=200, fine_tune_lr=0.01
+    )
     return recipes.finish(c, variant)

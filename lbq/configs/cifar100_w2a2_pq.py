@@ -18,11 +18,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.cifar100(default.get_config())
-    c.stages = [
-        default.stage("w32a32", w_bits=32, a_bits=32, epochs=80),
-        default.stage("w8a8", w_bits=8, a_bits=8, epochs=40, lr=0.01),
-        default.stage("w4a4", w_bits=4, a_bits=4, epochs=40, lr=0.01),
-        default.stage("w2a2", w_bits=2, a_bits=2, epochs=40, lr=0.01),
-    ]
+    c = recipes.apply_method(
+        recipes.cifar100(default.get_config()), "pq", 2, epochs=200, fine_tune_lr=0.01
+    )
     return recipes.finish(c, variant)

@@ -17,11 +17,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.cifar100(default.get_config())
-    c.quant.w_bits, c.quant.a_bits = 2, 2
-    c.stochastic.enabled = True
-    c.stochastic.unit = "block"
-    c.stochastic.schedule = "linear"
-    c.stochastic.p_start = 0.5
-    c.stochastic.full_at = 0.5
+    c = recipes.apply_method(
+        recipes.cifar100(default.get_config()), "sp", 2, epochs=200, fine_tune_lr=0.01
+    )
     return recipes.finish(c, variant)

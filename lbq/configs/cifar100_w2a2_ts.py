@@ -17,10 +17,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.cifar100(default.get_config())
-    c.quant.w_bits, c.quant.a_bits = 2, 2
-    c.stages = [
-        default.stage("w2a32", w_bits=2, a_bits=32, epochs=100),
-        default.stage("w2a2", w_bits=2, a_bits=2, epochs=100, lr=0.01),
-    ]
+    c = recipes.apply_method(
+        recipes.cifar100(default.get_config()), "ts", 2, epochs=200, fine_tune_lr=0.01
+    )
     return recipes.finish(c, variant)

@@ -13,6 +13,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.cifar100(default.get_config())
-    c.quant.w_bits, c.quant.a_bits = 4, 4
+    c = recipes.apply_method(
+        recipes.cifar100(default.get_config()), "direct", 4, epochs=200, fine_tune_lr=0.01
+    )
     return recipes.finish(c, variant)

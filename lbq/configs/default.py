@@ -76,6 +76,13 @@ def get_config(variant: str = ""):
     c.quant = ml_collections.ConfigDict()
     c.quant.w_bits = 2  # default weight bit-width of every stage
     c.quant.a_bits = 2  # default activation bit-width of every stage
+    c.quant.weight_quantizer = "dorefa"  # 'dorefa' (the paper's) or 'lsq' (learned step size)
+    c.quant.activation_quantizer = "dorefa"  # 'dorefa' clip(0, 1), 'pact' or 'lsq' (learned)
+    c.quant.pact_init_clip = 10.0  # PACT's clip from scratch (PACT paper); LSQ: first batch
+    # Learned ranges of a run started from init_from: calibrated on that model's own tensors.
+    c.quant.calibration_batches = 4  # training batches seen by the calibration
+    c.quant.activation_calibration = "percentile"  # or 'lsq': s = 2 mean|x| / sqrt(Q_P)
+    c.quant.calibration_percentile = 99.99  # an activation's clip/range: this percentile
 
     c.batch_size = 128  # global batch, over all devices and hosts
     c.compute_dtype = "auto"  # 'auto': bfloat16 on GPU/TPU, float32 on CPU
@@ -121,6 +128,10 @@ def get_config(variant: str = ""):
     c.log_every_steps = 20
     c.eval_every_epochs = 4.0  # and always at the end of each stage
     c.eval_batch_size = 500
+    c.eval = ml_collections.ConfigDict()
+    # Recompute BatchNorm statistics over this many training batches before each evaluation
+    # (0: off); the train state keeps its own statistics.
+    c.eval.recalibrate_bn_batches = 0
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 3
     c.on_nonfinite = "stop"  # 'stop' or 'skip'

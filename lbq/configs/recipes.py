@@ -30,6 +30,68 @@ def cifar100(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+# The methods of the paper's comparison, one home for the CIFAR configs and the reproduction
+# study (lbq.experiments.reproduce). A ladder is (w_bits, a_bits, share of the run, learning
+# rate): None keeps the run's rate; FINE_TUNE marks stages that start from a previous stage's
+# weights and train at the fine-tuning rate.
+METHODS = ("fp", "direct", "ts", "pq", "sp", "kd", "best")
+FINE_TUNE = "fine_tune"
+
+
+def ladder(method: str, bits: int) -> list[tuple[int, int, float, str | None]]:
+    """The stages of ``method`` at ``bits`` (see `METHODS`), trained from scratch."""
+    k, ft = bits, FINE_TUNE
+    if method in ("fp", "direct", "sp", "kd"):
+        return [(32, 32, 1.0, None)] if method == "fp" else [(k, k, 1.0, None)]
+    if method == "ts":
+        return [(k, 32, 0.5, None), (k, k, 0.5, ft)]
+    if method == "pq":
+        if k == 2:
+            return [(32, 32, 0.4, None), (8, 8, 0.2, ft), (4, 4, 0.2, ft), (2, 2, 0.2, ft)]
+        return [(32, 32, 0.4, None), (8, 8, 0.3, ft), (k, k, 0.3, ft)]
+    if method == "best":
+        if k == 2:
+            return [(32, 32, 0.4, None), (4, 4, 0.3, ft), (2, 2, 0.3, ft)]
+        return [(32, 32, 0.4, None), (k, k, 0.6, ft)]
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def apply_method(
+    c: ml_collections.ConfigDict,
+    method: str,
+    bits: int,
+    *,
+    epochs: float,
+    fine_tune_lr: float,
+) -> ml_collections.ConfigDict:
+    """Sets the stages, stochastic precision and distillation of ``method`` at ``bits`` over
+    ``epochs`` (split by the ladder's shares); fine-tuning stages train at ``fine_tune_lr``."""
+    with_teacher = method in ("kd", "best")
+    c.model.quantized = method != "fp"
+    if method != "fp":  # a full-precision model ignores them
+        c.quant.w_bits = c.quant.a_bits = bits
+    stages = []
+    for w, a, share, lr in ladder(method, bits):
+        rates = {}
+        if lr == FINE_TUNE:
+            rates = {"lr": fine_tune_lr, **({"teacher_lr": fine_tune_lr} if with_teacher else {})}
+        stages.append(
+            default.stage(f"w{w}a{a}", w_bits=w, a_bits=a, epochs=round(share * epochs, 6), **rates)
+        )
+    # A one-stage method keeps its bits in quant.* (the stage inherits them).
+    c.stages = stages if len(stages) > 1 else [default.stage("main", epochs=epochs)]
+    if method == "sp":
+        c.stochastic.enabled = True
+        c.stochastic.unit = "block"
+        c.stochastic.schedule = "linear"
+        c.stochastic.p_start = 0.5
+        c.stochastic.full_at = 0.5
+    if with_teacher:
+        c.distill.enabled = True
+        c.distill.teacher = "joint"
+    return c
+
+
 def imagenet(c: ml_collections.ConfigDict, depth: int = 18) -> ml_collections.ConfigDict:
     """ImageNet fine-tuning from a full-precision model: 30 epochs, batch 256, lr 0.005
     (student) / 0.001 (teacher), x0.1 at epochs 15 and 25; random-resized crop 224 + flip,

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -49,7 +50,8 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ("fp", "direct", "ts", "pq", "sp", "kd", "best")
+from lbq.configs.recipes import METHODS
+
 METHOD_NOTES = {
     "fp": "full precision, plain ReLU",
     "direct": "wKaK from the first step (baseline)",
@@ -139,20 +141,13 @@ def stage_plan(
 def _scratch_plan(
     method: str, bits: int, fine_tune_lr: float
 ) -> list[tuple[int, int, float, float | None]]:
-    k, ft = bits, fine_tune_lr
-    if method in ("fp", "direct", "sp", "kd"):
-        return [(32, 32, 1.0, None)] if method == "fp" else [(k, k, 1.0, None)]
-    if method == "ts":
-        return [(k, 32, 0.5, None), (k, k, 0.5, ft)]
-    if method == "pq":
-        if k == 2:
-            return [(32, 32, 0.4, None), (8, 8, 0.2, ft), (4, 4, 0.2, ft), (2, 2, 0.2, ft)]
-        return [(32, 32, 0.4, None), (8, 8, 0.3, ft), (k, k, 0.3, ft)]
-    if method == "best":
-        if k == 2:
-            return [(32, 32, 0.4, None), (4, 4, 0.3, ft), (2, 2, 0.3, ft)]
-        return [(32, 32, 0.4, None), (k, k, 0.6, ft)]
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    """The method's ladder as the CIFAR configs define it (`lbq.configs.recipes.ladder`)."""
+    from lbq.configs import recipes
+
+    return [
+        (w, a, share, fine_tune_lr if lr == recipes.FINE_TUNE else None)
+        for w, a, share, lr in recipes.ladder(method, bits)
+    ]
 
 
 def split_steps(total: int, fractions: Sequence[float]) -> list[int]:
@@ -192,12 +187,15 @@ def run_config(
     ``teacher_start_from`` names another run for the teacher). ``teacher_lr_scale``:
     the teacher's lr relative to the student's in every stage.
     """
-    from lbq.configs import default
+    from lbq.configs import default, recipes
 
     c = ml_collections.ConfigDict(base.to_dict())
     c.seed = run.seed
-    c.model.quantized = run.method != "fp"
-    c.quant.w_bits = c.quant.a_bits = 32 if run.method == "fp" else run.bits
+    # The method's switches as its config file sets them; the stages below replace the
+    # config's epochs with this study's equal step budget.
+    recipes.apply_method(c, run.method, run.bits, epochs=1.0, fine_tune_lr=fine_tune_lr)
+    if run.method == "fp":
+        c.quant.w_bits = c.quant.a_bits = 32
     plan = stage_plan(run.method, run.bits, fine_tune_lr, pretrained=bool(start_from))
     lengths = split_steps(total_steps, [f for _, _, f, _ in plan])
     stages = []
@@ -214,15 +212,7 @@ def run_config(
             )
         )
     c.stages = stages
-    if run.method == "sp":
-        c.stochastic.enabled = True
-        c.stochastic.unit = "block"
-        c.stochastic.schedule = "linear"
-        c.stochastic.p_start = 0.5
-        c.stochastic.full_at = 0.5
-    if run.method in ("kd", "best"):
-        c.distill.enabled = True
-        c.distill.teacher = "joint"
+    if c.distill.enabled:
         c.distill.teacher_init = teacher_start_from or start_from or None
     c.init_from = start_from or None
     return c
@@ -460,19 +450,36 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m lbq.experiments.reproduce", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--preset", choices=("cifar10", "tiny"), default="cifar10")
-    p.add_argument("--outdir", required=True)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument(
+        "--preset",
+        choices=("cifar10", "tiny"),
+        default="cifar10",
+        help="cifar10: ResNet-20 on a prepared CIFAR-10 (--dataset, --data_dir); tiny: a few "
+        "steps on the embedded digits data, for tests",
+    )
+    p.add_argument("--outdir", required=True, help="one workdir per run, the table and the plot")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, from {', '.join(METHODS)} (see lbq.configs.recipes.ladder)",
+    )
     p.add_argument("--bits", default="2,4", help="in the order to run them")
     p.add_argument("--order", default="seed", choices=("seed", "bits"), help="see plan_runs")
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", default="0,1", help="comma-separated; every run once per seed")
     p.add_argument("--epochs", type=float, default=4.0, help="total epochs of every run")
-    p.add_argument("--dataset", default="cifar10_jpeg")
-    p.add_argument("--data_dir", default="/tmp/lbq_tfds")
+    p.add_argument(
+        "--dataset", default="cifar10_jpeg", help="TFDS name (from lbq.data.prepare or tfds)"
+    )
+    p.add_argument("--data_dir", default="/tmp/lbq_tfds", help="the TFDS data directory")
     p.add_argument("--train_images", type=int, default=5000, help="0: the whole train split")
-    p.add_argument("--eval_split", default="test")
-    p.add_argument("--lr_schedule", default="cosine", choices=("cosine", "step", "constant"))
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--eval_split", default="test", help="TFDS split evaluated after each stage")
+    p.add_argument(
+        "--lr_schedule",
+        default="cosine",
+        choices=("cosine", "step", "constant"),
+        help="every stage's learning-rate schedule",
+    )
+    p.add_argument("--workers", type=int, default=2, help="host decode threads (data.workers)")
     p.add_argument(
         "--fine_tune_lr",
         type=float,
@@ -538,6 +545,8 @@ def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: a
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if importlib.util.find_spec("matplotlib") is None:  # checked before hours of training
+        raise SystemExit("lbq: error: reproduce draws its plot with matplotlib; pip install lbq")
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:

@@ -1,0 +1,25 @@
+"""CIFAR-100 flagship with LSQ: PreResNet-20 W2A2, learned step sizes for weights and activations.
+
+The stages and teacher of `cifar100_w2a2.py` (ladder 32 -> 4 -> 2 with a jointly trained
+full-precision teacher), with LSQ (Esser et al., arXiv 1902.08153; SPEC section 7) for every
+quantized conv and activation. At 32 bits LSQ is the identity (weights) or a ReLU
+(activations), so the ranges are calibrated on the trained network when the W4A4 stage starts
+(`lbq.calibrate`) and carry over, range kept, to W2A2.
+
+Run:
+
+    python -m lbq.main --config=configs/cifar100_w2a2_lsq.py --workdir=WORKDIR
+
+Tiny variant for tests (a few CPU steps on the embedded digits data):
+
+    python -m lbq.main --config=configs/cifar100_w2a2_lsq.py:tiny --workdir=WORKDIR
+"""
+
+from lbq.configs import cifar100_w2a2, recipes
+
+
+def get_config(variant: str = ""):
+    c = cifar100_w2a2.get_config()
+    c.quant.weight_quantizer = "lsq"
+    c.quant.activation_quantizer = "lsq"
+    return recipes.finish(c, variant)

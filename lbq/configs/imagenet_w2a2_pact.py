@@ -1,0 +1,25 @@
+"""ImageNet flagship with PACT activations: ResNet-18 W2A2 fine-tuned with learned clips.
+
+The stages and teacher of `imagenet_w2a2.py` (weights-then-activations, jointly fine-tuned
+full-precision teacher), with every quantized activation a PACT activation (SPEC section 7).
+Weights stay DoReFa's, as in the PACT paper. Set --config.init_from=WORKDIR_OF_imagenet_fp: the
+clips are then calibrated on that model's own activations before the first step
+(``quant.activation_calibration``, ``quant.calibration_batches``; `lbq.calibrate`).
+
+Run:
+
+    python -m lbq.main --config=configs/imagenet_w2a2_pact.py --workdir=WORKDIR
+    # ResNet-50: --config=configs/imagenet_w2a2_pact.py:resnet50
+
+Tiny variant for tests (a few CPU steps on the embedded digits data):
+
+    python -m lbq.main --config=configs/imagenet_w2a2_pact.py:tiny --workdir=WORKDIR
+"""
+
+from lbq.configs import imagenet_w2a2, recipes
+
+
+def get_config(variant: str = ""):
+    c = imagenet_w2a2.get_config()
+    c.quant.activation_quantizer = "pact"
+    return recipes.finish(c, variant)
