@@ -34,9 +34,13 @@ class MetricsWriter:
             try:
                 from tensorboardX import SummaryWriter
 
-                # purge_step hides the same steps' events from TensorBoard.
+                # purge_step hides the same steps' events from TensorBoard. tensorboardX names
+                # event files by the second and opens them with 'wb': the suffix keeps a resume
+                # within the same second from overwriting the previous invocation's events.
                 self._tb = SummaryWriter(
-                    os.path.join(workdir, "tensorboard"), purge_step=start_step + 1
+                    os.path.join(workdir, "tensorboard"),
+                    purge_step=start_step + 1,
+                    filename_suffix=f".from_step_{start_step}",
                 )
             except ImportError:  # TensorBoard is optional; JSON lines are always written
                 self._tb = None

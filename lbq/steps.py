@@ -134,6 +134,27 @@ def current_masks(networks: tuple[Network, ...], opt_state) -> dict[str, jax.Arr
     return masks
 
 
+def _network_loss(net, out, labels, teacher, students, weights: LossWeights):
+    """(loss, extra terms) of one network: cross-entropy alone, or the joint-distillation loss
+    against its peers (the teacher for a student, every student for the teacher)."""
+    logits, features, _ = out[net.name]
+    if teacher is None:
+        return losses.cross_entropy(logits, labels), {}
+    peers = [out[teacher.name]] if not net.teacher else [out[s.name] for s in students]
+    prefix = "teacher" if net.teacher else "student"
+    return losses.joint_loss(
+        logits,
+        labels,
+        [p[0] for p in peers],
+        features,
+        [p[1] for p in peers],
+        ce_weight=getattr(weights, f"{prefix}_ce"),
+        kl_weight=getattr(weights, f"{prefix}_kl"),
+        attention_weight=getattr(weights, f"{prefix}_att"),
+        temperature=weights.temperature,
+    )
+
+
 def make_train_step(
     networks: tuple[Network, ...],
     optimizer: optax.GradientTransformation,
@@ -169,24 +190,8 @@ def make_train_step(
             )
         metrics, total = {}, jnp.float32(0.0)
         for net in networks:
-            logits, features, _ = out[net.name]
-            if teacher is None:
-                loss = losses.cross_entropy(logits, labels)
-                terms = {}
-            else:
-                peers = [out[teacher.name]] if not net.teacher else [out[s.name] for s in students]
-                prefix = "teacher" if net.teacher else "student"
-                loss, terms = losses.joint_loss(
-                    logits,
-                    labels,
-                    [p[0] for p in peers],
-                    features,
-                    [p[1] for p in peers],
-                    ce_weight=getattr(weights, f"{prefix}_ce"),
-                    kl_weight=getattr(weights, f"{prefix}_kl"),
-                    attention_weight=getattr(weights, f"{prefix}_att"),
-                    temperature=weights.temperature,
-                )
+            logits = out[net.name][0]
+            loss, terms = _network_loss(net, out, labels, teacher, students, weights)
             if net.trainable:
                 total = total + loss
             metrics[f"{net.name}/loss"] = loss

@@ -77,11 +77,22 @@ def test_one_step_updates_both_with_their_own_rates():
 
 
 def test_named_calls_label_each_network_in_the_compiled_step():
+    """`jax.named_call` puts each network's ops, forward and backward, under a scope named for
+    it: 'jit(train_step)/jvp(student)/CifarResNet/...'. Without it the same ops read
+    'jit(train_step)/jvp(CifarResNet)/...'. The network names also appear in the argument
+    locations (``state.params['student']...``) either way, so only the ops' scopes are read."""
+    import re
+
     rig = StepRig(_kd_config())
-    text = rig.train_step.lower(rig.state, rig.batch, {"lr": rig.lr, "bits": rig.bits}).as_text(
-        debug_info=True
-    )
-    assert "student" in text and "teacher" in text
+    hparams = {"lr": rig.lr, "bits": rig.bits}
+    text = rig.train_step.lower(rig.state, rig.batch, hparams).as_text(debug_info=True)
+    scope_pairs = set()
+    for name_stack in re.findall(r'loc\("([^"]*)"', text):
+        # 'transpose(jvp(student))' -> 'student'
+        parts = [re.sub(r"^(?:\w+\()+|\)+$", "", part) for part in name_stack.split("/")]
+        scope_pairs.update(zip(parts[:-1], parts[1:], strict=True))
+    for net in rig.networks:
+        assert (net.name, type(net.model).__name__) in scope_pairs, net.name
 
 
 def test_joint_run_lowers_both_losses_and_evaluates_every_network(tmp_path):

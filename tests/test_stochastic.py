@@ -159,11 +159,41 @@ def test_evaluation_uses_the_fully_quantized_network():
 
 
 def test_transform_composes_inside_multi_transform():
+    """Chained inside one network's partition of `optax.multi_transform`, as the trainer builds
+    it: the state sits in that partition only, the updates are those of the chain without it,
+    and the masks are those of the transformation on its own."""
+    schedule = ProbabilitySchedule("constant", 0.5, 1.0)
+    params = {"student": {"w": jnp.ones(3)}, "teacher": {"w": jnp.ones(2)}}
+    labels = {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
+
+    def sampler():
+        return stochastic_precision(6, schedule, seed=4, horizon=100)  # p stays at 0.5
+
+    def combined(with_masks):
+        first = [sampler()] if with_masks else []
+        student = optax.chain(*first, optax.add_decayed_weights(1e-2), optax.trace(0.9))
+        return optax.multi_transform({"student": student, "teacher": optax.trace(0.5)}, labels)
+
+    tx, plain, alone = combined(True), combined(False), sampler()
+    state, plain_state, alone_state = tx.init(params), plain.init(params), alone.init({})
+    assert isinstance(state, optax.MultiTransformState)
+    assert find_masks(state.inner_states["teacher"]) == []
+    update = jax.jit(tx.update)
+    masks = []
+    for step in range(1, 4):
+        grads = jax.tree.map(lambda p, step=step: p * step - 0.5, params)
+        out, state = update(grads, state, params)
+        want, plain_state = plain.update(grads, plain_state, params)
+        _, alone_state = alone.update({}, alone_state)
+        for got, expected in zip(jax.tree.leaves(out), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(got, expected)
+        [mask] = find_masks(state.inner_states["student"])
+        np.testing.assert_array_equal(mask, alone_state.mask)
+        masks.append(np.asarray(mask))
+    assert len({m.tobytes() for m in masks}) > 1  # the masks changed between updates
+
+    # The trainer's optimizer: one mask, in the student's partition.
     rig = StepRig(_sp_config())
-    assert isinstance(
-        rig.state.opt_state,
-        optax.contrib.MultiTransformState
-        if hasattr(optax.contrib, "MultiTransformState")
-        else type(rig.state.opt_state),
-    )
-    assert len(find_masks(rig.state.opt_state)) == 1
+    opt_state = rig.state.opt_state
+    assert isinstance(opt_state, optax.MultiTransformState)
+    assert len(find_masks(opt_state.inner_states["student"])) == len(find_masks(opt_state)) == 1

@@ -103,6 +103,22 @@ def _field(cfg: Any, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def steps_per_epoch(num_train: int, global_batch: int) -> int:
+    """Steps in one pass over ``num_train`` examples at ``global_batch``: the remainder of each
+    epoch is dropped, so every step sees a full batch. The one definition that the data order,
+    the stage lengths and the epoch counts in metrics share.
+
+    Raises:
+      ValueError: when the batch is larger than the split.
+    """
+    steps = num_train // global_batch
+    if steps == 0:
+        raise ValueError(
+            f"batch_size={global_batch} is larger than the {num_train} training images"
+        )
+    return steps
+
+
 def default_num_workers() -> int:
     """A small pool: decode threads beyond the core count only add contention."""
     return max(1, min(8, os.cpu_count() or 1))

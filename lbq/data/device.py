@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lbq.data.config import steps_per_epoch
+
 
 def device_augment_params(
     key: jax.Array, num: int, *, pad: int = 4, flip: bool = True
@@ -92,15 +94,13 @@ def device_train_batch(
     Returns:
       (images [global_batch, H, W, C], labels [global_batch]).
     """
-    steps_per_epoch = num_train // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"global_batch={global_batch} exceeds num_train={num_train}")
+    epoch_steps = steps_per_epoch(num_train, global_batch)
     # Separate keys so the order of epoch e and the augmentation of step e never coincide.
     order_key, aug_key = jax.random.split(key)
     step = jnp.asarray(step, jnp.int32)
-    epoch = step // steps_per_epoch
+    epoch = step // epoch_steps
     perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), num_train)
-    start = (step % steps_per_epoch) * global_batch
+    start = (step % epoch_steps) * global_batch
     idx = jax.lax.dynamic_slice_in_dim(perm, start, global_batch)
     batch_images = jnp.take(images, idx, axis=0)
     batch_labels = jnp.take(labels, idx, axis=0)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from lbq.data import transforms
-from lbq.data.config import MIN_CLASSES, DatasetInfo, Settings, read_settings
+from lbq.data.config import MIN_CLASSES, DatasetInfo, Settings, read_settings, steps_per_epoch
 from lbq.data.errors import DataError
 from lbq.data.sources import ArraySource, Dataset, Source, open_dataset
 from lbq.data.stats import floor_std
@@ -208,11 +208,10 @@ def train_iterator(
     per_host = _per_host(global_batch, process_index, process_count)
     source = _maybe_cached(ds.source(s.train_split), ds, s)
     num_train = len(source)
-    steps_per_epoch = num_train // global_batch
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"global_batch={global_batch} exceeds the {num_train} examples of {source.description}"
-        )
+    try:
+        epoch_steps = steps_per_epoch(num_train, global_batch)
+    except ValueError as error:
+        raise DataError(f"{error} ({source.description})") from None
     if start_step < 0:
         raise DataError(f"start_step must be >= 0, got {start_step}")
     seed = int(seed) % 2**63  # SeedSequence takes non-negative entropy only
@@ -223,7 +222,7 @@ def train_iterator(
         epoch, perm = -1, None
         step = start_step
         while True:
-            e, b = divmod(step, steps_per_epoch)
+            e, b = divmod(step, epoch_steps)
             if e != epoch:
                 epoch = e
                 perm = np.random.default_rng([seed, _ORDER_STREAM, e]).permutation(num_train)

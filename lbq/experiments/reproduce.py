@@ -543,24 +543,10 @@ def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: a
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if importlib.util.find_spec("matplotlib") is None:  # checked before hours of training
-        raise SystemExit("lbq: error: reproduce draws its plot with matplotlib; pip install lbq")
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    bits = [int(b) for b in args.bits.split(",") if b]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    runs = plan_runs(methods, bits, seeds, args.order)
-    base = base_config(args.preset, args)
-
-    from lbq import data as lbq_data
-
-    info = lbq_data.get_info(base.data)
-    steps_per_epoch = info.num_train // base.batch_size
-    total_steps = 4 if args.preset == "tiny" else round(args.epochs * steps_per_epoch)
+def _describe_study(
+    args, base, info, total_steps: int, steps_per_epoch: int
+) -> tuple[str, str, dict[str, str]]:
+    """The results table's header, the plot's title and the method notes of this study."""
     epochs = total_steps / steps_per_epoch
     header = (
         f"Top-1 on {info.name}[{base.data.eval_split}] ({info.num_eval} images), ResNet-20, "
@@ -580,6 +566,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = PRETRAINED_NOTES if args.start_from else METHOD_NOTES
     model = "ResNet-20 from a trained FP model" if args.start_from else "ResNet-20"
     title = f"{model}, {info.name} ({info.num_train} train images, {epochs:.2f} epochs)"
+    return header, title, notes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if importlib.util.find_spec("matplotlib") is None:  # checked before hours of training
+        raise SystemExit("lbq: error: reproduce draws its plot with matplotlib; pip install lbq")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    bits = [int(b) for b in args.bits.split(",") if b]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    runs = plan_runs(methods, bits, seeds, args.order)
+    base = base_config(args.preset, args)
+
+    from lbq import data as lbq_data
+    from lbq.plan import parse_config
+
+    info = lbq_data.get_info(base.data)
+    steps_per_epoch = parse_config(base).steps_per_epoch(info.num_train)
+    total_steps = 4 if args.preset == "tiny" else round(args.epochs * steps_per_epoch)
+    epochs = total_steps / steps_per_epoch
+    header, title, notes = _describe_study(args, base, info, total_steps, steps_per_epoch)
     os.makedirs(args.outdir, exist_ok=True)
 
     pending = [r for r in runs if not os.path.exists(_result_path(args.outdir, r))]
