@@ -10,6 +10,8 @@ normalised inside the step; softmax cross-entropy over 100 classes; SGD with Nes
 
 It is written the way a PyTorch user writes it: the bit-width is a Python constant, so no
 full-precision branch is computed (lbq's bit-widths are data, see lbq/quant/quantizers.py).
+The network and quantizers are ``torch_fakequant.ResNet``'s (the same file also times bfloat16,
+``torch.compile``, ResNet-18 and every mode of ``lbq.bench``).
 
 Needs only torch and numpy, in its own environment:
 
@@ -31,102 +33,14 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-CIFAR100_MEAN = (129.304, 124.070, 112.434)
-CIFAR100_STD = (68.170, 65.392, 70.418)
-
-
-class RoundSTE(torch.autograd.Function):
-    """round() with an identity gradient (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
+# The network and quantizers are torch_fakequant's (run as a script, this folder is on the path).
+from torch_fakequant import CIFAR100_MEAN, CIFAR100_STD, ResNet  # noqa: E402
 
 
-def quantize_unit(z: torch.Tensor, bits: int) -> torch.Tensor:
-    levels = float(2**bits - 1)
-    return RoundSTE.apply(z * levels) / levels
-
-
-def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    t = torch.tanh(w)
-    max_abs = t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)
-    return 2.0 * quantize_unit(t / (2.0 * max_abs) + 0.5, bits) - 1.0
-
-
-def quantize_activation(a: torch.Tensor, bits: int) -> torch.Tensor:
-    return quantize_unit(torch.clamp(a, 0.0, 1.0), bits)
-
-
-class QConv(nn.Conv2d):
-    """3x3 conv (no bias) whose weights are DoReFa-quantized, or full precision at bits=None."""
-
-    def __init__(self, cin, cout, stride, bits):
-        super().__init__(cin, cout, 3, stride, 1, bias=False)
-        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-        self.bits = bits
-
-    def forward(self, x):
-        w = self.weight if self.bits is None else quantize_weight(self.weight, self.bits)
-        return F.conv2d(x, w, None, self.stride, self.padding)
-
-
-class Act(nn.Module):
-    def __init__(self, bits):
-        super().__init__()
-        self.bits = bits
-
-    def forward(self, x):
-        return F.relu(x) if self.bits is None else quantize_activation(x, self.bits)
-
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride, bits, last):
-        super().__init__()
-        self.conv1, self.bn1, self.act1 = (
-            QConv(cin, cout, stride, bits),
-            nn.BatchNorm2d(cout),
-            Act(bits),
-        )
-        self.conv2, self.bn2 = QConv(cout, cout, 1, bits), nn.BatchNorm2d(cout)
-        self.act2 = Act(None if last else bits)
-        self.stride, self.extra = stride, cout - cin
-
-    def forward(self, x):
-        y = self.act1(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        residual = x
-        if self.stride != 1 or self.extra:
-            # Option A: subsample, zero-pad the new channels.
-            residual = x[:, :, :: self.stride, :: self.stride]
-            residual = F.pad(residual, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-        return self.act2(y + residual)
-
-
-class ResNet20(nn.Module):
-    def __init__(self, bits: int | None, num_classes: int = 100):
-        super().__init__()
-        self.stem = QConv(3, 16, 1, None)
-        self.stem_bn, self.stem_act = nn.BatchNorm2d(16), Act(bits)
-        blocks, cin = [], 16
-        for stage, width in enumerate((16, 32, 64)):
-            for index in range(3):
-                stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(Block(cin, width, stride, bits, last=stage == 2 and index == 2))
-                cin = width
-        self.blocks = nn.Sequential(*blocks)
-        self.classifier = nn.Linear(64, num_classes)
-
-    def forward(self, x):
-        x = self.stem_act(self.stem_bn(self.stem(x)))
-        x = self.blocks(x)
-        return self.classifier(x.mean(dim=(2, 3)))
+def ResNet20(bits: int | None, num_classes: int = 100) -> ResNet:  # noqa: N802 (a class name)
+    """The CIFAR ResNet-20 of ``torch_fakequant`` at ``bits`` (None: full precision)."""
+    return ResNet(imagenet=False, bits=bits, num_classes=num_classes)
 
 
 class Bench:

@@ -1,0 +1,191 @@
+"""Prepares, on this machine, what an accelerator call of the suite carries: data and wheels.
+
+A device machine starts bare and reaches no network: it has Python 3.12, JAX, Flax, Optax,
+Orbax, chex and PyTorch, but not the packages below (see /work/.library/device/KINDS.md). This
+script, run from the repository root before the call:
+
+1. copies the CIFAR-10 JPEG archive (19 MB; checked against its published sha256) to
+   ``DATA/cifar10-jpeg.tar.gz``, from which the suite builds the TFDS dataset on the device
+   (``/DATA/`` is git-ignored);
+2. downloads the missing packages as wheels for CPython 3.12 on manylinux x86-64 into
+   ``.whl/`` (pure-Python ones without a wheel on the index are built here with
+   ``pip wheel``), and adds ``/.whl/`` to ``.git/info/exclude``;
+3. records the source commit in ``DATA/source_commit.txt`` (the device copy has no .git);
+4. prints what the call would carry: the working tree that travels (tracked and untracked
+   files that git does not ignore) plus ``DATA`` and ``.whl``, against the 64 MiB limit.
+
+    python benchmarks/prepare_device_data.py            # then: see docs/accelerator.md
+    python benchmarks/prepare_device_data.py --check    # only step 4
+
+The pinned versions are the ones this repository's CI environment tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHIVE = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-jpeg.tar.gz")
+ARCHIVE_SHA256 = "097287809041e0a666355dfce11470ba1b3f2631fe910d8793c716253f10b297"
+CARRY = ("DATA", ".whl")
+CARRY_LIMIT_BYTES = 64 * 2**20
+# Missing on the device: lbq's own needs (requirements.txt) and their dependencies that the
+# device image lacks (absl-py, etils, numpy, protobuf, psutil, pyarrow, requests, tqdm, wrapt,
+# pyyaml, six, attrs, typing-extensions are there). protobuf is carried as well: the suite
+# installs it only if the TFDS imports fail with the device's own.
+WHEELS = (
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "tensorboardX==2.6.5",
+    "array-record==0.8.6",
+    "dm-tree==0.1.10",
+    "simple-parsing==0.1.9",
+    "tensorflow-metadata==1.21.0",
+    "immutabledict==4.3.1",
+    "googleapis-common-protos==1.76.0",
+    "docstring-parser==0.18.0",
+    "termcolor==3.3.0",
+    "toml==0.10.2",
+    "protobuf==7.36.2",
+)
+# Published only as source archives: built into wheels here (pure Python).
+SOURCE_ONLY = ("promise==2.3",)
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def copy_archive(source: str) -> str:
+    """Copies the archive into DATA/ after checking its sha256; returns the target path."""
+    if not os.path.exists(source):
+        raise SystemExit(f"prepare_device_data: error: archive {source} not found (--archive)")
+    found = sha256(source)
+    if found != ARCHIVE_SHA256:
+        raise SystemExit(
+            f"prepare_device_data: error: {source} has sha256 {found}, not {ARCHIVE_SHA256}"
+        )
+    target = os.path.join(ROOT, "DATA", "cifar10-jpeg.tar.gz")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if not os.path.exists(target) or sha256(target) != ARCHIVE_SHA256:
+        shutil.copyfile(source, target)
+    return target
+
+
+def record_commit() -> str:
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    commit = head + ("+dirty" if dirty else "")
+    with open(os.path.join(ROOT, "DATA", "source_commit.txt"), "w") as f:
+        f.write(commit + "\n")
+    return commit
+
+
+def download_wheels(folder: str) -> list[str]:
+    """The wheels of `WHEELS` and `SOURCE_ONLY` for CPython 3.12 manylinux x86-64."""
+    os.makedirs(folder, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--python-version", "3.12", "--implementation", "cp", "-d", folder]
+    for platform in PLATFORMS:
+        cmd += ["--platform", platform]
+    subprocess.run(cmd + list(WHEELS), check=True)
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", folder]
+    subprocess.run(build + list(SOURCE_ONLY), check=True)
+    wanted = {_normal(spec) for spec in WHEELS + SOURCE_ONLY}
+    for path in glob.glob(os.path.join(folder, "*.whl")):  # one version of each, no strays
+        name, version = os.path.basename(path).split("-")[:2]
+        if (_normal(name), version) not in wanted:
+            os.remove(path)
+    return sorted(os.listdir(folder))
+
+
+def _normal(spec: str) -> tuple[str, str] | str:
+    """'array-record==0.8.6' -> ('array_record', '0.8.6'); a wheel's name part -> 'array_record'."""
+    if "==" in spec:
+        name, version = spec.split("==")
+        return name.replace("-", "_").lower(), version
+    return spec.replace("-", "_").lower()
+
+
+def exclude(pattern: str) -> None:
+    """Adds ``pattern`` to .git/info/exclude (git-ignored here, not in the shared .gitignore)."""
+    path = os.path.join(ROOT, ".git", "info", "exclude")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    if pattern not in lines:
+        with open(path, "a") as f:
+            f.write(pattern + "\n")
+
+
+def carry_sizes() -> dict[str, int]:
+    """Bytes that a call carries: the travelling tree and each carried path."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    tree = 0
+    for rel in filter(None, listed):
+        path = os.path.join(ROOT, rel)
+        if os.path.isfile(path) and not os.path.islink(path):
+            tree += os.path.getsize(path)
+    sizes = {"working tree": tree}
+    for name in CARRY:
+        total = 0
+        for base, _, files in os.walk(os.path.join(ROOT, name)):
+            total += sum(os.path.getsize(os.path.join(base, f)) for f in files)
+        sizes[name] = total
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--archive", default=ARCHIVE, help="the CIFAR-10 JPEG archive")
+    parser.add_argument("--check", action="store_true", help="only report the carry size")
+    args = parser.parse_args(argv)
+    if not args.check:
+        target = copy_archive(args.archive)
+        print(f"archive: {os.path.relpath(target, ROOT)} (sha256 ok)")
+        print(f"commit: {record_commit()}")
+        exclude("/.whl/")
+        exclude("/DATA/")
+        wheels = download_wheels(os.path.join(ROOT, ".whl"))
+        print(f"wheels ({len(wheels)}): {', '.join(wheels)}")
+    sizes = carry_sizes()
+    total = sum(sizes.values())
+    for name, size in sizes.items():
+        print(f"  {name:<14}{size / 2**20:8.1f} MiB")
+    verdict = "fits" if total <= CARRY_LIMIT_BYTES else "DOES NOT FIT"
+    print(f"  {'total':<14}{total / 2**20:8.1f} MiB of 64 MiB: {verdict}")
+    return 0 if total <= CARRY_LIMIT_BYTES else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
