@@ -19,11 +19,13 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lbq import calibrate
 from lbq.checkpoint import CheckpointError, load_variables
 from lbq.data import DatasetInfo
 from lbq.mesh import data_mesh
 from lbq.models import get_model
 from lbq.plan import RunPlan
+from lbq.quant.layers import merge_learned_ranges, split_learned_ranges
 from lbq.quant.precision import make_precision, unit_index
 from lbq.quant.stochastic import start_stage, stochastic_precision
 from lbq.stages import Stage
@@ -130,6 +132,9 @@ def _check_shapes(source, target, field: str, path: str, network: str) -> None:
 def load_into(state: TrainState, path: str, mapping: Mapping[str, str], field: str) -> TrainState:
     """Copies networks' weights from another run: {our network: their network}.
 
+    Learned quantizer ranges (PACT clips, LSQ ranges) are not copied: a full-precision run has
+    none, and `lbq.calibrate.start_ranges` sets them for this run; ours keep their values.
+
     Raises:
       ConfigError: naming ``field`` when the run cannot be read, or its parameters do not fit
         (another structure, or the first parameter whose shape differs, with both shapes).
@@ -144,15 +149,23 @@ def load_into(state: TrainState, path: str, mapping: Mapping[str, str], field: s
             theirs = "student"
         source = loaded[theirs]
         for target, name in ((params, "params"), (stats, "batch_stats")):
-            want = jax.tree.structure(target[ours])
-            if jax.tree.structure(source[name]) != want:
+            theirs_tree, ours_tree, ranges = source[name], target[ours], {}
+            if name == "params":
+                theirs_tree = split_learned_ranges(theirs_tree)[0]
+                ours_tree, ranges = split_learned_ranges(ours_tree)
+            want = jax.tree.structure(ours_tree)
+            if jax.tree.structure(theirs_tree) != want:
                 raise ConfigError(f"{field}={path!r}: {name} of {theirs!r} do not match {ours!r}")
-            _check_shapes(source[name], target[ours], field, path, ours)
-            target[ours] = jax.tree.map(
-                lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
-                source[name],
-                target[ours],
+            _check_shapes(theirs_tree, ours_tree, field, path, ours)
+            copied = jax.tree.map(
+                # A copy: two networks loaded from the same saved arrays (the student and the
+                # teacher from one full-precision run) must not share a buffer, or donating the
+                # state would donate it twice.
+                lambda new, old: jax.device_put(jnp.array(new, old.dtype, copy=True), old.sharding),
+                theirs_tree,
+                ours_tree,
             )
+            target[ours] = merge_learned_ranges(copied, ranges) if ranges else copied
     return state.replace(params=params, batch_stats=stats)
 
 
@@ -170,6 +183,9 @@ class Trainer:
       train_step: jitted ``(state, batch, {'lr', 'bits'}) -> (state, metrics)``, the state
         donated.
       eval_step: jitted ``(state, batch, bits) -> sums``.
+      batch_stats_step: jitted ``(params, batch_stats, batch, bits) -> {network: the batch's
+        BatchNorm statistics}`` (`lbq.calibrate.make_batch_statistics_step`), for BatchNorm
+        re-estimation before evaluations.
     """
 
     plan: RunPlan
@@ -179,6 +195,7 @@ class Trainer:
     mesh: jax.sharding.Mesh
     train_step: jax.stages.Wrapped
     eval_step: jax.stages.Wrapped
+    batch_stats_step: jax.stages.Wrapped | None = None
 
     @property
     def replicated(self) -> NamedSharding:
@@ -213,10 +230,16 @@ class Trainer:
             first_nonfinite=jax.device_put(jnp.int32(-1), self.replicated),
         )
 
+    def bits_per_stage(self) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """`stage_bits` of every stage of the plan, in order."""
+        return [stage_bits(stage, self.networks) for stage in self.plan.stages]
+
     def start_stage(self, state: TrainState, stage: Stage) -> TrainState:
         """The state with a fresh optimizer state for ``stage`` (a per-stage key for stochastic
         precision), placed like the rest of the state so the compiled step sees the same input
-        types."""
+        types. From the second stage on, the LSQ ranges of layers that the stage quantizes for
+        the first time are calibrated (`lbq.calibrate.stage_ranges`)."""
+        state = calibrate.stage_ranges(self, state, self.bits_per_stage(), stage.index)
         trainable = {n.name: state.params[n.name] for n in self.networks if n.trainable}
         opt_state = self.optimizer.init(trainable)
         if self.plan.stochastic.enabled:
@@ -229,7 +252,8 @@ class Trainer:
         return jax.device_put(stage_bits(stage, self.networks), self.replicated)
 
     def load_start_weights(self, state: TrainState) -> TrainState:
-        """A new run's state with the weights of ``init_from`` and ``distill.teacher_init``."""
+        """A new run's state with the weights of ``init_from`` and ``distill.teacher_init``,
+        and its learned quantizer ranges calibrated (`lbq.calibrate.start_ranges`)."""
         if self.plan.init_from:
             mapping = {n.name: n.name for n in self.networks}
             state = load_into(state, self.plan.init_from, mapping, "init_from")
@@ -237,7 +261,7 @@ class Trainer:
         if distill.enabled and distill.teacher_init:
             mapping = {"teacher": "teacher"}
             state = load_into(state, distill.teacher_init, mapping, "distill.teacher_init")
-        return state
+        return calibrate.start_ranges(self, state, self.bits_per_stage())
 
 
 def build_trainer(
@@ -275,4 +299,9 @@ def build_trainer(
         in_shardings=(repl, batch_sharding, repl),
         out_shardings=repl,
     )
-    return Trainer(plan, info, networks, optimizer, mesh, train_step, eval_step)
+    batch_stats_step = jax.jit(
+        calibrate.make_batch_statistics_step(networks, info.mean, info.std),
+        in_shardings=(repl, repl, batch_sharding, repl),
+        out_shardings=repl,
+    )
+    return Trainer(plan, info, networks, optimizer, mesh, train_step, eval_step, batch_stats_step)

@@ -10,14 +10,22 @@ restore without any error (seen with orbax-checkpoint 0.12.8 and its zstd-compre
 files), hence the checksums. A damaged checkpoint is reported with a warning naming its step,
 moved to ``WORKDIR/checkpoints_unreadable`` (so that later saves of that step are not skipped)
 and the previous one is used. A save that was interrupted leaves an
-``<step>.orbax-checkpoint-tmp*`` folder, which is reported the same way and removed. A workdir
-that holds checkpoints is never silently restarted from scratch: when none of them can be read,
-`CheckpointError` is raised.
+``<step>.orbax-checkpoint-tmp*`` folder, which is reported the same way and removed; when
+nothing else is there (the first save was cut), the run starts from step 0. A workdir that
+holds finished checkpoints is never silently restarted from scratch: when none of them can be
+read, `CheckpointError` is raised. A checkpoint whose arrays are intact but do not fit this
+run's structure (another model, another optimizer) is not damaged: it is refused
+(`CheckpointMismatch`) or, for the optimizer state alone, restored without it.
+
+Saves run in the background; a save that fails raises `CheckpointWriteError` naming its step
+at the next `poll`, `save`, `wait` or `close`, and the checkpoints saved before it stay intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import gc
 import logging
 import os
@@ -42,11 +50,48 @@ _CHECKSUMS = "checksums"
 
 
 class CheckpointError(RuntimeError):
-    """No checkpoint of a run could be restored."""
+    """No checkpoint of a run could be restored, or one could not be written."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed (disk full, read-only or immutable folder, a path too long, ...)."""
+
+    def __init__(self, step: int, reason: str, directory: str):
+        super().__init__(
+            f"could not write the checkpoint at step {step}: {reason}; the checkpoints saved "
+            f"before it are intact in {directory}"
+        )
+        self.step = step
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint holds another structure than the run restoring it.
+
+    Attributes:
+      step: the checkpoint's step.
+      part: 'weights' (parameters or BatchNorm statistics: another model) or 'optimizer'.
+      where: the first differing array, with both shapes.
+    """
+
+    def __init__(self, step: int, part: str, where: str, directory: str):
+        what = "another model" if part == "weights" else "another optimizer state"
+        super().__init__(
+            f"the checkpoint at step {step} in {directory} holds {what} than this run "
+            f"builds ({where})"
+        )
+        self.step, self.part, self.where = step, part, where
 
 
 def _manager(directory: str, keep: int = 0, create: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=create)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep or None,
+        create=create,
+        # Created in the background, a step folder that cannot be created (an immutable or
+        # read-only folder) leaves Orbax threads waiting for a signal that never comes, which
+        # holds the process at exit for Orbax's timeout (300 s seen with orbax-checkpoint
+        # 0.12.8). Created by `save` itself, the failure is raised there at once.
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
+    )
     # Naming the handlers lets the manager read a checkpoint's metadata before restoring it.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(
@@ -116,6 +161,31 @@ def _reason(error: BaseException) -> str:
     return type(error).__name__
 
 
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _write_reason(error: BaseException) -> str:
+    """The cause of a failed write, for one line: the OS's words where there are some.
+
+    TensorStore reports an OS error inside a long message that starts with the file's path
+    (``... Failed to write ... [os_error_code='28']``); Python's own I/O raises OSError.
+    """
+    chain, seen = [], error
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for candidate in chain:
+        if isinstance(candidate, OSError) and candidate.errno:
+            name = errno.errorcode.get(candidate.errno, str(candidate.errno))
+            return f"{os.strerror(candidate.errno)} ({name})"
+    for candidate in chain:
+        match = _OS_ERROR_CODE.search(str(candidate))
+        if match:
+            code = int(match.group(1))
+            return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    return _reason(error)
+
+
 # ----------------------------------------------------------------------------- restore
 
 
@@ -145,6 +215,45 @@ def _drop_abandoned_read_reports() -> None:
 
     hook.drops_abandoned_reads = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+
+
+_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__))
+
+
+def _reports_orbax_failure(record: logging.LogRecord) -> bool:
+    """Whether a log record is Orbax's own error report, or an exception raised inside Orbax
+    that asyncio reports as never retrieved."""
+    if record.levelno < logging.ERROR:
+        return False
+    if (record.pathname or "").startswith(_ORBAX_DIR):
+        return True
+    trace = record.exc_info[1].__traceback__ if record.exc_info and record.exc_info[1] else None
+    while trace is not None:
+        if trace.tb_frame.f_code.co_filename.startswith(_ORBAX_DIR):
+            return True
+        trace = trace.tb_next
+    return False
+
+
+class _DropOrbaxFailureReports(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _reports_orbax_failure(record)
+
+
+def _quiet_orbax_failure_reports() -> None:
+    """Drops Orbax's own tracebacks of failures that lbq reports itself (once per process).
+
+    A save that fails on a full disk makes Orbax's background threads log each failed write
+    with its traceback (about 350 lines seen with orbax-checkpoint 0.12.8), and asyncio adds
+    "exception was never retrieved" for the rest. The same exception reaches lbq (from `save`,
+    `poll`, `wait`, `close` or a restore), which reports it in one line; the copies would bury
+    that line. Other loggers and lbq's own messages are untouched.
+    """
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropOrbaxFailureReports) for f in logger.filters):
+            logger.addFilter(_DropOrbaxFailureReports())
+    _drop_abandoned_read_reports()
 
 
 @contextlib.contextmanager
@@ -186,6 +295,47 @@ def _abstract_from_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
     )
 
 
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of every leaf (arrays, ShapeDtypeStructs or Orbax's metadata)."""
+    return {
+        ".".join(_key_name(entry) for entry in path): tuple(getattr(leaf, "shape", ()))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _structure_mismatch(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> tuple[str, str] | None:
+    """How a checkpoint's saved structure differs from ``abstract_state``'s.
+
+    Returns:
+      ('weights' or 'optimizer', the first differing array and both shapes), or None when the
+      structures agree or the checkpoint's metadata cannot be read (then it is damaged).
+    """
+    try:
+        metadata = manager.item_metadata(step)["state"]
+        saved = _shapes(getattr(metadata, "tree", metadata)) if metadata is not None else {}
+    except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
+        return None
+    if not saved:  # no metadata (a lost _METADATA file): damaged, not another structure
+        return None
+    ours = _shapes(abstract_state)
+    differing = sorted(
+        (p for p in set(saved) | set(ours) if saved.get(p) != ours.get(p)),
+        key=lambda p: (not p.startswith("params."), p),  # a parameter names a model best
+    )
+    if not differing:
+        return None
+    weights = [p for p in differing if not p.startswith("opt_state.")]
+    path = (weights or differing)[0]
+
+    def shape(where: dict[str, tuple[int, ...]]) -> str:
+        return str(where[path]) if path in where else "absent"
+
+    where = f"{path}: {shape(saved)} in the checkpoint, {shape(ours)} in this run"
+    return ("weights" if weights else "optimizer", where)
+
+
 def _restore_step(
     manager: ocp.CheckpointManager, step: int, abstract_state: Any | None
 ) -> tuple[Any, dict[str, Any]]:
@@ -218,31 +368,78 @@ def _restore_step(
     return restored.state, meta
 
 
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A checkpoint read back.
+
+    Attributes:
+      step: its step.
+      state: in the structure of the abstract state asked for; when ``optimizer_restored`` is
+        False, the checkpoint's own nested dicts, of which 'params', 'batch_stats', 'step' and
+        'first_nonfinite' fit the run (the parameters and statistics are verified).
+      meta: its record (stage, epoch, stage results, ...) without the checksums.
+      optimizer_restored: False when only the optimizer state did not fit and was left out.
+      failures: (step, reason) of each newer checkpoint that could not be read.
+    """
+
+    step: int
+    state: Any
+    meta: dict[str, Any]
+    optimizer_restored: bool = True
+    failures: tuple[tuple[int, str], ...] = ()
+
+
 def _restore_newest(
-    manager: ocp.CheckpointManager, directory: str, steps: list[int], abstract_state: Any | None
-) -> tuple[int, Any, dict[str, Any], list[tuple[int, str]]]:
-    """Tries ``steps`` newest first; returns (step, state, meta, failures) or raises.
+    manager: ocp.CheckpointManager,
+    directory: str,
+    steps: list[int],
+    abstract_state: Any | None,
+    allow_new_optimizer: bool = False,
+) -> Restored:
+    """Tries ``steps`` newest first.
+
+    A checkpoint that fails to restore is damaged unless its saved structure differs from
+    ``abstract_state``'s: then it belongs to another configuration, and is refused or (only the
+    optimizer state differs, and ``allow_new_optimizer``) restored without its optimizer state.
 
     Raises:
+      CheckpointMismatch: when the newest readable checkpoint holds another structure.
       CheckpointError: when none of ``steps`` can be read (failures named in the message).
     """
     failures: list[tuple[int, str]] = []
+
+    def unreadable(step: int, error: BaseException) -> None:
+        reason = _reason(error)
+        log.warning(
+            "checkpoint at step %d in %s is unreadable (%s); trying an older one",
+            step,
+            directory,
+            reason,
+        )
+        failures.append((step, reason))
+
     with _quiet_failed_reads() as failed:
         for step in sorted(steps, reverse=True):
             try:
                 state, meta = _restore_step(manager, step, abstract_state)
-            except Exception as error:  # noqa: BLE001 - any failure means "unreadable"
-                reason = _reason(error)
-                log.warning(
-                    "checkpoint at step %d in %s is unreadable (%s); trying an older one",
-                    step,
-                    directory,
-                    reason,
-                )
-                failures.append((step, reason))
+                return Restored(step, state, meta, True, tuple(failures))
+            except Exception as error:  # noqa: BLE001 - damaged, or another structure
                 failed.append(step)
+                mismatch = None
+                if abstract_state is not None:
+                    mismatch = _structure_mismatch(manager, step, abstract_state)
+                if mismatch is None:
+                    unreadable(step, error)
+                    continue
+            part, where = mismatch
+            if part == "weights" or not allow_new_optimizer:
+                raise CheckpointMismatch(step, part, where, directory)
+            try:
+                state, meta = _restore_step(manager, step, None)
+            except Exception as error:  # noqa: BLE001 - any failure means "unreadable"
+                unreadable(step, error)
                 continue
-            return step, state, meta, failures
+            return Restored(step, state, meta, False, tuple(failures))
     raise CheckpointError(
         f"no readable checkpoint in {directory} ("
         + "; ".join(f"step {s}: {r}" for s, r in failures)
@@ -263,12 +460,24 @@ def partial_saves(directory: str) -> dict[int, str]:
 
 
 class Checkpoints:
-    """The checkpoints of one run, in ``WORKDIR/checkpoints``."""
+    """The checkpoints of one run, in ``WORKDIR/checkpoints``.
 
-    def __init__(self, workdir: str, keep: int):
+    Args:
+      workdir: the run's folder.
+      keep: how many checkpoints to keep (0: all).
+      create: create the folder now; False only reads until the first save (the trainer
+        writes nothing before its first step).
+    """
+
+    def __init__(self, workdir: str, keep: int, create: bool = True):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
-        self.manager = _manager(self.directory, keep)
+        _quiet_orbax_failure_reports()
+        self.manager = _manager(self.directory, keep, create=create)
+        self._pending: int | None = None  # the step of the save running in the background
+        self._failed = False
+        self._unreadable: list[int] = []  # found by `restore`, moved away by `set_aside`
+        self._partial: list[str] = []
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -277,35 +486,93 @@ class Checkpoints:
         """Saves ``state`` at its step (asynchronously; `wait` makes it durable).
 
         A step that is already saved is left as it is.
+
+        Raises:
+          CheckpointWriteError: when this save, or the previous one, failed.
         """
         step = int(jax.device_get(state.step))
+        self._finish_pending()
         if step in self.manager.all_steps():
             return
         meta = {**meta, "step": step, _CHECKSUMS: checksums(state)}
-        # force: the trainer decides when to save; Orbax's own policy would silently skip a
-        # step at or below its newest one, or while an earlier save is still being written.
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        try:
+            # force: the trainer decides when to save; Orbax's own policy would silently skip
+            # a step at or below its newest one, or while an earlier save is being written.
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as error:  # noqa: BLE001 - any failure to write is reported the same
+            self._fail(step, error)
+        self._pending = step
+
+    def poll(self) -> None:
+        """Returns at once; raises `CheckpointWriteError` once the background save has failed.
+
+        The trainer polls after every step, so a write that fails (a full disk fails within
+        milliseconds) stops the run at the next step boundary.
+        """
+        if self._pending is None:
+            return
+        try:
+            self.manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001 - any failure to write is reported the same
+            step, self._pending = self._pending, None
+            self._fail(step, error)
+        if not self.manager.is_saving_in_progress():
+            self._finish_pending()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-        """Restores the newest readable checkpoint into the structure of ``abstract_state``.
-
-        Unreadable newer checkpoints are reported with a warning and moved to
-        ``WORKDIR/checkpoints_unreadable``; interrupted saves are reported and removed.
-
-        Returns:
-          (state, meta), or None when the run has no checkpoint at all.
+        """Blocks until the background save is written.
 
         Raises:
-          CheckpointError: when checkpoints exist but none can be read.
+          CheckpointWriteError: when it failed.
+        """
+        self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 - any failure to write is reported the same
+            self._fail(step, error)
+
+    def _fail(self, step: int, error: BaseException) -> None:
+        """Raises the one-line `CheckpointWriteError`, after removing the failed save's files
+        (they may fill a disk; a rerun would discard them anyway)."""
+        self._failed = True
+        reason = _write_reason(error)
+        if jax.process_index() == 0:
+            for partial_step, name in partial_saves(self.directory).items():
+                if partial_step == step:
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        raise CheckpointWriteError(step, reason, self.directory) from None
+
+    def restore(self, abstract_state: Any, *, allow_new_optimizer: bool = False) -> Restored | None:
+        """Reads the newest readable checkpoint into the structure of ``abstract_state``;
+        changes nothing on disk (`set_aside` does, once the run commits to the workdir).
+
+        Unreadable newer checkpoints and interrupted saves are reported with a warning and
+        remembered for `set_aside`. When the only saves were interrupted (a first save cut
+        by a kill), there is nothing to resume: they are reported as discarded and None is
+        returned.
+
+        Args:
+          abstract_state: the run's state as ShapeDtypeStructs with shardings.
+          allow_new_optimizer: restore a checkpoint whose parameters and BatchNorm statistics
+            fit but whose optimizer state does not, without the optimizer state.
+
+        Returns:
+          A `Restored`, or None when the run has no finished checkpoint.
+
+        Raises:
+          CheckpointMismatch: when the newest readable checkpoint holds another structure.
+          CheckpointError: when finished checkpoints exist but none can be read.
         """
         steps = self.steps()
         partial = partial_saves(self.directory)
@@ -319,36 +586,52 @@ class Checkpoints:
                     self.directory,
                     name,
                 )
+        self._unreadable, self._partial = [], list(partial.values())
         if not steps:
             if partial:
-                raise CheckpointError(
-                    f"no readable checkpoint in {self.directory}: only interrupted saves "
-                    f"({', '.join(partial.values())}). Refusing to start from scratch over an "
-                    f"existing run; to start over, delete {self.directory}."
+                log.warning(
+                    "no save had finished in %s; discarding %s and starting the run from step 0",
+                    self.directory,
+                    ", ".join(partial.values()),
                 )
             return None
         try:
-            step, state, meta, failures = _restore_newest(
-                self.manager, self.directory, steps, abstract_state
+            restored = _restore_newest(
+                self.manager, self.directory, steps, abstract_state, allow_new_optimizer
             )
+        except CheckpointMismatch:
+            raise
         except CheckpointError as error:
             raise CheckpointError(
                 f"{error}. Refusing to start from scratch over an existing run; to start over, "
                 f"delete {self.directory}."
             ) from None
-        if failures or partial:
+        if restored.failures or partial:
             log.warning(
-                "resuming from step %d, the newest readable checkpoint in %s", step, self.directory
+                "resuming from step %d, the newest readable checkpoint in %s",
+                restored.step,
+                self.directory,
             )
-            self._set_aside([s for s, _ in failures], list(partial.values()))
-        return state, meta
+        self._unreadable = [step for step, _ in restored.failures]
+        return restored
 
-    def _set_aside(self, unreadable: list[int], partial: list[str]) -> None:
-        """Moves unreadable steps out of Orbax's folder and removes interrupted saves.
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+        """`restore`, then `set_aside`: (state, meta), or None when there is no checkpoint."""
+        restored = self.restore(abstract_state)
+        self.set_aside()
+        return None if restored is None else (restored.state, restored.meta)
+
+    def set_aside(self) -> None:
+        """Moves the unreadable steps that `restore` found out of Orbax's folder, and removes
+        the interrupted saves.
 
         Orbax would otherwise skip saving those steps again (it never saves at or below its
         newest step) and a later resume would meet the damaged files again.
         """
+        unreadable, partial = self._unreadable, self._partial
+        self._unreadable, self._partial = [], []
+        if not unreadable and not partial:
+            return
         if jax.process_index() == 0:
             target_root = os.path.join(self.workdir, UNREADABLE_DIR)
             for step in unreadable:
@@ -369,8 +652,19 @@ class Checkpoints:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the background save and closes Orbax's manager.
+
+        Raises:
+          CheckpointWriteError: when the last save failed.
+        """
+        try:
+            self._finish_pending()
+        finally:
+            if self._failed:  # Orbax re-raises the failed save's error on closing
+                with contextlib.suppress(Exception):
+                    self.manager.close()
+            else:
+                self.manager.close()
 
 
 def load_variables(path: str) -> dict[str, Any]:
@@ -398,7 +692,7 @@ def load_variables(path: str) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint found in {path}")
     manager = _manager(directory, create=False)
     try:
-        _, state, _, _ = _restore_newest(manager, directory, steps, None)
+        state = _restore_newest(manager, directory, steps, None).state
     finally:
         manager.close()
     return {

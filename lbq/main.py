@@ -86,35 +86,79 @@ def _exit_with(message: str) -> None:
     sys.exit(1)
 
 
-def main(argv) -> int:
-    from lbq.checkpoint import CheckpointError
-    from lbq.data import DataError
-    from lbq.train import PREEMPTED_EXIT_CODE, NonFiniteError, train_and_evaluate
-    from lbq.validate import ConfigError
+def _preempted_message(result) -> str:
+    if result.step == 0:
+        return (
+            "lbq: stopped before the first training step; nothing to save yet. Rerun the same "
+            "command to start the run."
+        )
+    return (
+        f"lbq: preempted at step {result.step}; a checkpoint is saved. Rerun the same command "
+        "to resume."
+    )
 
-    configure_logging()
-    if FLAGS.workdir is None:
-        print("lbq: error: --workdir is required", file=sys.stderr)
-        return 2
-    try:
-        result = train_and_evaluate(
-            FLAGS.config,
-            FLAGS.workdir,
-            overridden=overridden_fields(argv),
-        )
-    except (ConfigError, DataError, CheckpointError, NonFiniteError) as error:
-        print(f"lbq: error: {error}", file=sys.stderr)
-        return 1
-    if result.status == "preempted":
-        print(
-            f"lbq: preempted at step {result.step}; a checkpoint is saved. Rerun the same "
-            "command to resume.",
-            file=sys.stderr,
-        )
-        return PREEMPTED_EXIT_CODE
-    return 0
+
+def main(argv) -> int:
+    """Runs the training that the flags describe; returns the exit status.
+
+    0: completed; 1: an error, reported in one ``lbq: error: ...`` line; 2: no --workdir;
+    75 (`PREEMPTED_EXIT_CODE`): stopped by SIGTERM/SIGINT, rerun the same command to resume.
+    """
+    from lbq.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
+
+    # First: from here on SIGTERM/SIGINT are stop requests (the `__main__` block installs the
+    # same watcher even earlier, before the flags and the config file are read).
+    with PreemptionWatcher():
+        configure_logging()
+        if FLAGS.workdir is None:
+            print("lbq: error: --workdir is required", file=sys.stderr)
+            return 2
+        try:
+            from lbq.checkpoint import CheckpointError
+            from lbq.data import DataError
+            from lbq.train import NonFiniteError, train_and_evaluate
+            from lbq.validate import ConfigError
+            from lbq.workdir import WorkdirError
+
+            errors = (ConfigError, DataError, CheckpointError, NonFiniteError, WorkdirError)
+            try:
+                result = train_and_evaluate(
+                    FLAGS.config,
+                    FLAGS.workdir,
+                    overridden=overridden_fields(argv),
+                )
+            except errors as error:
+                print(f"lbq: error: {error}", file=sys.stderr)
+                return 1
+            except OSError as error:  # a write to the workdir (metrics, events) failed
+                print(f"lbq: error: {_os_error_text(error)}", file=sys.stderr)
+                return 1
+        except Preempted as stop:
+            print(f"lbq: {stop}", file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
+        except KeyboardInterrupt:
+            print(
+                "lbq: stopped at once by a second interrupt; the newest checkpoint is kept. "
+                "Rerun the same command to resume.",
+                file=sys.stderr,
+            )
+            return PREEMPTED_EXIT_CODE
+        if result.status == "preempted":
+            print(_preempted_message(result), file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
+        return 0
+
+
+def _os_error_text(error: OSError) -> str:
+    reason = error.strerror or str(error)
+    return f"could not write {error.filename}: {reason}" if error.filename else reason
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(lambda argv: sys.exit(main(sys.argv)), flags_parser=parse_flags)
+    from lbq.preemption import PreemptionWatcher
+
+    # Before the flags are parsed (the config file is read then): a signal from the very start
+    # is a stop request, answered with exit status 75.
+    with PreemptionWatcher():
+        flags.mark_flag_as_required("config")
+        app.run(lambda argv: sys.exit(main(sys.argv)), flags_parser=parse_flags)

@@ -16,9 +16,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from lbq.data.config import AUGMENTATIONS, Settings, read_settings
+from lbq.data.config import steps_per_epoch as data_steps_per_epoch
 from lbq.data.errors import DataError
 from lbq.models import CIFAR_MODELS, MODEL_NAMES, get_model
+from lbq.quant.layers import ACTIVATION_QUANTIZERS, DEFAULT_QUANTIZER, WEIGHT_QUANTIZERS
 from lbq.quant.precision import make_precision
+from lbq.quant.quantizers import check_lsq_weight_bits
 from lbq.quant.stochastic import SCHEDULES as STOCHASTIC_SCHEDULES
 from lbq.quant.stochastic import ProbabilitySchedule
 from lbq.stages import LR_SCHEDULES, STAGE_FIELDS, StageSpec, parse_stages
@@ -37,6 +40,7 @@ OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("auto", "float32", "bfloat16")
 TEACHER_MODES = ("joint", "frozen")
 STOCHASTIC_UNITS = ("block", "layer")
+ACTIVATION_CALIBRATIONS = ("percentile", "lsq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +52,49 @@ class ModelSpec:
     per_channel: bool
     logit_scale: bool
     shortcut: str
+    weight_quantizer: str = DEFAULT_QUANTIZER
+    activation_quantizer: str = DEFAULT_QUANTIZER
+    pact_init_clip: float = 10.0
+
+    @property
+    def learned_ranges(self) -> bool:
+        """Whether the student has learned clips or step sizes (PACT or LSQ)."""
+        return self.quantized and (self.weight_quantizer, self.activation_quantizer) != (
+            DEFAULT_QUANTIZER,
+            DEFAULT_QUANTIZER,
+        )
 
     def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `lbq.models.get_model` beyond name, classes and precision."""
+        """Keyword arguments of `lbq.models.get_model` beyond name, classes and precision
+        (the quantizers only where they are not the default DoReFa ones)."""
         kwargs = {"per_channel": self.per_channel, "logit_scale": self.logit_scale}
         if self.name in CIFAR_MODELS:
             kwargs["shortcut"] = self.shortcut
+        if self.weight_quantizer != DEFAULT_QUANTIZER:
+            kwargs["weight_quantizer"] = self.weight_quantizer
+        if self.activation_quantizer != DEFAULT_QUANTIZER:
+            kwargs["activation_quantizer"] = self.activation_quantizer
+            kwargs["init_range"] = self.pact_init_clip
         return kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSpec:
+    """How learned ranges start, and BatchNorm re-estimation (`lbq.calibrate`).
+
+    Attributes:
+      batches: training batches that calibrate the ranges of a run started from ``init_from``.
+      percentile: with ``activation_rule='percentile'``, an activation's clip or range is this
+        percentile (0-100] of its input after ReLU.
+      activation_rule: 'percentile' or 'lsq' (LSQ's ``s = 2 mean|x| / sqrt(Q_P)``).
+      recalibrate_bn_batches: before each evaluation, recompute the evaluated networks'
+        BatchNorm statistics over this many training batches (0: off).
+    """
+
+    batches: int = 4
+    percentile: float = 99.99
+    activation_rule: str = "percentile"
+    recalibrate_bn_batches: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +180,7 @@ class RunPlan:
     distributed: bool
     progress: bool
     record: Mapping[str, Any] = dataclasses.field(compare=False, repr=False)
+    calibration: CalibrationSpec = CalibrationSpec()
 
     def steps_per_epoch(self, num_train: int) -> int:
         """Training steps in one pass over ``num_train`` images (the last partial batch is
@@ -148,12 +189,10 @@ class RunPlan:
         Raises:
           ConfigError: when the batch is larger than the training split.
         """
-        steps = num_train // self.batch_size
-        if steps == 0:
-            raise ConfigError(
-                f"batch_size={self.batch_size} is larger than the {num_train} training images"
-            )
-        return steps
+        try:
+            return data_steps_per_epoch(num_train, self.batch_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def trainable_networks(self) -> tuple[str, ...]:
@@ -215,7 +254,50 @@ def _model(config: Any) -> ModelSpec:
         for f in ("quantized", "per_channel", "logit_scale")
     ]
     shortcut = check_choice(config, "model.shortcut", ("A", "B"))
-    return ModelSpec(name, *flags, shortcut)
+    weight_quantizer = check_choice(config, "quant.weight_quantizer", WEIGHT_QUANTIZERS)
+    activation_quantizer = check_choice(config, "quant.activation_quantizer", ACTIVATION_QUANTIZERS)
+    init_clip = check_type(config, "quant.pact_init_clip", "number")
+    if init_clip <= 0:
+        raise ConfigError(f"quant.pact_init_clip={init_clip!r} must be > 0 (a clip value)")
+    return ModelSpec(
+        name, *flags, shortcut, weight_quantizer, activation_quantizer, float(init_clip)
+    )
+
+
+def _calibration(config: Any) -> CalibrationSpec:
+    percentile = check_type(config, "quant.calibration_percentile", "number", high=100.0)
+    if percentile <= 0:
+        raise ConfigError(f"quant.calibration_percentile={percentile!r} must be in (0, 100]")
+    return CalibrationSpec(
+        check_type(config, "quant.calibration_batches", "int", low=1),
+        float(percentile),
+        check_choice(config, "quant.activation_calibration", ACTIVATION_CALIBRATIONS),
+        check_type(config, "eval.recalibrate_bn_batches", "int", low=0),
+    )
+
+
+def _check_lsq_weight_bits(
+    model: ModelSpec, stages: tuple[StageSpec, ...], distill: DistillSpec
+) -> None:
+    """LSQ weights need at least 2 bits (SPEC section 7): every bit-width a student's weights
+    take, named by the field that sets it."""
+    if not model.quantized or model.weight_quantizer != "lsq":
+        return
+    fields = []
+    for stage in stages:
+        owner = f"{stage.label}.w_bits" if "w_bits" in stage.explicit else "quant.w_bits"
+        fields.append((stage.w_bits, owner))
+        fields += [
+            (w, f"{stage.label}.block_bits[{b!r}]") for b, (w, _) in stage.block_bits.items()
+        ]
+    fields += [
+        (w, f"distill.extra_students[{i}]") for i, (w, _) in enumerate(distill.extra_students)
+    ]
+    for bits, field in fields:
+        try:
+            check_lsq_weight_bits(bits, field)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 def _data(config: Any) -> Settings:
@@ -359,14 +441,18 @@ def _check_block_bits(model: ModelSpec, stages: tuple[StageSpec, ...]) -> None:
 
 
 def _check_full_precision_stages(model: ModelSpec, stages: tuple[StageSpec, ...]) -> None:
+    """A full-precision model ignores bit-widths: a stage that sets its own low ones would
+    silently train something else than it says. (Bits inherited from ``quant.*`` are only
+    defaults, so ``--config.model.quantized=False`` alone stays valid.)"""
     if model.quantized:
         return
     for stage in stages:
-        if (stage.w_bits, stage.a_bits) != (32, 32) or stage.block_bits:
+        own = {"w_bits", "a_bits", "block_bits"} & stage.explicit
+        if own and ((stage.w_bits, stage.a_bits) != (32, 32) or stage.block_bits):
             raise ConfigError(
-                f"{stage.label} asks for w{stage.w_bits}a{stage.a_bits}, but model.quantized="
-                "False trains the full-precision network; set the stage's w_bits and a_bits to "
-                "32 (or quant.w_bits=32 quant.a_bits=32), or model.quantized=True"
+                f"{stage.label} asks for {stage.bits_label}, but model.quantized=False trains "
+                "the full-precision network; set the stage's w_bits and a_bits to 32, or "
+                "model.quantized=True"
             )
 
 
@@ -405,6 +491,8 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
         raise ConfigError(str(error)) from None
     _check_full_precision_stages(model, stages)
     _check_block_bits(model, stages)
+    _check_lsq_weight_bits(model, stages, distill)
+    calibration = _calibration(config)
     init_from = check_path(config, "init_from")
     checkpoint = CheckpointPolicy(
         check_type(config, "checkpoint_every_steps", "int", low=1),
@@ -434,6 +522,7 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
         distributed=check_type(config, "distributed", "bool"),
         progress=check_type(config, "progress", "bool"),
         record=_record(config),
+        calibration=calibration,
     )
 
 

@@ -25,6 +25,21 @@ def network_bits(plan: RunPlan, stage: Stage) -> str:
     return stage.bits_label
 
 
+def quantizer_names(plan: RunPlan) -> tuple[str, str]:
+    """(weight quantizer, activation quantizer) of the student; 'none' for a full-precision
+    model."""
+    if not plan.model.quantized:
+        return "none", "none"
+    return plan.model.weight_quantizer, plan.model.activation_quantizer
+
+
+def quantizers_text(plan: RunPlan) -> str:
+    """The student's quantizers in words, e.g. 'weights lsq (per channel), activations pact'."""
+    weights, activations = quantizer_names(plan)
+    scale = "per channel" if plan.model.per_channel else "per tensor"
+    return f"weights {weights} ({scale}), activations {activations}"
+
+
 def methods(plan: RunPlan, stages: Sequence[Stage]) -> str:
     """The paper's methods that the run uses, in words."""
     on = []
@@ -74,6 +89,7 @@ def run_header(trainer, stages: Sequence[Stage], workdir: str) -> str:
             f"  quantized: {len(student.layer_names())} convs/dense layers inside the blocks and"
             " their activations; stem, classifier and BatchNorm stay full precision"
         )
+        lines.append(f"  quantizers: {quantizers_text(plan)}")
     else:
         lines.append("  quantized: nothing (model.quantized=False, plain ReLU)")
     for stage in stages:
@@ -115,25 +131,50 @@ def stage_result(plan: RunPlan, stage: Stage, evaluation: Mapping[str, Any]) -> 
         "w_bits": stage.w_bits,
         "a_bits": stage.a_bits,
         "bits": network_bits(plan, stage),
+        "weight_quantizer": quantizer_names(plan)[0],
+        "activation_quantizer": quantizer_names(plan)[1],
         "steps": stage.num_steps,
         "eval": dict(evaluation),
+        "eval_split": plan.data.eval_split,
     }
 
 
 def format_summary(result, workdir: str) -> str:
-    """A one-screen summary of a run."""
+    """A one-screen summary of a run.
+
+    A stage's evaluation names its split when the stages were evaluated on different splits
+    (a run continued with another ``data.eval_split``); steps skipped as non-finite
+    (on_nonfinite='skip') are counted per stage.
+    """
     lines = [f"lbq run {result.status} at step {result.step}  ({workdir})"]
+    splits = {s.get("eval_split") for s in result.stages}
     if result.stages:
         lines.append(f"{'stage':<16}{'bits':>8}{'steps':>8}  eval top-1 per network")
         for s in result.stages:
             accs = "  ".join(f"{n} {m['top1']:.4f}" for n, m in s["eval"].items())
+            if len(splits) > 1:
+                accs += f"  (on {s.get('eval_split') or 'an unrecorded split'})"
             label = s.get("bits") or bits_label(s["w_bits"], s["a_bits"])
             lines.append(f"{s['name']:<16}{label:>8}{s['steps']:>8}  {accs}")
+        last = result.stages[-1]
+        if "weight_quantizer" in last:  # results recorded before quantizers were a choice lack it
+            lines.append(
+                f"quantizers: weights {last['weight_quantizer']}, "
+                f"activations {last['activation_quantizer']}"
+            )
     which = "final" if result.status == "completed" else "last evaluation of"
     for net, m in result.final.items():
         lines.append(
             f"{which} {net}: top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  loss {m['loss']:.4f}"
         )
+    skipped = {name: n for name, n in result.skipped_steps.items() if n}
+    if skipped:
+        lengths = result.stage_lengths
+        counts = ", ".join(
+            f"{name} {n}" + (f" of {lengths[name]}" if name in lengths else "")
+            for name, n in skipped.items()
+        )
+        lines.append(f"skipped steps (non-finite loss or gradient): {counts}")
     if result.status != "completed":
         lines.append("the run is not finished: rerun the same command to resume it")
     if result.images_per_second:

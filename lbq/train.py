@@ -18,31 +18,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lbq import calibrate, report
 from lbq import data as lbq_data
 from lbq import metrics as lbq_metrics
-from lbq import report
 from lbq.build import Trainer, build_trainer
-from lbq.checkpoint import Checkpoints
+from lbq.checkpoint import CheckpointMismatch, Checkpoints
 from lbq.mesh import maybe_initialize_distributed
 from lbq.plan import RunPlan, parse_config, shadowed_overrides
 from lbq.stages import Stage, lay_out, stage_at
 from lbq.validate import ConfigError, check_type
 from lbq.workdir import (
     PREEMPTED_EXIT_CODE,
+    Preempted,
     PreemptionWatcher,
     WorkdirDecision,
     clear_run_outputs,
+    exclusive_workdir,
     inspect_workdir,
     write_record,
 )
 
-__all__ = ["PREEMPTED_EXIT_CODE", "NonFiniteError", "RunResult", "train_and_evaluate"]
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "NonFiniteError",
+    "Preempted",
+    "RunResult",
+    "train_and_evaluate",
+]
 
 log = logging.getLogger("lbq")
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or a gradient became NaN or infinite."""
+    """The loss or a gradient became NaN or infinite (on_nonfinite='stop'), or a stage skipped
+    more than half of its steps as non-finite (on_nonfinite='skip')."""
 
 
 @dataclasses.dataclass
@@ -58,6 +67,8 @@ class RunResult:
       images_per_second: mean training throughput of this invocation, evaluation excluded.
       train_step_compilations: how many times the train step was compiled (1 when bit-widths,
         stages and masks all flowed through as data).
+      skipped_steps: {stage name: steps skipped as non-finite} (on_nonfinite='skip').
+      stage_lengths: {stage name: its length in steps}, for the summary.
     """
 
     status: str
@@ -66,6 +77,8 @@ class RunResult:
     final: dict[str, dict[str, float]]
     images_per_second: float
     train_step_compilations: int = 0
+    skipped_steps: dict[str, int] = dataclasses.field(default_factory=dict)
+    stage_lengths: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def train_batches(trainer: Trainer, start_step: int, on_device: bool) -> Iterator[dict]:
@@ -135,11 +148,15 @@ def evaluate(trainer: Trainer, state, bits) -> dict[str, dict[str, float]]:
 class _Loop:
     """The state of one invocation of the loop: step, metrics, stage results, timing."""
 
-    def __init__(self, trainer, stages, workdir, state, stage_results, checkpoints):
+    def __init__(self, trainer, stages, workdir, state, meta, checkpoints, watcher):
         self.trainer, self.plan, self.stages = trainer, trainer.plan, stages
         self.state, self.step = state, int(jax.device_get(state.step))
-        self.stage_results = stage_results
+        self.stage_results = list(meta.get("stage_results", []))
+        # {stage name: steps skipped as non-finite}, kept in the checkpoints' records.
+        self.skipped = dict(meta.get("skipped_steps", {}))
+        self.unsettled: list[jax.Array] = []  # per-step 'finite' flags not yet counted
         self.checkpoints = checkpoints
+        self.watcher = watcher
         self.is_host0 = jax.process_index() == 0
         self.steps_per_epoch = self.plan.steps_per_epoch(trainer.info.num_train)
         self.writer = lbq_metrics.MetricsWriter(
@@ -159,7 +176,12 @@ class _Loop:
             "stage_name": stage.name,
             "epoch": self.step / self.steps_per_epoch,
             "stage_results": self.stage_results,
+            "skipped_steps": self.skipped,
         }
+
+    def last_checkpoint(self) -> str:
+        good = self.checkpoints.steps()
+        return f"step {good[-1]} in {self.checkpoints.directory}" if good else "none"
 
     def stop_if_nonfinite(self) -> None:
         """Raises NonFiniteError once a step was not finite (on_nonfinite='stop')."""
@@ -167,17 +189,38 @@ class _Loop:
         if first_bad < 0 or self.plan.on_nonfinite != "stop":
             return
         self.checkpoints.wait()
-        good = self.checkpoints.steps()
         # first_nonfinite counts the steps done before the bad one; metrics.jsonl and the
         # checkpoints number a step by the count after it.
         raise NonFiniteError(
             f"non-finite loss or gradient at step {first_bad + 1}; the last good checkpoint is "
-            + (f"step {good[-1]} in {self.checkpoints.directory}" if good else "none")
-            + " (set on_nonfinite='skip' to skip such steps instead)"
+            f"{self.last_checkpoint()} (set on_nonfinite='skip' to skip such steps instead)"
         )
+
+    def count_skipped(self, stage: Stage) -> None:
+        """Adds the steps skipped since the last count to the stage's total.
+
+        Raises:
+          NonFiniteError: once more than half of the stage's steps were skipped: its result
+            would then say little about the method (on_nonfinite='skip').
+        """
+        if not self.unsettled:
+            return
+        finite = np.asarray(jax.device_get(self.unsettled))
+        self.unsettled = []
+        total = self.skipped.get(stage.name, 0) + int(np.sum(finite == 0))
+        self.skipped[stage.name] = total
+        if 2 * total > stage.num_steps:
+            self.checkpoints.wait()
+            raise NonFiniteError(
+                f"stage '{stage.name}' skipped {total} of its {stage.num_steps} steps by step "
+                f"{self.step} (non-finite loss or gradient, on_nonfinite='skip'); with more than "
+                "half of a stage skipped its result would mean little. Lower the learning rate "
+                f"or check the data; the last checkpoint is {self.last_checkpoint()}"
+            )
 
     def save(self, stage: Stage) -> None:
         self.stop_if_nonfinite()  # never checkpoint a state that froze at a non-finite step
+        self.count_skipped(stage)  # nor one of a stage that has skipped most of its steps
         self.checkpoints.save(self.state, self.meta(stage))
 
     def start_stage(self, stage: Stage) -> Any:
@@ -206,7 +249,14 @@ class _Loop:
         values.update(
             images_per_second=ips, stage=stage.index, epoch=self.step / self.steps_per_epoch
         )
-        self.writer.write(self.step, "train", {**values, "stage_name": stage.name})
+        if self.plan.on_nonfinite == "skip":
+            try:
+                self.count_skipped(stage)
+            finally:  # the interval that crosses the limit is still written
+                values["skipped_steps"] = self.skipped.get(stage.name, 0)
+                self.writer.write(self.step, "train", {**values, "stage_name": stage.name})
+        else:
+            self.writer.write(self.step, "train", {**values, "stage_name": stage.name})
         self.progress.update(
             self.step, f"{stage.name} {report.progress_text(values)} {ips:.0f} img/s"
         )
@@ -216,7 +266,9 @@ class _Loop:
         start = time.time()
         if self.is_host0:
             log.info("evaluating at step %d on %d images", self.step, self.trainer.info.num_eval)
-        self.final = evaluate(self.trainer, self.state, bits)
+        # eval.recalibrate_bn_batches: re-estimated BatchNorm statistics, for this evaluation only
+        evaluated = calibrate.evaluation_state(self.trainer, self.state, bits)
+        self.final = evaluate(self.trainer, evaluated, bits)
         self.eval_seconds += time.time() - start
         if self.is_host0:
             log.info("eval at step %d: %s", self.step, report.eval_text(self.final))
@@ -224,79 +276,243 @@ class _Loop:
             self.step,
             "eval",
             {f"{n}/{k}": v for n, m in self.final.items() for k, v in m.items()}
-            | {"stage_name": stage.name},
+            | {"stage_name": stage.name, "eval_split": self.plan.data.eval_split},
         )
         if stage_end:  # a stage extended after it had ended is listed once
             self.stage_results = [r for r in self.stage_results if r["name"] != stage.name]
-            self.stage_results.append(report.stage_result(self.plan, stage, self.final))
+            result = report.stage_result(self.plan, stage, self.final)
+            if stage.name in self.skipped:
+                result["skipped_steps"] = self.skipped[stage.name]
+            self.stage_results.append(result)
 
     def run(self, stop_at_step: int | None) -> str:
         """Trains to the end of the last stage; returns 'completed' or 'preempted'."""
         plan, total = self.plan, self.stages[-1].end_step
+        if self.watcher.should_stop(sync=True):
+            return "preempted"  # a signal during start-up: nothing new to save
         eval_every = round(plan.eval_every_epochs * self.steps_per_epoch)
         batches = train_batches(self.trainer, self.step, plan.data_on_device)
-        with PreemptionWatcher() as watcher:
-            bits = self.trainer.stage_bits(stage_at(self.stages, self.step))
-            if self.step < total and self.is_host0:
-                log.info("compiling the train step (the first step waits for it)")
-            while self.step < total:
-                stage = stage_at(self.stages, self.step)
-                if self.step == stage.start_step:
-                    bits = self.start_stage(stage)
-                lr = {name: np.float32(stage.learning_rate(self.step, name)) for name in stage.lr}
-                self.state, metrics = self.trainer.train_step(
-                    self.state, next(batches), {"lr": lr, "bits": bits}
-                )
-                self.pending.append(metrics)
-                self.step += 1
-                self.interval_steps += 1
-                stage_end = self.step == stage.end_step
-                log_now = self.step % plan.log_every_steps == 0 or stage_end
-                if log_now:
-                    self.log_interval(stage)
-                if (eval_every and self.step % eval_every == 0) or stage_end:
-                    self.evaluate(stage, bits, stage_end)
-                if stage_end or self.step % plan.checkpoint.every_steps == 0:
-                    self.save(stage)
-                stop_now = watcher.should_stop(sync=log_now) or self.step == stop_at_step
-                if stop_now and self.step < total:
-                    self.save(stage)
-                    return "preempted"
+        bits = self.trainer.stage_bits(stage_at(self.stages, self.step))
+        if self.step < total and self.is_host0:
+            log.info("compiling the train step (the first step waits for it)")
+        while self.step < total:
+            stage = stage_at(self.stages, self.step)
+            if self.step == stage.start_step:
+                bits = self.start_stage(stage)
+            lr = {name: np.float32(stage.learning_rate(self.step, name)) for name in stage.lr}
+            self.state, metrics = self.trainer.train_step(
+                self.state, next(batches), {"lr": lr, "bits": bits}
+            )
+            self.pending.append(metrics)
+            if plan.on_nonfinite == "skip":
+                self.unsettled.append(metrics["finite"])
+            self.step += 1
+            self.interval_steps += 1
+            stage_end = self.step == stage.end_step
+            log_now = self.step % plan.log_every_steps == 0 or stage_end
+            if log_now:
+                self.log_interval(stage)
+            # A background save that failed stops the run here (after a log interval, which
+            # waits for the step, a write that fails within milliseconds is known).
+            self.checkpoints.poll()
+            if (eval_every and self.step % eval_every == 0) or stage_end:
+                self.evaluate(stage, bits, stage_end)
+            if stage_end or self.step % plan.checkpoint.every_steps == 0:
+                self.save(stage)
+            stop_now = self.watcher.should_stop(sync=log_now) or self.step == stop_at_step
+            if stop_now and self.step < total:
+                self.save(stage)
+                return "preempted"
         return "completed"
 
     def close(self) -> None:
         self.progress.close()
-        self.checkpoints.close()
-        self.writer.close()
+        try:
+            self.checkpoints.close()
+        finally:
+            self.writer.close()
 
 
-def _restore(trainer: Trainer, decision: WorkdirDecision, keep: int):
-    """(checkpoints, state, stage results): the workdir's newest checkpoint, or a fresh state
-    with the configured start weights. Writes nothing for a new run."""
+# ----------------------------------------------------------------------------- start-up
+
+
+def check_networks_build(trainer: Trainer) -> None:
+    """Every network initialises on the dataset's images (shapes only: nothing is computed).
+
+    Raises:
+      ConfigError: naming model.name and the image size, with the model's own reason.
+    """
+    shape = trainer.info.image_shape
+    for net in trainer.networks:
+        try:
+            report.parameter_count(net.model, shape)
+        except Exception as error:  # noqa: BLE001 - any failure here is model vs. input
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ConfigError(
+                f"model.name={trainer.plan.model.name!r} cannot be built for "
+                f"{shape[0]}x{shape[1]} images (data.image_size={trainer.plan.data.image_size}):"
+                f" {type(error).__name__}: {reason}"
+            ) from None
+
+
+def check_continuation(
+    plan: RunPlan, stages: Sequence[Stage], step: int, meta: dict, decision: WorkdirDecision
+) -> None:
+    """Refuses a continued run (on_config_change='continue') whose ``config.json`` would no
+    longer describe what the workdir holds.
+
+    A continued run may extend its stages (the last finished one too, when the run stopped at
+    its end) or add new ones. It may not end before the step it reached, change a stage that
+    already finished and has a recorded result, or change a finished run (nothing would be
+    computed with the new config).
+
+    Raises:
+      ConfigError: naming the changed fields.
+    """
+    if not decision.differences:
+        return
+    changes = "; ".join(decision.differences)
+    workdir, total = decision.workdir, stages[-1].end_step
+    advice = "use on_config_change=overwrite to start over, or another --workdir"
+    if step > total:
+        raise ConfigError(
+            f"the run in {workdir} has trained {step} steps, but the stages now end at step "
+            f"{total} ({changes}); a continued run may extend its stages or add stages, not cut "
+            f"what already ran: {advice}"
+        )
+    if step == total:
+        raise ConfigError(
+            f"the run in {workdir} is complete at step {step}; continuing it with ({changes}) "
+            "would train nothing, and config.json would no longer describe its results. "
+            "Lengthen or add a stage to train more; to evaluate on another split, start a new "
+            f"workdir with --config.init_from={workdir} and that data.eval_split"
+        )
+    start = 0
+    results = meta.get("stage_results", [])
+    for index, result in enumerate(results):
+        end = start + int(result["steps"])
+        new = stages[index] if index < len(stages) else None
+        extended = (
+            index == len(results) - 1 and end == step and new is not None and new.end_step > step
+        )
+        same = (
+            new is not None
+            and new.name == result["name"]
+            and new.start_step == start
+            and (extended or new.end_step == end)
+            and (extended or report.network_bits(plan, new) == result.get("bits", new.bits_label))
+        )
+        if not same:
+            raise ConfigError(
+                f"stages[{index}] ('{result['name']}') finished at step {end} in {workdir} and "
+                f"its result is recorded; the new config changes it ({changes}). A continued "
+                f"run may extend its last finished stage or add stages: {advice}"
+            )
+        start = end
+
+
+def _place(saved: Any, like: Any) -> Any:
+    """``saved`` (host arrays of the same structure) with the dtypes and shardings of ``like``."""
+    return jax.tree.map(
+        lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding), saved, like
+    )
+
+
+def _with_new_optimizer(trainer: Trainer, fresh, saved: dict, stage: Stage):
+    """``fresh`` with a checkpoint's step, parameters and BatchNorm statistics, and the
+    optimizer state that ``stage`` starts with."""
+    state = fresh.replace(
+        step=jax.device_put(jnp.int32(saved["step"]), trainer.replicated),
+        params=_place(saved["params"], fresh.params),
+        batch_stats=_place(saved["batch_stats"], fresh.batch_stats),
+        first_nonfinite=jax.device_put(
+            jnp.int32(saved.get("first_nonfinite", -1)), trainer.replicated
+        ),
+    )
+    return trainer.start_stage(state, stage)
+
+
+def _mismatch_message(error: CheckpointMismatch, decision: WorkdirDecision) -> str:
+    if decision.differences:
+        return (
+            f"{error}; the config changes ({'; '.join(decision.differences)}) cannot continue "
+            f"it: use on_config_change=overwrite to start over, or another --workdir"
+        )
+    return f"{error}; was it written by another version of lbq? Use another --workdir"
+
+
+def _restore(
+    trainer: Trainer, stages: Sequence[Stage], decision: WorkdirDecision
+) -> tuple[Checkpoints | None, Any, dict[str, Any]]:
+    """(checkpoints, state, meta): the workdir's newest checkpoint, or a fresh state with the
+    configured start weights (meta {}). Reads only: the checkpoints are opened without
+    creating their folder and what they found to set aside stays until `_commit`.
+
+    Raises:
+      ConfigError: for a model that does not fit, a start-weights folder that cannot be
+        used, or a continued run that the checkpoints cannot take (`check_continuation`).
+      CheckpointError: when checkpoints exist but none can be read.
+    """
+    plan = trainer.plan
     state = trainer.init_state()
-    checkpoints = None if decision.overwrite else Checkpoints(decision.workdir, keep)
-    restored = None
-    if checkpoints is not None:
+    if decision.overwrite:
+        return None, trainer.load_start_weights(state), {}
+    checkpoints = Checkpoints(decision.workdir, plan.checkpoint.keep, create=False)
+    try:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
         )
-        restored = checkpoints.restore_latest(abstract)
-    if restored is None:
-        return checkpoints, trainer.load_start_weights(state), []
-    state, meta = restored
-    if trainer.plan.on_nonfinite == "stop":  # steps skipped earlier under 'skip' are history
+        try:
+            restored = checkpoints.restore(abstract, allow_new_optimizer=bool(decision.differences))
+        except CheckpointMismatch as error:
+            raise ConfigError(_mismatch_message(error, decision)) from None
+        if restored is None:
+            return checkpoints, trainer.load_start_weights(state), {}
+        check_continuation(plan, stages, restored.step, restored.meta, decision)
+        if restored.optimizer_restored:
+            state = restored.state
+        else:
+            state = _with_new_optimizer(
+                trainer, state, restored.state, stage_at(stages, restored.step)
+            )
+            log.warning(
+                "restored the parameters and BatchNorm statistics of step %d; the optimizer "
+                "state starts afresh, because the checkpoint's does not fit the changed "
+                "config (%s)",
+                restored.step,
+                "; ".join(decision.differences),
+            )
+    except BaseException:
+        checkpoints.close()
+        raise
+    if plan.on_nonfinite == "stop":  # steps skipped earlier under 'skip' are history
         state = state.replace(first_nonfinite=jax.device_put(jnp.int32(-1), trainer.replicated))
-    log.info("resumed from step %d (stage %s)", int(state.step), meta.get("stage_name"))
-    return checkpoints, state, list(meta.get("stage_results", []))
+    log.info("resumed from step %d (stage %s)", restored.step, restored.meta.get("stage_name"))
+    return checkpoints, state, restored.meta
 
 
-def _commit(decision: WorkdirDecision, checkpoints, keep: int) -> Checkpoints:
-    """Writes to the workdir, now that everything that can fail before training has passed."""
+def _commit(decision: WorkdirDecision, checkpoints: Checkpoints | None, keep: int) -> Checkpoints:
+    """Writes to the workdir, now that everything that can fail before training has passed:
+    deletes an overwritten run, sets aside unreadable checkpoints and interrupted saves, and
+    writes ``config.json``.
+
+    Raises:
+      WorkdirError: when the workdir cannot be written.
+    """
+    if checkpoints is not None:
+        try:
+            checkpoints.set_aside()
+        finally:
+            checkpoints.close()
     if jax.process_index() == 0:
         if decision.overwrite:
             clear_run_outputs(decision.workdir)
         write_record(decision.workdir, decision.record)
-    return checkpoints or Checkpoints(decision.workdir, keep)
+    if jax.process_count() > 1:  # no process creates checkpoints/ while process 0 deletes it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lbq_commit")
+    return Checkpoints(decision.workdir, keep)
 
 
 def train_plan(plan: RunPlan, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
@@ -306,17 +522,37 @@ def train_plan(plan: RunPlan, workdir: str, *, stop_at_step: int | None = None) 
         stages = lay_out(plan.stages, plan.steps_per_epoch(info.num_train))
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    decision = inspect_workdir(workdir, plan.record, plan.on_config_change)
-    trainer = build_trainer(plan, info)
-    if jax.process_index() == 0:
-        print(report.run_header(trainer, stages, workdir), flush=True)
-    checkpoints, state, stage_results = _restore(trainer, decision, plan.checkpoint.keep)
-    checkpoints = _commit(decision, checkpoints, plan.checkpoint.keep)
-    loop = _Loop(trainer, stages, workdir, state, stage_results, checkpoints)
-    try:
-        status = loop.run(stop_at_step)
-    finally:
-        loop.close()
+    with PreemptionWatcher() as watcher, exclusive_workdir(workdir):
+        watcher.raise_if_requested("nothing was written")
+        decision = inspect_workdir(workdir, plan.record, plan.on_config_change)
+        trainer = build_trainer(plan, info)
+        check_networks_build(trainer)
+        if jax.process_index() == 0:
+            print(report.run_header(trainer, stages, workdir), flush=True)
+        checkpoints, state, meta = _restore(trainer, stages, decision)
+        try:
+            watcher.raise_if_requested("nothing was written")
+        except Preempted:
+            if checkpoints is not None:
+                checkpoints.close()
+            raise
+        checkpoints = _commit(decision, checkpoints, plan.checkpoint.keep)
+        try:
+            loop = _Loop(trainer, stages, workdir, state, meta, checkpoints, watcher)
+        except BaseException:
+            checkpoints.close()
+            raise
+        if decision.differences and meta and jax.process_index() == 0:
+            log.warning(
+                "continuing the run at step %d with a changed config: %s",
+                loop.step,
+                "; ".join(decision.differences),
+            )
+            loop.writer.write(loop.step, "config_change", {"changes": list(decision.differences)})
+        try:
+            status = loop.run(stop_at_step)
+        finally:
+            loop.close()
     final = loop.final or (loop.stage_results[-1]["eval"] if loop.stage_results else {})
     rate = loop.train_images / loop.train_seconds if loop.train_seconds else 0.0
     result = RunResult(
@@ -326,6 +562,8 @@ def train_plan(plan: RunPlan, workdir: str, *, stop_at_step: int | None = None) 
         final,
         rate,
         trainer.train_step._cache_size(),
+        dict(loop.skipped),
+        {stage.name: stage.num_steps for stage in stages},
     )
     if jax.process_index() == 0:
         print(report.format_summary(result, workdir), flush=True)
@@ -337,6 +575,9 @@ def train_and_evaluate(
 ) -> RunResult:
     """Trains and evaluates the run that ``config`` describes, resuming from ``workdir``.
 
+    The run holds ``WORKDIR/lbq.lock`` while it runs (`lbq.workdir.WorkdirLock`) and writes
+    nothing to the workdir before everything that can fail before the first step has passed.
+
     Args:
       config: an ml_collections ConfigDict (see lbq/configs/default.py).
       workdir: checkpoints, metrics.jsonl, TensorBoard events and config.json go here.
@@ -347,13 +588,17 @@ def train_and_evaluate(
         stage hides with its own value is refused rather than silently ignored.
 
     Returns:
-      A `RunResult`.
+      A `RunResult`; status 'preempted' after SIGTERM/SIGINT once training has started.
 
     Raises:
       ConfigError, lbq.data.DataError: for bad configs or data, before anything is written or
         compiled.
-      NonFiniteError: when the loss or a gradient stops being finite (on_nonfinite='stop').
-      CheckpointError: when the workdir's checkpoints exist but none can be read.
+      WorkdirError: when another run holds the workdir, or it cannot be written.
+      Preempted: when SIGTERM/SIGINT arrived before the first step (nothing was written).
+      NonFiniteError: when the loss or a gradient stops being finite (on_nonfinite='stop'), or
+        a stage skipped more than half of its steps (on_nonfinite='skip').
+      CheckpointError: when the workdir's checkpoints exist but none can be read;
+        CheckpointWriteError when a save fails (the run stops at once).
     """
     maybe_initialize_distributed(check_type(config, "distributed", "bool"))
     plan = parse_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())

@@ -1,30 +1,51 @@
-"""The workdir of a run: whether to resume, the recorded config, and preemption.
+"""The workdir of a run: exclusive use, whether to resume, the recorded config, and preemption.
 
-Reading the workdir (`inspect_workdir`) never changes it; `commit_workdir` deletes an
-overwritten run and writes ``config.json`` only once everything that can fail before the first
-step has passed, so a refused or failed start leaves the workdir as it was.
+A run holds the workdir's lock (`exclusive_workdir`) from before it reads the workdir until it
+ends. Reading the workdir (`inspect_workdir`) never changes it; the trainer deletes an
+overwritten run (`clear_run_outputs`) and writes ``config.json`` (`write_record`) only once
+everything that can fail before the first step has passed, so a refused or failed start leaves
+the workdir as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
-import signal
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from lbq.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 from lbq.validate import ConfigError
+
+__all__ = [
+    "LOCK_FILE",
+    "PREEMPTED_EXIT_CODE",
+    "Preempted",
+    "PreemptionWatcher",
+    "WorkdirDecision",
+    "WorkdirError",
+    "WorkdirLock",
+    "clear_run_outputs",
+    "config_differences",
+    "exclusive_workdir",
+    "inspect_workdir",
+    "write_record",
+]
 
 log = logging.getLogger("lbq")
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: rerun the same command to resume
 # Fields that may differ when a run resumes: they do not change what is computed.
 RESUMABLE_CHANGES = (
     "progress",
@@ -42,6 +63,151 @@ RESUMABLE_CHANGES = (
 )
 # What a run writes into its workdir; `overwrite` deletes these.
 RUN_OUTPUTS = ("checkpoints", "checkpoints_unreadable", "metrics.jsonl", "tensorboard")
+LOCK_FILE = "lbq.lock"  # WORKDIR/lbq.lock: flock(2)ed by the run that uses the workdir
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used: another run holds it, or it cannot be written."""
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def _holder_text(raw: bytes) -> str:
+    """'host H, pid P, since T' from a lock file's record, or a note that it is unknown."""
+    try:
+        holder = json.loads(raw.decode())
+        return f"host {holder['host']}, pid {holder['pid']}, since {holder['started']}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "its host and pid are not recorded yet"
+
+
+class WorkdirLock:
+    """Exclusive use of a workdir by one run: an exclusive `fcntl.flock` on ``WORKDIR/lbq.lock``.
+
+    The kernel drops the lock when its process ends, however it ends (SIGKILL, out of memory,
+    a lost node whose lock server notices), so a lock left by a dead run never needs a person:
+    the file stays, but the next run takes it. The file records the holder's host, pid and
+    start time for the message of a refused run. Released normally, the file is removed, and
+    so is the workdir when this run created it and left nothing else in it.
+
+    Across machines the lock is only as good as the filesystem's locks: NFSv4 and NFSv3 with
+    lockd, Lustre mounted with ``-o flock`` and GPFS lock across nodes; with NFS ``nolock`` or
+    Lustre ``localflock`` the lock is per node and two runs on different nodes are not
+    detected. Where the filesystem has no locks at all (ENOLCK, EOPNOTSUPP, ENOSYS), lbq warns
+    and runs without one.
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = os.path.abspath(workdir)
+        self.path = os.path.join(self.workdir, LOCK_FILE)
+        self._fd: int | None = None
+        self._created_workdir = False
+
+    def acquire(self) -> None:
+        """Takes the lock at once or refuses.
+
+        Raises:
+          WorkdirError: when another process holds it (naming its host and pid), or the
+            workdir cannot be created.
+        """
+        self._created_workdir = not os.path.isdir(self.workdir)
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                if self._try_lock(fd) and self._still_linked(fd):
+                    break
+                os.close(fd)  # a releasing holder removed the file we opened: open it again
+            self._fd = fd
+            record = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            }
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError as error:
+            self.release()
+            raise WorkdirError(f"cannot use workdir {self.workdir}: {_os_reason(error)}") from None
+
+    def _try_lock(self, fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(os.pread(fd, 4096, 0))
+            os.close(fd)
+            raise WorkdirError(
+                f"workdir {self.workdir} is in use by another lbq run ({holder}); wait for it "
+                f"to end, or use another --workdir (the lock is {self.path})"
+            ) from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            log.warning(
+                "the filesystem of %s has no file locks (%s): lbq cannot tell whether another "
+                "run uses this workdir",
+                self.workdir,
+                os.strerror(error.errno),
+            )
+        return True
+
+    def _still_linked(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        """Removes the lock file (while still holding it) and drops the lock; removes the
+        workdir too when this run created it and nothing else was written there."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            os.close(self._fd)
+            self._fd = None
+        if self._created_workdir:
+            with contextlib.suppress(OSError):  # not empty: the run wrote to it
+                os.rmdir(self.workdir)
+
+
+@contextlib.contextmanager
+def exclusive_workdir(workdir: str) -> Iterator[None]:
+    """Holds `WorkdirLock` on ``workdir`` for the block; only process 0 takes it.
+
+    With several processes, process 0's verdict is broadcast, so every process refuses a busy
+    workdir together (the others would otherwise wait for process 0 in the first collective).
+
+    Raises:
+      WorkdirError: when another run holds the workdir or it cannot be created.
+    """
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    refusal = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except WorkdirError as error:
+            refusal = error
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+        if int(refused) and refusal is None:
+            refusal = WorkdirError(f"workdir {workdir} is not available (see process 0)")
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _os_reason(error: OSError) -> str:
+    """'No space left on device (path)' for an OSError: the cause first, the path after."""
+    reason = error.strerror or str(error)
+    return f"{reason} ({error.filename})" if error.filename else reason
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -66,15 +232,51 @@ def _as_float(value: Any) -> Any:
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(_as_float(a), default=str) == json.dumps(_as_float(b), default=str)
+
+
+_STAGE_FIELD = re.compile(r"^stages\[\d+\]\.(.+)$")
+
+
+def _defaults() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The default config and a default stage, flattened like a record."""
+    from lbq.configs import default
+
+    def flat(config) -> dict[str, Any]:
+        return _flatten(json.loads(config.to_json_best_effort()))
+
+    return flat(default.get_config()), flat(default.stage("stage"))
+
+
+def _added_later_at_default(key: str, value: Any, defaults: tuple[dict, dict]) -> bool:
+    """Whether ``key``, absent from a recorded config, holds its default value."""
+    run_defaults, stage_defaults = defaults
+    stage_field = _STAGE_FIELD.match(key)
+    if stage_field:
+        return stage_field.group(1) in stage_defaults and _same(
+            stage_defaults[stage_field.group(1)], value
+        )
+    return key in run_defaults and _same(run_defaults[key], value)
+
+
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """'field: old -> new' for each field that differs and matters for the computation."""
+    """'field: old -> new' for each field that differs and matters for the computation.
+
+    A field that ``old`` lacks and ``new`` holds at its default is no difference: lbq gained
+    the field after the run was recorded, and a new field's default keeps the behaviour of
+    the code that recorded it (tests/test_golden.py resumes such a run).
+    """
     a, b = _flatten(dict(old)), _flatten(dict(new))
+    defaults = _defaults()
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key in RESUMABLE_CHANGES:
             continue
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if json.dumps(_as_float(va), default=str) != json.dumps(_as_float(vb), default=str):
+        if key not in a and _added_later_at_default(key, vb, defaults):
+            continue
+        if not _same(va, vb):
             diffs.append(f"{key}: {va!r} -> {vb!r}")
     return diffs
 
@@ -128,59 +330,38 @@ def inspect_workdir(
 
 
 def clear_run_outputs(workdir: str) -> None:
-    """Deletes a run's checkpoints, metrics and events (for `overwrite`)."""
+    """Deletes a run's checkpoints, metrics and events (for `overwrite`).
+
+    Raises:
+      WorkdirError: when one cannot be deleted.
+    """
     log.warning("overwriting the run in %s", workdir)
-    for name in RUN_OUTPUTS:
-        target = os.path.join(workdir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        elif os.path.exists(target):
-            os.remove(target)
+    try:
+        for name in RUN_OUTPUTS:
+            target = os.path.join(workdir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+    except OSError as error:
+        raise WorkdirError(
+            f"could not delete the old run in {workdir}: {_os_reason(error)}"
+        ) from None
 
 
 def write_record(workdir: str, record: Mapping[str, Any]) -> None:
-    """Writes ``config.json`` (write and rename: a kill never leaves half a file)."""
-    os.makedirs(workdir, exist_ok=True)
+    """Writes ``config.json`` (write and rename: a kill never leaves half a file).
+
+    Raises:
+      WorkdirError: when it cannot be written (the old file, if any, is kept).
+    """
     path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM/SIGINT into a flag that the loop checks at each step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not in the main thread
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once, without a checkpoint
-        log.warning(
-            "received %s: saving a checkpoint at the next step boundary",
-            signal.Signals(signum).name,
-        )
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def should_stop(self, sync: bool) -> bool:
-        """Whether to stop now; with several processes all of them must agree (at ``sync``)."""
-        if jax.process_count() == 1:
-            return self.requested
-        if not sync:
-            return False
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.int32(self.requested))
-        return bool(np.any(flags))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise WorkdirError(f"could not write {path}: {_os_reason(error)}") from None

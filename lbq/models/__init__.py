@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from lbq.models.alexnet import AlexNet
 from lbq.models.common import QuantNetwork
 from lbq.models.resnet import CifarResNet, ImageNetResNet
+from lbq.quant.layers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
 
 _REGISTRY = {
     "resnet20": (CifarResNet, {"depth": 20}),
@@ -44,13 +45,23 @@ def get_model(
       num_classes: classifier outputs.
       quantized: False gives the full-precision network with plain ReLU.
       dtype: compute dtype (bfloat16 on accelerators, float32 on CPU).
-      **kwargs: architecture options (per_channel, logit_scale, shortcut, hidden).
+      **kwargs: architecture options (per_channel, logit_scale, shortcut, hidden) and the
+        quantizers (weight_quantizer: 'dorefa' or 'lsq'; activation_quantizer: 'dorefa',
+        'pact' or 'lsq'; init_range: the initial PACT clip or LSQ activation range, > 0).
 
     Raises:
-      ValueError: for an unknown name.
+      ValueError: for an unknown name or quantizer, or a non-positive init_range.
     """
     if name not in _REGISTRY:
         raise ValueError(f"model.name={name!r} is not a known network; choose one of {MODEL_NAMES}")
+    for field, known in (
+        ("weight_quantizer", WEIGHT_QUANTIZERS),
+        ("activation_quantizer", ACTIVATION_QUANTIZERS),
+    ):
+        if kwargs.get(field, known[0]) not in known:
+            raise ValueError(f"{field}={kwargs[field]!r} is not one of {known}")
+    if not kwargs.get("init_range", 1.0) > 0:
+        raise ValueError(f"init_range={kwargs['init_range']!r} must be > 0")
     cls, defaults = _REGISTRY[name]
     return cls(num_classes=num_classes, quantized=quantized, dtype=dtype, **{**defaults, **kwargs})
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import flax.linen as nn
 
 from lbq.models.common import QuantNetwork
-from lbq.quant.layers import QuantConv, QuantDense, activation
+from lbq.quant.layers import QuantConv, QuantDense
 from lbq.quant.precision import Precision
 
 
@@ -81,13 +81,14 @@ class AlexNet(QuantNetwork):
                 (spec.stride,) * 2,
                 pad,
                 per_channel=self.per_channel,
+                weight_quantizer=self.weight_quantizer,
                 dtype=self.dtype,
                 name=f"conv{i + 1}",
             )
             x = self.batch_norm(train, f"bn{i + 1}")(conv(x, layer))
             # The activation after the full-precision first conv takes conv2's precision.
             act = self.layer_precision(precision, names[0]) if first else layer
-            x = activation(x, act)
+            x = self.act(x, act, f"act{i + 1}")
             if spec.pool:
                 window = "VALID" if imagenet else ((0, 1), (0, 1))
                 x = nn.max_pool(x, (3, 3), (2, 2), padding=window)
@@ -104,9 +105,10 @@ class AlexNet(QuantNetwork):
                 self.hidden,
                 use_bias=False,
                 per_channel=self.per_channel,
+                weight_quantizer=self.weight_quantizer,
                 dtype=self.dtype,
                 name=name,
             )
             x = self.batch_norm(train, f"{name}_bn")(dense(x, layer))
-            x = activation(x, None if name == "fc7" else layer)
+            x = self.act(x, None if name == "fc7" else layer, f"{name}_act")
         return self.classify(x), {k: features[k] for k in ("conv4", "conv5")}

@@ -8,10 +8,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lbq.quant.layers import LayerPrecision
+from lbq.quant.layers import (
+    DEFAULT_QUANTIZER,
+    PACT_INITIAL_CLIP,
+    LayerPrecision,
+    QuantConv,
+    quantized_activation,
+)
 from lbq.quant.precision import Precision
 
 Dtype = Any
+
+# BatchNorm's running-average momentum (Flax convention; PyTorch's 0.1), which
+# `lbq.calibrate` also needs to recover a batch's statistics.
+BATCH_NORM_MOMENTUM = 0.9
 
 
 class QuantNetwork(nn.Module):
@@ -20,12 +30,19 @@ class QuantNetwork(nn.Module):
     Subclasses define ``layer_names()`` (static: computed from the hyperparameters, not by
     tracing) and call ``self.layer_precision(precision, name)`` for each quantized layer.
     ``quantized=False`` gives the full-precision network with plain ReLU (the teacher).
+
+    Quantizers (static; `lbq.quant.layers`): ``weight_quantizer`` ('dorefa', 'lsq') for every
+    quantized conv and dense layer, ``activation_quantizer`` ('dorefa', 'pact', 'lsq') for every
+    quantized activation, ``init_range`` the initial PACT clip / LSQ activation range.
     """
 
     num_classes: int = 10
     quantized: bool = True
     per_channel: bool = False
     logit_scale: bool = False
+    weight_quantizer: str = DEFAULT_QUANTIZER
+    activation_quantizer: str = DEFAULT_QUANTIZER
+    init_range: float = PACT_INITIAL_CLIP
     dtype: Dtype = jnp.float32
 
     def layer_names(self) -> tuple[str, ...]:
@@ -64,6 +81,24 @@ class QuantNetwork(nn.Module):
                     f"{count} quantized layers: {self.layer_names()}"
                 )
 
+    def act(self, x: jax.Array, precision, name: str) -> jax.Array:
+        """The nonlinearity at one place of the network: ReLU for ``precision=None``, else
+        the network's activation quantizer (a submodule called ``name`` for PACT and LSQ)."""
+        return quantized_activation(x, precision, self.activation_quantizer, self.init_range, name)
+
+    def quant_conv(self, features: int, kernel: int, stride: int, padding: int, name: str):
+        """A quantized conv with this network's weight quantizer, per-channel flag and dtype."""
+        return QuantConv(
+            features,
+            (kernel, kernel),
+            (stride, stride),
+            padding=[(padding, padding)] * 2,
+            per_channel=self.per_channel,
+            weight_quantizer=self.weight_quantizer,
+            dtype=self.dtype,
+            name=name,
+        )
+
     def classify(self, x: jax.Array) -> jax.Array:
         """The full-precision classifier: dense layer, then the optional logit scale."""
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
@@ -78,7 +113,7 @@ class QuantNetwork(nn.Module):
         """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), never folded."""
         return nn.BatchNorm(
             use_running_average=not train,
-            momentum=0.9,
+            momentum=BATCH_NORM_MOMENTUM,
             epsilon=1e-5,
             dtype=self.dtype,
             name=name,

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lbq.models.common import QuantNetwork
-from lbq.quant.layers import QuantConv, activation
+from lbq.quant.layers import QuantConv
 from lbq.quant.precision import Precision
 
 
@@ -87,15 +87,7 @@ class _ResNetBase(QuantNetwork):
         }
 
     def conv(self, features, kernel, stride, name):
-        return QuantConv(
-            features,
-            (kernel, kernel),
-            (stride, stride),
-            padding=[(kernel // 2, kernel // 2)] * 2,
-            per_channel=self.per_channel,
-            dtype=self.dtype,
-            name=name,
-        )
+        return self.quant_conv(features, kernel, stride, kernel // 2, name)
 
 
 class CifarResNet(_ResNetBase):
@@ -132,7 +124,7 @@ class CifarResNet(_ResNetBase):
         x = self.conv(16, 3, 1, "stem")(x, None)
         first = self.block_precisions(precision, plans[0])["conv1"]
         if not self.preact:
-            x = activation(self.batch_norm(train, "stem_bn")(x), first)
+            x = self.act(self.batch_norm(train, "stem_bn")(x), first, "stem_act")
         features = {}
         for block in plans:
             layers = self.block_precisions(precision, block)
@@ -156,23 +148,29 @@ def _shortcut(net, x, block, layers, features):
 def _basic_block(net, x, block, layers, train):
     conv1 = net.conv(block.features, 3, block.stride, f"{block.name}_conv1")
     conv2 = net.conv(block.features, 3, 1, f"{block.name}_conv2")
-    y = activation(
-        net.batch_norm(train, f"{block.name}_bn1")(conv1(x, layers["conv1"])), layers["conv1"]
+    y = net.act(
+        net.batch_norm(train, f"{block.name}_bn1")(conv1(x, layers["conv1"])),
+        layers["conv1"],
+        f"{block.name}_act1",
     )
     y = net.batch_norm(train, f"{block.name}_bn2")(conv2(y, layers["conv2"]))
     residual = _shortcut(net, x, block, layers, block.features)
     if block.projection:
         residual = net.batch_norm(train, f"{block.name}_shortcut_bn")(residual)
     y = y + residual
-    return activation(y, None if block.last else layers["conv2"])
+    return net.act(y, None if block.last else layers["conv2"], f"{block.name}_act2")
 
 
 def _preact_block(net, x, block, layers, train):
-    y = activation(net.batch_norm(train, f"{block.name}_bn1")(x), layers["conv1"])
+    y = net.act(
+        net.batch_norm(train, f"{block.name}_bn1")(x), layers["conv1"], f"{block.name}_act1"
+    )
     # The projection shortcut reads the pre-activated input, as in PreResNet.
     residual = _shortcut(net, y if block.projection else x, block, layers, block.features)
     y = net.conv(block.features, 3, block.stride, f"{block.name}_conv1")(y, layers["conv1"])
-    y = activation(net.batch_norm(train, f"{block.name}_bn2")(y), layers["conv2"])
+    y = net.act(
+        net.batch_norm(train, f"{block.name}_bn2")(y), layers["conv2"], f"{block.name}_act2"
+    )
     y = net.conv(block.features, 3, 1, f"{block.name}_conv2")(y, layers["conv2"])
     return y + residual
 
@@ -210,7 +208,7 @@ class ImageNetResNet(_ResNetBase):
         x = x.astype(self.dtype)
         x = QuantConv(64, (7, 7), (2, 2), [(3, 3), (3, 3)], dtype=self.dtype, name="stem")(x)
         first = self.block_precisions(precision, plans[0])["conv1"]
-        x = activation(self.batch_norm(train, "stem_bn")(x), first)
+        x = self.act(self.batch_norm(train, "stem_bn")(x), first, "stem_act")
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         features = {}
         for block in plans:
@@ -225,9 +223,9 @@ class ImageNetResNet(_ResNetBase):
         names = block.name
         width = block.features
         y = self.conv(width, 1, 1, f"{names}_conv1")(x, layers["conv1"])
-        y = activation(self.batch_norm(train, f"{names}_bn1")(y), layers["conv1"])
+        y = self.act(self.batch_norm(train, f"{names}_bn1")(y), layers["conv1"], f"{names}_act1")
         y = self.conv(width, 3, block.stride, f"{names}_conv2")(y, layers["conv2"])
-        y = activation(self.batch_norm(train, f"{names}_bn2")(y), layers["conv2"])
+        y = self.act(self.batch_norm(train, f"{names}_bn2")(y), layers["conv2"], f"{names}_act2")
         y = self.conv(width * 4, 1, 1, f"{names}_conv3")(y, layers["conv3"])
         y = self.batch_norm(train, f"{names}_bn3")(y)
         residual = x
@@ -236,4 +234,4 @@ class ImageNetResNet(_ResNetBase):
                 x, layers["shortcut"]
             )
             residual = self.batch_norm(train, f"{names}_shortcut_bn")(residual)
-        return activation(y + residual, None if block.last else layers["conv3"])
+        return self.act(y + residual, None if block.last else layers["conv3"], f"{names}_act3")

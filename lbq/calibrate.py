@@ -1,0 +1,526 @@
+"""Calibrated start of the learned quantizer ranges, and BatchNorm re-estimation.
+
+**Calibrated start** (SPEC section 7). A learned range (PACT clip, LSQ range;
+`lbq.quant.layers`) is set from the model's own tensors before it is first used:
+
+- at the start of a new run started from ``init_from`` (a trained model), on
+  ``quant.calibration_batches`` training batches: every PACT clip (a clip acts at 32 bits too),
+  and the LSQ ranges of the layers that the first stage quantizes;
+- at the start of a new run from scratch: the LSQ ranges of the layers that the first stage
+  quantizes, by LSQ's rule on the first training batch (Esser et al., section 2.1); PACT clips
+  keep ``quant.pact_init_clip`` (Choi et al. start at 10);
+- at the start of a later stage, on ``quant.calibration_batches`` batches: the LSQ ranges of
+  the layers it quantizes for the first time (at full precision an LSQ range is unused, so a
+  ladder 32 -> 4 -> 2 or weights-then-activations calibrates them on the trained network).
+  A range that was used before carries over (see `lbq.quant.layers`).
+
+Rules. LSQ weights: ``s = 2 mean|w| / sqrt(Q_P)`` per tensor or output channel. Activations
+(PACT clip, LSQ range): ``quant.activation_calibration`` = ``'percentile'``, the
+``quant.calibration_percentile`` percentile of the activation's input after ReLU (per batch,
+averaged over the batches), or ``'lsq'``, LSQ's rule on the same values (the rule used at a
+from-scratch start). A range is computed for the bit-width at which its layer is first
+quantized (`first_quantized_bits`). A statistic that is not positive (an activation whose input
+is never positive) leaves the range at its value. Ranges stored in the ``init_from`` run are
+not used: every range is calibrated for this run's bit-widths. The log records the rules.
+
+The activation inputs come from one forward pass per batch of the network as it is (the start
+model: full precision with PACT's clips lifted, the plain ReLU network; at a stage start: the
+previous stage's precision), BatchNorm in eval mode, recorded with Flax ``sow``. A layer to
+calibrate for ``b`` bits runs at the bit-width ``32 + b``: every bit-width of 32 or more is full
+precision (`lbq.quant.quantizers`), as the layer was until now, and its quantizer records
+``32 + b``, from which ``b`` is read (`calibration_bits`).
+
+**BatchNorm re-estimation** (``eval.recalibrate_bn_batches`` = N > 0). Before each evaluation,
+`evaluation_state` recomputes the BatchNorm statistics of every evaluated network (students
+fully quantized at the stage's bit-widths, as the eval step runs them) as the plain average of
+the per-batch means and (biased) variances over the run's first N training batches, as
+PyTorch's cumulative average (``momentum=None``) does. Only the evaluation sees them: the train
+state keeps its own parameters and statistics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lbq import data as lbq_data
+from lbq.models import QuantNetwork
+from lbq.models.common import BATCH_NORM_MOMENTUM
+from lbq.plan import ModelSpec
+from lbq.quant.layers import (
+    CALIBRATION_COLLECTION,
+    SOWN_BITS,
+    SOWN_INPUT,
+    SOWN_WEIGHT_BITS,
+    WEIGHT_RANGE_PARAM,
+    lsq_initial_range,
+    lsq_level_count,
+    merge_learned_ranges,
+    split_learned_ranges,
+)
+from lbq.quant.precision import Precision
+from lbq.quant.quantizers import FULL_PRECISION_BITS
+from lbq.steps import Network, TrainState, normalize
+
+log = logging.getLogger("lbq")
+
+PERCENTILE_RULE, LSQ_RULE = "percentile", "lsq"
+
+Bits = Mapping[str, tuple[np.ndarray, np.ndarray]]  # {student: (w_bits [L], a_bits [L])}
+Path = tuple[str, ...]
+
+
+# ------------------------------------------------------------------------------ bit-widths
+
+
+def _first_quantized(rows: np.ndarray) -> np.ndarray:
+    """Per column of ``rows`` [stages, L], the first entry below 32, else 32."""
+    quantized = rows < FULL_PRECISION_BITS
+    first = rows[np.argmax(quantized, axis=0), np.arange(rows.shape[1])]
+    return np.where(quantized.any(axis=0), first, FULL_PRECISION_BITS).astype(np.float32)
+
+
+def first_quantized_bits(bits_per_stage: Sequence[Bits]) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per student and layer, the first weight and activation bit-widths below 32 over the
+    stages (32 where a layer is never quantized).
+
+    Args:
+      bits_per_stage: for each stage, `lbq.build.stage_bits`.
+    """
+    return {
+        name: tuple(
+            _first_quantized(np.stack([np.asarray(s[name][i]) for s in bits_per_stage]))
+            for i in range(2)
+        )
+        for name in bits_per_stage[0]
+    }
+
+
+def calibration_bits(current: np.ndarray, target: np.ndarray, calibrate: np.ndarray) -> np.ndarray:
+    """Bit-widths [L] of a calibration pass: ``current`` for a layer that keeps its range,
+    ``32 + target`` for one calibrated for ``target`` bits (it must be at full precision now;
+    any bit-width >= 32 runs it so). See the module docstring.
+
+    Raises:
+      ValueError: when a layer to calibrate is quantized now, or a target is not in 1..32.
+    """
+    current, target, calibrate = (np.asarray(x) for x in (current, target, calibrate))
+    if np.any(calibrate & (current < FULL_PRECISION_BITS)):
+        raise ValueError("only a layer at full precision can be calibrated")
+    if np.any(calibrate & ((target < 1) | (target > FULL_PRECISION_BITS))):
+        raise ValueError(f"calibration targets must be in 1..{FULL_PRECISION_BITS}")
+    return np.where(calibrate, FULL_PRECISION_BITS + target, current).astype(np.float32)
+
+
+def calibration_target(recorded_bits: float) -> float | None:
+    """The bit-width a quantizer is calibrated for, from the bit-width it recorded in a
+    calibration pass (`calibration_bits`); None when it keeps its range."""
+    recorded = float(recorded_bits)
+    return recorded - FULL_PRECISION_BITS if recorded > FULL_PRECISION_BITS else None
+
+
+def _never_quantized(bits_per_stage: Sequence[Bits], name: str, which: int) -> np.ndarray:
+    rows = np.stack([np.asarray(s[name][which]) for s in bits_per_stage])
+    return np.all(rows >= FULL_PRECISION_BITS, axis=0)
+
+
+def start_calibration_bits(
+    bits_per_stage: Sequence[Bits], model: ModelSpec, from_model: bool
+) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """{student: (w_bits, a_bits)} of the calibration pass at a new run's start (the start
+    network is at full precision); None when nothing is calibrated then."""
+    first = first_quantized_bits(bits_per_stage)
+    out = {}
+    for name, (w0, a0) in bits_per_stage[0].items():
+        w0, a0 = np.asarray(w0), np.asarray(a0)
+        full = np.full_like(w0, FULL_PRECISION_BITS)
+        lsq_w = model.weight_quantizer == "lsq"
+        cal_w = (w0 < FULL_PRECISION_BITS) & lsq_w
+        if model.activation_quantizer == "pact":
+            cal_a, target_a = np.full(a0.shape, from_model), first[name][1]
+        else:
+            cal_a = (a0 < FULL_PRECISION_BITS) & (model.activation_quantizer == "lsq")
+            target_a = a0
+        if cal_w.any() or cal_a.any():
+            out[name] = (calibration_bits(full, w0, cal_w), calibration_bits(full, target_a, cal_a))
+    return out or None
+
+
+def stage_calibration_bits(
+    bits_per_stage: Sequence[Bits], index: int, model: ModelSpec
+) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """{student: (w_bits, a_bits)} of the calibration pass at the start of stage ``index`` > 0:
+    the previous stage's precision, and the LSQ layers that this stage quantizes for the first
+    time marked for calibration; None when there are none."""
+    previous, current = bits_per_stage[index - 1], bits_per_stage[index]
+    out = {}
+    for name in current:
+        pair, marked = [], False
+        for which, quantizer in ((0, model.weight_quantizer), (1, model.activation_quantizer)):
+            now = np.asarray(current[name][which])
+            calibrate = (
+                (quantizer == "lsq")
+                & _never_quantized(bits_per_stage[:index], name, which)
+                & (now < FULL_PRECISION_BITS)
+            )
+            pair.append(calibration_bits(previous[name][which], now, calibrate))
+            marked |= bool(calibrate.any())
+        if marked:
+            out[name] = tuple(pair)
+    return out or None
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def _sown_records(tree: Mapping[str, Any], path: Path = ()) -> Iterator[tuple[Path, Mapping]]:
+    """(module path, its sown values) for every module that recorded calibration values."""
+    if any(key in tree for key in (SOWN_INPUT, SOWN_WEIGHT_BITS)):
+        yield path, tree
+        return
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _sown_records(value, (*path, key))
+
+
+def high_percentile(x: jax.Array, q: float) -> jax.Array:
+    """The ``q``-th percentile (0-100) of all of ``x``, as NumPy's default (linear
+    interpolation between the two nearest order statistics), float32.
+
+    A high percentile needs only the largest ``n - floor((n - 1) q / 100)`` values, which
+    `jax.lax.top_k` finds without sorting the whole tensor (an ImageNet activation batch has
+    about 10^8 elements); lower percentiles fall back to `jnp.percentile`.
+    """
+    flat = x.reshape(-1).astype(jnp.float32)
+    n = flat.shape[0]
+    position = (n - 1) * q / 100.0
+    low = math.floor(position)
+    count = n - low  # order statistics low .. n-1, the largest first
+    if count > max(4096, n // 8):
+        return jnp.percentile(flat, q)
+    # The barrier keeps XLA (CPU, jax 0.10) from turning top_k-then-index into a full sort,
+    # which costs 80x more on a CIFAR activation batch.
+    largest = jax.lax.optimization_barrier(jax.lax.top_k(flat, count)[0])
+    at_low = largest[count - 1]
+    at_high = largest[count - 2] if count >= 2 else at_low
+    return at_low + (position - low) * (at_high - at_low)
+
+
+def make_range_statistics(model: QuantNetwork, percentile: float, lift_clips: bool) -> Callable:
+    """Builds ``statistics(params, batch_stats, images, w_bits, a_bits) -> {path: values}``.
+
+    One forward pass of ``model`` at ``w_bits``/``a_bits`` [L] (every quantize switch on; see
+    `calibration_bits`), BatchNorm in eval mode. With ``lift_clips`` the learned ranges are
+    set to +inf, so that a PACT activation at full precision is a plain ReLU (the start model).
+
+    Returns, keyed by the '/'-joined module path: for a quantized activation
+    ``{'percentile', 'mean', 'bits'}`` (the ``percentile`` (0-100, linear interpolation as
+    NumPy's) and the mean of its input after ReLU, float32 scalars, and the a_bits it ran
+    at), for an LSQ weight ``{'bits'}`` (its w_bits). Pure; jit it.
+    """
+
+    def statistics(params, batch_stats, images, w_bits, a_bits):
+        if lift_clips:
+            rest, ranges = split_learned_ranges(params)
+            lifted = jax.tree.map(lambda r: jnp.full_like(r, jnp.inf), ranges)
+            params = merge_learned_ranges(rest, lifted)
+        variables = {"params": params, "batch_stats": batch_stats}
+        precision = Precision(w_bits, a_bits, jnp.ones_like(w_bits))
+        _, sown = model.apply(
+            variables, images, precision, train=False, mutable=[CALIBRATION_COLLECTION]
+        )
+        out = {}
+        for path, record in _sown_records(sown.get(CALIBRATION_COLLECTION, {})):
+            if SOWN_WEIGHT_BITS in record:
+                out["/".join(path)] = {"bits": record[SOWN_WEIGHT_BITS][0]}
+            else:
+                x = jax.nn.relu(record[SOWN_INPUT][0].astype(jnp.float32))
+                out["/".join(path)] = {
+                    "percentile": high_percentile(x, percentile),
+                    "mean": jnp.mean(x),
+                    "bits": record[SOWN_BITS][0],
+                }
+        return out
+
+    return statistics
+
+
+def average_statistics(per_batch: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict:
+    """The mean over batches of every statistic (float64 on the host)."""
+    per_batch = [jax.device_get(s) for s in per_batch]
+    return {
+        path: {k: float(np.mean([np.float64(s[path][k]) for s in per_batch])) for k in values}
+        for path, values in per_batch[0].items()
+    }
+
+
+# ------------------------------------------------------------------------------ the ranges
+
+
+def lsq_activation_range(mean_after_relu: float, bits: float) -> float:
+    """LSQ's initial range for an activation: ``s (2^b - 1)`` with ``s = 2 mean / sqrt(Q_P)``,
+    ``Q_P = 2^b - 1`` (so ``2 mean sqrt(2^b - 1)``)."""
+    return 2.0 * mean_after_relu * math.sqrt(float(lsq_level_count(bits)))
+
+
+def calibrated_ranges(
+    params: Mapping[str, Any], statistics: Mapping[str, Mapping[str, float]], activation_rule: str
+) -> tuple[dict, dict[str, int]]:
+    """A network's parameters with the learned ranges that ``statistics`` marks for
+    calibration (recorded bit-width above 32, `calibration_target`) set from it.
+
+    Args:
+      params: the network's parameters (nested dicts).
+      statistics: `average_statistics` of `make_range_statistics`.
+      activation_rule: 'percentile' or 'lsq', for the activations' clips and ranges.
+
+    Returns:
+      (new parameters, {'weights': n, 'activations': n, 'kept': n}: how many ranges were set,
+      and how many marked ones kept their value for want of a positive statistic).
+    """
+    rest, ranges = split_learned_ranges(params)
+    counts = {"weights": 0, "activations": 0, "kept": 0}
+
+    def calibrate(path: Path, old: jax.Array) -> jax.Array:
+        *module, name = path
+        values = statistics["/".join(module)]
+        bits = calibration_target(values["bits"])
+        if bits is None:
+            return old
+        if name == WEIGHT_RANGE_PARAM:
+            kernel = _leaf(params, (*module, "kernel"))
+            new = lsq_initial_range(kernel, bits, True, per_channel=old.ndim == 1)
+            kind = "weights"
+        else:
+            if activation_rule == PERCENTILE_RULE:
+                new = values["percentile"]
+            else:
+                new = lsq_activation_range(values["mean"], bits)
+            kind = "activations"
+        new = np.asarray(new, np.float32).reshape(old.shape)
+        usable = bool(np.all(np.isfinite(new) & (new > 0)))
+        counts[kind if usable else "kept"] += 1
+        return jax.device_put(new, old.sharding) if usable else old
+
+    new_ranges = _map_with_path(calibrate, ranges)
+    return merge_learned_ranges(rest, new_ranges), counts
+
+
+def _leaf(tree: Mapping[str, Any], path: Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _map_with_path(fn: Callable[[Path, Any], Any], tree: Mapping[str, Any], path: Path = ()):
+    return {
+        k: _map_with_path(fn, v, (*path, k)) if isinstance(v, Mapping) else fn((*path, k), v)
+        for k, v in tree.items()
+    }
+
+
+# ------------------------------------------------------------------------- BatchNorm
+
+
+def make_batch_statistics_step(networks: Sequence[Network], mean, std) -> Callable:
+    """Builds ``step(params, batch_stats, batch, bits) -> {network: this batch's statistics}``.
+
+    Each network runs in train mode as the eval step would run it (students fully quantized at
+    ``bits``), from running statistics of zero, so that Flax's update ``m * 0 + (1 - m) * b``
+    leaves ``(1 - m)`` times the batch's mean and biased variance ``b``; dividing by ``1 - m``
+    recovers them (to float32 rounding). ``batch_stats`` only gives the tree. Pure; jit it.
+    """
+
+    def step(params, batch_stats, batch, bits):
+        images = normalize(batch["image"], mean, std)
+        out = {}
+        for net in networks:
+            precision = None
+            if net.model.quantized:
+                w_bits, a_bits = bits[net.name]
+                precision = Precision(w_bits, a_bits, jnp.ones_like(w_bits))
+            zeros = jax.tree.map(jnp.zeros_like, batch_stats[net.name])
+            variables = {"params": params[net.name], "batch_stats": zeros}
+            _, new = net.model.apply(
+                variables, images, precision, train=True, mutable=["batch_stats"]
+            )
+            out[net.name] = jax.tree.map(
+                lambda s: s / (1.0 - BATCH_NORM_MOMENTUM), new["batch_stats"]
+            )
+        return out
+
+    return step
+
+
+def reestimate_batch_stats(step: Callable, state: TrainState, batches: Sequence, bits) -> Any:
+    """New BatchNorm statistics: the average over ``batches`` of each batch's mean and biased
+    variance (`make_batch_statistics_step`). The state itself is not changed.
+
+    Raises:
+      ValueError: for no batches.
+    """
+    if not batches:
+        raise ValueError("BatchNorm re-estimation needs at least one batch")
+    total = None
+    for batch in batches:
+        stats = step(state.params, state.batch_stats, batch, bits)
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    return jax.tree.map(lambda s: s / len(batches), total)
+
+
+# ------------------------------------------------------------------------ trainer level
+
+
+def training_batches(trainer, count: int) -> list[dict[str, jax.Array]]:
+    """The run's first ``count`` training batches (steps 0.. of the data order, with the
+    training augmentation), global and sharded like the train step's."""
+    plan = trainer.plan
+    iterator = lbq_data.train_iterator(
+        plan.data,
+        seed=plan.seed,
+        global_batch=plan.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    try:
+        return [
+            {
+                k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
+                for k, v in local.items()
+            }
+            for local in itertools.islice(iterator, count)
+        ]
+    finally:
+        iterator.close()
+
+
+def calibrate_ranges(
+    trainer,
+    state: TrainState,
+    bits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    rule: str,
+    num_batches: int,
+    lift_clips: bool,
+    source: str,
+) -> TrainState:
+    """The state with its students' marked ranges calibrated on the run's first
+    ``num_batches`` training batches (`make_range_statistics`, `calibrated_ranges`); logs
+    what was set, by which rule, and ``source``.
+
+    Args:
+      trainer: the `lbq.build.Trainer`.
+      bits: {student: (w_bits, a_bits)} from `start_calibration_bits` or
+        `stage_calibration_bits`.
+    """
+    plan = trainer.plan
+    batches = training_batches(trainer, num_batches)
+    params = dict(state.params)
+    for net in trainer.networks:
+        if net.name not in bits:
+            continue
+        statistics = jax.jit(
+            make_range_statistics(net.model, plan.calibration.percentile, lift_clips)
+        )
+        w_bits, a_bits = (jnp.asarray(b) for b in bits[net.name])
+        per_batch = [
+            statistics(
+                params[net.name],
+                state.batch_stats[net.name],
+                normalize(batch["image"], trainer.info.mean, trainer.info.std),
+                w_bits,
+                a_bits,
+            )
+            for batch in batches
+        ]
+        params[net.name], counts = calibrated_ranges(
+            params[net.name], average_statistics(per_batch), rule
+        )
+        log.info("%s", _describe(net.name, plan, counts, rule, num_batches, source))
+    return state.replace(params=params)
+
+
+def start_ranges(trainer, state: TrainState, bits_per_stage: Sequence[Bits]) -> TrainState:
+    """A new run's state with the learned ranges that its first stage uses calibrated
+    (module docstring): on ``init_from``'s model, or LSQ's first-batch rule from scratch.
+
+    Args:
+      trainer: the `lbq.build.Trainer`; state: after the start weights were loaded.
+      bits_per_stage: `lbq.build.stage_bits` of every stage of the run.
+    """
+    plan = trainer.plan
+    if not plan.model.learned_ranges:
+        return state
+    from_model = plan.init_from is not None
+    if not from_model and plan.model.activation_quantizer == "pact":
+        log.info("PACT clips start at quant.pact_init_clip=%g", plan.model.pact_init_clip)
+    bits = start_calibration_bits(bits_per_stage, plan.model, from_model)
+    if bits is None:
+        return state
+    if from_model:
+        rule, count, source = (
+            plan.calibration.activation_rule,
+            plan.calibration.batches,
+            "init_from",
+        )
+    else:
+        rule, count, source = LSQ_RULE, 1, "the initial weights"
+    return calibrate_ranges(
+        trainer, state, bits, rule=rule, num_batches=count, lift_clips=True, source=source
+    )
+
+
+def stage_ranges(
+    trainer, state: TrainState, bits_per_stage: Sequence[Bits], index: int
+) -> TrainState:
+    """The state at the start of stage ``index`` with the LSQ ranges of the layers that the
+    stage quantizes for the first time calibrated on the network as trained so far."""
+    plan = trainer.plan
+    if index == 0 or not plan.model.learned_ranges:
+        return state
+    bits = stage_calibration_bits(bits_per_stage, index, plan.model)
+    if bits is None:
+        return state
+    return calibrate_ranges(
+        trainer,
+        state,
+        bits,
+        rule=plan.calibration.activation_rule,
+        num_batches=plan.calibration.batches,
+        lift_clips=False,
+        source=f"the network at the start of stage {index + 1}",
+    )
+
+
+def _describe(name: str, plan, counts: Mapping[str, int], rule: str, count: int, source: str):
+    if rule == PERCENTILE_RULE:
+        rule_text = f"the {plan.calibration.percentile:g}th percentile of the input after ReLU"
+    else:
+        rule_text = "LSQ's rule 2 mean(relu(x)) / sqrt(Q_P)"
+    text = (
+        f"calibrated {name}'s learned ranges on {source} ({count} training batches): "
+        f"{counts['weights']} LSQ weight ranges by LSQ's rule 2 mean|w| / sqrt(Q_P), "
+        f"{counts['activations']} activation ranges by {rule_text}"
+    )
+    if counts["kept"]:
+        text += f"; {counts['kept']} kept their value (no positive statistic)"
+    return text
+
+
+def evaluation_state(trainer, state: TrainState, bits) -> TrainState:
+    """The state an evaluation uses: with ``eval.recalibrate_bn_batches`` = N > 0, its
+    BatchNorm statistics re-estimated over the run's first N training batches; else ``state``.
+    The train state itself is not changed."""
+    count = trainer.plan.calibration.recalibrate_bn_batches
+    if not count:
+        return state
+    batches = training_batches(trainer, count)
+    stats = reestimate_batch_stats(trainer.batch_stats_step, state, batches, bits)
+    return state.replace(batch_stats=stats)
