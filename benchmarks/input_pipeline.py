@@ -192,24 +192,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
             results.append(row)
             print(json.dumps(row), flush=True)
+    from lbq.bench import cpu_model
+
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cores": cores,
         "load_average": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d"),
         "results": results,
     }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,10 @@ from typing import Any
 
 from lbq.models import SMALL_INPUT_MODELS
 
-MODES = ("fp", "w4a4", "w2a2", "w2a2_sp", "w2a2_kd")
+# The paper's methods (the default set, mirrored by benchmarks/torch_fakequant.py) and the
+# learned-range quantizers at W2A2: PACT activations, LSQ weights and activations.
+DEFAULT_MODES = ("fp", "w4a4", "w2a2", "w2a2_sp", "w2a2_kd")
+MODES = (*DEFAULT_MODES, "w2a2_pact", "w2a2_lsq")
 MODELS = ("resnet20", "resnet18", "resnet50")
 # The paper's recipes: CIFAR-100 for the CIFAR ResNets (32 px), ImageNet for the others (224 px).
 # The stochastic-precision stage is made this long so that p(t) stays near its start value and
@@ -117,6 +120,10 @@ def mode_config(model: str, mode: str, batch: int, dtype: str = "auto"):
     config.stochastic.enabled = mode == "w2a2_sp"
     config.distill.enabled = mode == "w2a2_kd"
     config.distill.teacher = "joint"
+    if mode == "w2a2_pact":
+        config.quant.activation_quantizer = "pact"
+    if mode == "w2a2_lsq":
+        config.quant.weight_quantizer = config.quant.activation_quantizer = "lsq"
     return config
 
 
@@ -390,7 +397,7 @@ def _environment() -> dict[str, Any]:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "backend": jax.default_backend(),
         "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
@@ -425,7 +432,9 @@ def _git_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), for the
+    figures' hardware line."""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -442,7 +451,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated networks, or 'all' ({','.join(MODELS)})",
     )
     parser.add_argument(
-        "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated subset of {','.join(MODES)}",
     )
     parser.add_argument(
         "--batch",

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lbq import calibrate
+from lbq import calibrate, report
 from lbq.checkpoint import CheckpointError, load_variables
 from lbq.data import DatasetInfo
 from lbq.mesh import data_mesh
@@ -305,3 +305,22 @@ def build_trainer(
         out_shardings=repl,
     )
     return Trainer(plan, info, networks, optimizer, mesh, train_step, eval_step, batch_stats_step)
+
+
+def check_networks_build(trainer: Trainer) -> None:
+    """Every network initialises on the dataset's images (shapes only: nothing is computed).
+
+    Raises:
+      ConfigError: naming model.name and the image size, with the model's own reason.
+    """
+    shape = trainer.info.image_shape
+    for net in trainer.networks:
+        try:
+            report.parameter_count(net.model, shape)
+        except Exception as error:  # noqa: BLE001 - any failure here is model vs. input
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ConfigError(
+                f"model.name={trainer.plan.model.name!r} cannot be built for "
+                f"{shape[0]}x{shape[1]} images (data.image_size={trainer.plan.data.image_size}):"
+                f" {type(error).__name__}: {reason}"
+            ) from None

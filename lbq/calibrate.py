@@ -505,7 +505,8 @@ def _describe(name: str, plan, counts: Mapping[str, int], rule: str, count: int,
     else:
         rule_text = "LSQ's rule 2 mean(relu(x)) / sqrt(Q_P)"
     text = (
-        f"calibrated {name}'s learned ranges on {source} ({count} training batches): "
+        f"calibrated {name}'s learned ranges on {source} ({count} training batch"
+        f"{'es' if count > 1 else ''}): "
         f"{counts['weights']} LSQ weight ranges by LSQ's rule 2 mean|w| / sqrt(Q_P), "
         f"{counts['activations']} activation ranges by {rule_text}"
     )

@@ -1,41 +1,39 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
 One global step counter runs through the stages of the run plan. The parts come from
-`lbq.build.build_trainer` (networks, optimizer, compiled steps); the workdir decisions from
-`lbq.workdir`; the devices from `lbq.mesh`. This module only drives them: batches in, metrics,
-evaluations and checkpoints out.
+`lbq.build.build_trainer` (networks, optimizer, compiled steps); the batches and the
+evaluation pass from `lbq.batches`; the start or resumed state from `lbq.resume`; the workdir
+decisions from `lbq.workdir`; the devices from `lbq.mesh`. This module only drives them:
+batches in, metrics, evaluations and checkpoints out.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lbq import calibrate, report
 from lbq import data as lbq_data
 from lbq import metrics as lbq_metrics
-from lbq.build import Trainer, build_trainer
-from lbq.checkpoint import CheckpointMismatch, Checkpoints
+from lbq.batches import evaluate, train_batches
+from lbq.build import build_trainer, check_networks_build
 from lbq.mesh import maybe_initialize_distributed
 from lbq.plan import RunPlan, parse_config, shadowed_overrides
+from lbq.report import RunResult
+from lbq.resume import commit, restore
 from lbq.stages import Stage, lay_out, stage_at
 from lbq.validate import ConfigError, check_type
 from lbq.workdir import (
     PREEMPTED_EXIT_CODE,
     Preempted,
     PreemptionWatcher,
-    WorkdirDecision,
-    clear_run_outputs,
     exclusive_workdir,
     inspect_workdir,
-    write_record,
 )
 
 __all__ = [
@@ -52,97 +50,6 @@ log = logging.getLogger("lbq")
 class NonFiniteError(RuntimeError):
     """The loss or a gradient became NaN or infinite (on_nonfinite='stop'), or a stage skipped
     more than half of its steps as non-finite (on_nonfinite='skip')."""
-
-
-@dataclasses.dataclass
-class RunResult:
-    """What `train_and_evaluate` returns.
-
-    Attributes:
-      status: 'completed' or 'preempted'.
-      step: the global step reached.
-      stages: per stage, {'name', 'w_bits', 'a_bits', 'bits', 'steps', 'eval': {network:
-        metrics}}.
-      final: the last evaluation, {network: {'top1', 'top5', 'loss'}}.
-      images_per_second: mean training throughput of this invocation, evaluation excluded.
-      train_step_compilations: how many times the train step was compiled (1 when bit-widths,
-        stages and masks all flowed through as data).
-      skipped_steps: {stage name: steps skipped as non-finite} (on_nonfinite='skip').
-      stage_lengths: {stage name: its length in steps}, for the summary.
-    """
-
-    status: str
-    step: int
-    stages: list[dict[str, Any]]
-    final: dict[str, dict[str, float]]
-    images_per_second: float
-    train_step_compilations: int = 0
-    skipped_steps: dict[str, int] = dataclasses.field(default_factory=dict)
-    stage_lengths: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-def train_batches(trainer: Trainer, start_step: int, on_device: bool) -> Iterator[dict]:
-    """Global, sharded training batches from the host pipeline or from device memory."""
-    plan, info = trainer.plan, trainer.info
-    if on_device:
-        images, labels = lbq_data.load_split_arrays(plan.data, plan.data.train_split)
-        images, labels = jax.device_put((images, labels), trainer.replicated)
-        key = jax.random.key(plan.seed)
-        sample = jax.jit(
-            lambda images, labels, step: lbq_data.device_train_batch(
-                images,
-                labels,
-                key,
-                step,
-                global_batch=plan.batch_size,
-                num_train=info.num_train,
-                pad=4 if plan.data.augment == "cifar" else 0,
-                flip=plan.data.augment != "none",
-            ),
-            out_shardings=trainer.batch_sharding,
-        )
-        step = start_step
-        while True:
-            image, label = sample(images, labels, jnp.int32(step))
-            yield {"image": image, "label": label}
-            step += 1
-    iterator = lbq_data.train_iterator(
-        plan.data,
-        seed=plan.seed,
-        global_batch=plan.batch_size,
-        start_step=start_step,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    for local in iterator:
-        yield {
-            k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
-            for k, v in local.items()
-        }
-
-
-def evaluate(trainer: Trainer, state, bits) -> dict[str, dict[str, float]]:
-    """Top-1, top-5 and loss of every network on the eval split (students fully quantized)."""
-    totals = None
-    for local in lbq_data.eval_iterator(
-        trainer.plan.data,
-        global_batch=trainer.plan.eval_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    ):
-        batch = {
-            k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
-            for k, v in local.items()
-        }
-        sums = trainer.eval_step(state, batch, bits)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = max(float(totals.pop("count")), 1.0)
-    result: dict[str, dict[str, float]] = {}
-    for key, value in totals.items():
-        net, metric = key.split("/")
-        result.setdefault(net, {})[metric] = float(value) / count
-    return result
 
 
 class _Loop:
@@ -333,188 +240,6 @@ class _Loop:
             self.writer.close()
 
 
-# ----------------------------------------------------------------------------- start-up
-
-
-def check_networks_build(trainer: Trainer) -> None:
-    """Every network initialises on the dataset's images (shapes only: nothing is computed).
-
-    Raises:
-      ConfigError: naming model.name and the image size, with the model's own reason.
-    """
-    shape = trainer.info.image_shape
-    for net in trainer.networks:
-        try:
-            report.parameter_count(net.model, shape)
-        except Exception as error:  # noqa: BLE001 - any failure here is model vs. input
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ConfigError(
-                f"model.name={trainer.plan.model.name!r} cannot be built for "
-                f"{shape[0]}x{shape[1]} images (data.image_size={trainer.plan.data.image_size}):"
-                f" {type(error).__name__}: {reason}"
-            ) from None
-
-
-def check_continuation(
-    plan: RunPlan, stages: Sequence[Stage], step: int, meta: dict, decision: WorkdirDecision
-) -> None:
-    """Refuses a continued run (on_config_change='continue') whose ``config.json`` would no
-    longer describe what the workdir holds.
-
-    A continued run may extend its stages (the last finished one too, when the run stopped at
-    its end) or add new ones. It may not end before the step it reached, change a stage that
-    already finished and has a recorded result, or change a finished run (nothing would be
-    computed with the new config).
-
-    Raises:
-      ConfigError: naming the changed fields.
-    """
-    if not decision.differences:
-        return
-    changes = "; ".join(decision.differences)
-    workdir, total = decision.workdir, stages[-1].end_step
-    advice = "use on_config_change=overwrite to start over, or another --workdir"
-    if step > total:
-        raise ConfigError(
-            f"the run in {workdir} has trained {step} steps, but the stages now end at step "
-            f"{total} ({changes}); a continued run may extend its stages or add stages, not cut "
-            f"what already ran: {advice}"
-        )
-    if step == total:
-        raise ConfigError(
-            f"the run in {workdir} is complete at step {step}; continuing it with ({changes}) "
-            "would train nothing, and config.json would no longer describe its results. "
-            "Lengthen or add a stage to train more; to evaluate on another split, start a new "
-            f"workdir with --config.init_from={workdir} and that data.eval_split"
-        )
-    start = 0
-    results = meta.get("stage_results", [])
-    for index, result in enumerate(results):
-        end = start + int(result["steps"])
-        new = stages[index] if index < len(stages) else None
-        extended = (
-            index == len(results) - 1 and end == step and new is not None and new.end_step > step
-        )
-        same = (
-            new is not None
-            and new.name == result["name"]
-            and new.start_step == start
-            and (extended or new.end_step == end)
-            and (extended or report.network_bits(plan, new) == result.get("bits", new.bits_label))
-        )
-        if not same:
-            raise ConfigError(
-                f"stages[{index}] ('{result['name']}') finished at step {end} in {workdir} and "
-                f"its result is recorded; the new config changes it ({changes}). A continued "
-                f"run may extend its last finished stage or add stages: {advice}"
-            )
-        start = end
-
-
-def _place(saved: Any, like: Any) -> Any:
-    """``saved`` (host arrays of the same structure) with the dtypes and shardings of ``like``."""
-    return jax.tree.map(
-        lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding), saved, like
-    )
-
-
-def _with_new_optimizer(trainer: Trainer, fresh, saved: dict, stage: Stage):
-    """``fresh`` with a checkpoint's step, parameters and BatchNorm statistics, and the
-    optimizer state that ``stage`` starts with."""
-    state = fresh.replace(
-        step=jax.device_put(jnp.int32(saved["step"]), trainer.replicated),
-        params=_place(saved["params"], fresh.params),
-        batch_stats=_place(saved["batch_stats"], fresh.batch_stats),
-        first_nonfinite=jax.device_put(
-            jnp.int32(saved.get("first_nonfinite", -1)), trainer.replicated
-        ),
-    )
-    return trainer.start_stage(state, stage)
-
-
-def _mismatch_message(error: CheckpointMismatch, decision: WorkdirDecision) -> str:
-    if decision.differences:
-        return (
-            f"{error}; the config changes ({'; '.join(decision.differences)}) cannot continue "
-            f"it: use on_config_change=overwrite to start over, or another --workdir"
-        )
-    return f"{error}; was it written by another version of lbq? Use another --workdir"
-
-
-def _restore(
-    trainer: Trainer, stages: Sequence[Stage], decision: WorkdirDecision
-) -> tuple[Checkpoints | None, Any, dict[str, Any]]:
-    """(checkpoints, state, meta): the workdir's newest checkpoint, or a fresh state with the
-    configured start weights (meta {}). Reads only: the checkpoints are opened without
-    creating their folder and what they found to set aside stays until `_commit`.
-
-    Raises:
-      ConfigError: for a model that does not fit, a start-weights folder that cannot be
-        used, or a continued run that the checkpoints cannot take (`check_continuation`).
-      CheckpointError: when checkpoints exist but none can be read.
-    """
-    plan = trainer.plan
-    state = trainer.init_state()
-    if decision.overwrite:
-        return None, trainer.load_start_weights(state), {}
-    checkpoints = Checkpoints(decision.workdir, plan.checkpoint.keep, create=False)
-    try:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-        )
-        try:
-            restored = checkpoints.restore(abstract, allow_new_optimizer=bool(decision.differences))
-        except CheckpointMismatch as error:
-            raise ConfigError(_mismatch_message(error, decision)) from None
-        if restored is None:
-            return checkpoints, trainer.load_start_weights(state), {}
-        check_continuation(plan, stages, restored.step, restored.meta, decision)
-        if restored.optimizer_restored:
-            state = restored.state
-        else:
-            state = _with_new_optimizer(
-                trainer, state, restored.state, stage_at(stages, restored.step)
-            )
-            log.warning(
-                "restored the parameters and BatchNorm statistics of step %d; the optimizer "
-                "state starts afresh, because the checkpoint's does not fit the changed "
-                "config (%s)",
-                restored.step,
-                "; ".join(decision.differences),
-            )
-    except BaseException:
-        checkpoints.close()
-        raise
-    if plan.on_nonfinite == "stop":  # steps skipped earlier under 'skip' are history
-        state = state.replace(first_nonfinite=jax.device_put(jnp.int32(-1), trainer.replicated))
-    log.info("resumed from step %d (stage %s)", restored.step, restored.meta.get("stage_name"))
-    return checkpoints, state, restored.meta
-
-
-def _commit(decision: WorkdirDecision, checkpoints: Checkpoints | None, keep: int) -> Checkpoints:
-    """Writes to the workdir, now that everything that can fail before training has passed:
-    deletes an overwritten run, sets aside unreadable checkpoints and interrupted saves, and
-    writes ``config.json``.
-
-    Raises:
-      WorkdirError: when the workdir cannot be written.
-    """
-    if checkpoints is not None:
-        try:
-            checkpoints.set_aside()
-        finally:
-            checkpoints.close()
-    if jax.process_index() == 0:
-        if decision.overwrite:
-            clear_run_outputs(decision.workdir)
-        write_record(decision.workdir, decision.record)
-    if jax.process_count() > 1:  # no process creates checkpoints/ while process 0 deletes it
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("lbq_commit")
-    return Checkpoints(decision.workdir, keep)
-
-
 def train_plan(plan: RunPlan, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
     """Trains and evaluates ``plan``, resuming from ``workdir`` (see `train_and_evaluate`)."""
     info = lbq_data.get_info(plan.data)
@@ -529,14 +254,14 @@ def train_plan(plan: RunPlan, workdir: str, *, stop_at_step: int | None = None) 
         check_networks_build(trainer)
         if jax.process_index() == 0:
             print(report.run_header(trainer, stages, workdir), flush=True)
-        checkpoints, state, meta = _restore(trainer, stages, decision)
+        checkpoints, state, meta = restore(trainer, stages, decision)
         try:
             watcher.raise_if_requested("nothing was written")
         except Preempted:
             if checkpoints is not None:
                 checkpoints.close()
             raise
-        checkpoints = _commit(decision, checkpoints, plan.checkpoint.keep)
+        checkpoints = commit(decision, checkpoints, plan.checkpoint.keep)
         try:
             loop = _Loop(trainer, stages, workdir, state, meta, checkpoints, watcher)
         except BaseException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -83,3 +84,26 @@ class StepRig:
     def step(self, state=None, batch=None):
         state = self.state if state is None else state
         return self.train_step(state, batch or self.batch, {"lr": self.lr, "bits": self.bits})
+
+
+def cifar_jpeg_source() -> pathlib.Path | None:
+    """Real CIFAR-10 JPEGs: a folder with train/ and test/ (LBQ_CIFAR10_JPEG, or an unpacked
+    DATA/ folder), or the shared tarball; None when none is here. An explicit LBQ_CIFAR10_JPEG
+    is the only candidate, so LBQ_CIFAR10_JPEG=none turns the real-image tests off."""
+    env = os.environ.get("LBQ_CIFAR10_JPEG")
+    repo = pathlib.Path(REPO)
+    candidates = (
+        [pathlib.Path(env)]
+        if env
+        else [
+            repo / "DATA" / "cifar10-jpeg",
+            repo / "DATA",
+            repo.parent / "shared" / "data" / "cifar10-jpeg.tar.gz",
+        ]
+    )
+    for path in candidates:
+        if path.is_dir() and (path / "train").is_dir() and (path / "test").is_dir():
+            return path
+        if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+            return path
+    return None

@@ -116,3 +116,7 @@ def test_modes_build_the_intended_networks():
     assert (w4.stages[0].w_bits, w4.stages[0].a_bits) == (4, 4)
     sp = parse_config(bench.mode_config("resnet20", "w2a2_sp", 8))
     assert sp.stochastic.enabled and (sp.stages[0].w_bits, sp.stages[0].a_bits) == (2, 2)
+    pact = parse_config(bench.mode_config("resnet20", "w2a2_pact", 8)).model
+    assert (pact.weight_quantizer, pact.activation_quantizer) == ("dorefa", "pact")
+    lsq = parse_config(bench.mode_config("resnet20", "w2a2_lsq", 8)).model
+    assert (lsq.weight_quantizer, lsq.activation_quantizer) == ("lsq", "lsq")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import os
 import pathlib
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from runs import cifar_jpeg_source
 
 import lbq.data as data
 from lbq.data import transforms
@@ -262,31 +262,10 @@ def test_device_train_batch_is_a_deterministic_permutation():
 # ----------------------------------------------------------------------------- folders
 
 
-def _cifar_source():
-    """Real CIFAR-10 JPEGs: a folder with train/ and test/, or the shared tarball."""
-    env = os.environ.get("LBQ_CIFAR10_JPEG")
-    # An explicit path is the only candidate (so LBQ_CIFAR10_JPEG=none disables these tests).
-    candidates = (
-        [pathlib.Path(env)]
-        if env
-        else [
-            REPO / "DATA" / "cifar10-jpeg",
-            REPO / "DATA",
-            REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz",
-        ]
-    )
-    for path in candidates:
-        if path.is_dir() and (path / "train").is_dir() and (path / "test").is_dir():
-            return path
-        if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
-            return path
-    return None
-
-
 @pytest.fixture(scope="module")
 def cifar_folder(tmp_path_factory):
     """PER_CLASS real CIFAR JPEGs per class and split, laid out as ROOT/<split>/<class>/."""
-    source = _cifar_source()
+    source = cifar_jpeg_source()
     if source is None:
         pytest.skip(
             "real CIFAR-10 JPEGs not found: set LBQ_CIFAR10_JPEG to the unpacked folder or "
@@ -520,5 +499,5 @@ def test_error_bad_config_values():
         data.load_split_arrays(digits_config(), "validation")
     with pytest.raises(data.DataError, match="not divisible"):
         data.train_iterator(digits_config(), seed=0, global_batch=10, process_count=3)
-    with pytest.raises(data.DataError, match="exceeds"):
+    with pytest.raises(data.DataError, match="is larger than the 1437 training images"):
         data.train_iterator(digits_config(), seed=0, global_batch=5000)

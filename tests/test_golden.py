@@ -13,8 +13,9 @@ import os
 import shutil
 
 import pytest
-from golden.record import cpu_name, golden_configs, resume_config, trajectory
+from golden.record import golden_configs, resume_config, trajectory
 
+from lbq.bench import cpu_model
 from lbq.train import train_and_evaluate
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
@@ -42,7 +43,7 @@ def _assert_same(got: dict, want: dict, exact: bool) -> None:
 @pytest.mark.parametrize("name", ["default", "cifar100_w2a2_tiny"])
 def test_runs_match_the_record_of_the_code_before_the_redesign(name, record, tmp_path):
     train_and_evaluate(golden_configs()[name], str(tmp_path))
-    _assert_same(trajectory(str(tmp_path)), record["runs"][name], cpu_name() == record["cpu"])
+    _assert_same(trajectory(str(tmp_path)), record["runs"][name], cpu_model() == record["cpu"])
 
 
 def test_a_checkpoint_written_before_the_redesign_resumes(record, tmp_path):
@@ -53,7 +54,7 @@ def test_a_checkpoint_written_before_the_redesign_resumes(record, tmp_path):
     result = train_and_evaluate(resume_config(), str(workdir))
     assert result.status == "completed" and result.step == 6
     want = record["runs"]["resume_uninterrupted"]
-    _assert_same(trajectory(str(workdir)), want, cpu_name() == record["cpu"])
+    _assert_same(trajectory(str(workdir)), want, cpu_model() == record["cpu"])
 
 
 def test_a_config_recorded_before_stage_fields_were_typed_still_matches():

@@ -427,6 +427,30 @@ def test_calibration_from_a_trained_run_sets_every_range_from_its_tensors(lsq_pa
         np.testing.assert_array_equal(ours, want)  # only the ranges changed
 
 
+def test_probe_starts_each_quantizer_as_init_from_does_and_matches_evaluate(tmp_path):
+    """lbq.experiments.probe: at the run's own quantizer and bits its top-1 is what
+    lbq.evaluate gives for the same checkpoint; a PACT network is calibrated and evaluated."""
+    from lbq import evaluate as evaluate_cli
+    from lbq.experiments import probe
+
+    out = tmp_path / "probe.json"
+    args = ["--start_from", GOLDEN_RUN, "--out", str(out), "--bits=2"]
+    assert probe.main([*args, "--quantizers=dorefa/dorefa,dorefa/pact"]) == 0
+    results = json.loads(out.read_text())
+    assert list(results) == [
+        "plain-ReLU network w32a32",
+        "dorefa/dorefa w2a2",
+        "dorefa/pact w2a2",
+    ]
+    for values in results.values():
+        assert set(values) == {"top1", "top1_bn_reestimated"}
+        assert all(0.0 <= v <= 1.0 for v in values.values())
+    evaluated = tmp_path / "evaluate.json"
+    assert evaluate_cli.main(["--workdir", GOLDEN_RUN, "--output", str(evaluated)]) == 0
+    want = json.loads(evaluated.read_text())["results"]["student"]["top1"]
+    assert results["dorefa/dorefa w2a2"]["top1"] == pytest.approx(want, abs=1e-6)
+
+
 def test_calibration_bits_mark_only_full_precision_layers():
     bits = calibrate.calibration_bits(
         np.array([32.0, 2, 32]), np.array([4.0, 2, 32]), np.array([True, False, False])

@@ -101,7 +101,7 @@ WORKER = textwrap.dedent("""
     sys.path[:0] = [{repo!r}, {tests!r}]
     from runs import tiny_config
     from lbq import data as lbq_data
-    from lbq import train
+    from lbq.batches import train_batches
     from lbq.build import build_trainer
     from lbq.mesh import maybe_initialize_distributed
     from lbq.plan import parse_config
@@ -112,7 +112,7 @@ WORKER = textwrap.dedent("""
     ids = multihost_utils.process_allgather(np.int32(index))
     plan = parse_config(config, num_devices=jax.device_count(), num_processes=count)
     trainer = build_trainer(plan, lbq_data.get_info(plan.data))
-    batches = train.train_batches(trainer, start_step=2, on_device=False)
+    batches = train_batches(trainer, start_step=2, on_device=False)
     batch = next(batches)  # the trainer's global batch of step 2, built from host parts
     local = np.concatenate([np.asarray(s.data) for s in batch["image"].addressable_shards])
     full = multihost_utils.process_allgather(batch["image"], tiled=True)

@@ -49,41 +49,85 @@ def stage(name, *, w_bits=None, a_bits=None, epochs=None, steps=None, **kwargs):
     return entry
 
 
+def _model_fields() -> ml_collections.ConfigDict:
+    """The network: its name and how it is quantized."""
+    f = ml_collections.ConfigDict()
+    f.name = "resnet20"
+    f.quantized = True  # False: the full-precision network with plain ReLU
+    f.per_channel = False  # per-output-channel weight scale instead of per tensor
+    f.logit_scale = False  # learnable output scalar (init 0.01), as the authors' CIFAR code
+    f.shortcut = "A"  # CIFAR ResNets: 'A' zero-pad identity, 'B' 1x1 conv (quantized)
+    return f
+
+
+def _data_fields() -> ml_collections.ConfigDict:
+    """The dataset and its input pipeline."""
+    f = ml_collections.ConfigDict()
+    f.name = "digits"  # embedded; or a TFDS name: cifar10, cifar100, imagenet2012, ...
+    f.data_dir = ml_collections.config_dict.placeholder(str)
+    f.train_split = "train"
+    f.eval_split = "test"
+    f.image_size = 32
+    f.augment = "none"  # "cifar" (crop 32 pad 4 + flip), "imagenet", "none" (digits: no flips)
+    f.on_device = False  # keep the whole split on the accelerators (CIFAR scale)
+    f.workers = 4  # host threads for decoding and augmentation (0: none)
+    # Decode the train split into memory once; None: automatically for small images (<= 64 px).
+    f.cache = ml_collections.config_dict.placeholder(bool)
+    return f
+
+
+def _quant_fields() -> ml_collections.ConfigDict:
+    """The student's default bit-widths and its quantizers (SPEC sections 1 and 7)."""
+    f = ml_collections.ConfigDict()
+    f.w_bits = 2  # default weight bit-width of every stage
+    f.a_bits = 2  # default activation bit-width of every stage
+    f.weight_quantizer = "dorefa"  # 'dorefa' (the paper's) or 'lsq' (learned step size)
+    f.activation_quantizer = "dorefa"  # 'dorefa' clip(0, 1), 'pact' or 'lsq' (learned)
+    f.pact_init_clip = 10.0  # PACT's clip from scratch (PACT paper); LSQ: first batch
+    # Learned ranges of a run started from init_from: calibrated on that model's own tensors.
+    f.calibration_batches = 4  # training batches seen by the calibration
+    f.activation_calibration = "percentile"  # or 'lsq': s = 2 mean|x| / sqrt(Q_P)
+    f.calibration_percentile = 99.99  # an activation's clip/range: this percentile
+    return f
+
+
+def _stochastic_fields() -> ml_collections.ConfigDict:
+    """Stochastic precision (SPEC section 3): which units run quantized at each step."""
+    f = ml_collections.ConfigDict()
+    f.enabled = False
+    f.unit = "block"  # 'block' or 'layer'
+    f.schedule = "linear"  # 'constant', 'linear', 'step'
+    f.p_start = 0.5
+    f.full_at = 0.5  # fraction of each stage from which everything is quantized
+    f.num_steps = 4  # increments of the 'step' schedule
+    return f
+
+
+def _distill_fields() -> ml_collections.ConfigDict:
+    """Joint knowledge distillation (SPEC section 4): the teacher and the loss weights."""
+    f = ml_collections.ConfigDict()
+    f.enabled = False
+    f.teacher = "joint"  # 'joint' (from scratch or init), 'frozen'
+    f.teacher_init = ml_collections.config_dict.placeholder(str)  # a workdir or checkpoint
+    f.student_ce = 0.7
+    f.student_kl = 0.7
+    f.student_att = 0.0
+    f.teacher_ce = 1.0
+    f.teacher_kl = 0.5
+    f.teacher_att = 0.0
+    f.temperature = 1.0
+    f.extra_students = ()  # e.g. ((4, 4),): more students with fixed (w_bits, a_bits)
+    return f
+
+
 def get_config(variant: str = ""):
     """The default run; ``variant='tiny'`` (``--config=configs/default.py:tiny``) for tests."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet20"
-    c.model.quantized = True  # False: the full-precision network with plain ReLU
-    c.model.per_channel = False  # per-output-channel weight scale instead of per tensor
-    c.model.logit_scale = False  # learnable output scalar (init 0.01), as the authors' CIFAR code
-    c.model.shortcut = "A"  # CIFAR ResNets: 'A' zero-pad identity, 'B' 1x1 conv (quantized)
-
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # embedded; or a TFDS name: cifar10, cifar100, imagenet2012, ...
-    c.data.data_dir = ml_collections.config_dict.placeholder(str)
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.image_size = 32
-    c.data.augment = "none"  # "cifar" (crop 32 pad 4 + flip), "imagenet", "none" (digits: no flips)
-    c.data.on_device = False  # keep the whole split on the accelerators (CIFAR scale)
-    c.data.workers = 4  # host threads for decoding and augmentation (0: none)
-    # Decode the train split into memory once; None: automatically for small images (<= 64 px).
-    c.data.cache = ml_collections.config_dict.placeholder(bool)
-
-    c.quant = ml_collections.ConfigDict()
-    c.quant.w_bits = 2  # default weight bit-width of every stage
-    c.quant.a_bits = 2  # default activation bit-width of every stage
-    c.quant.weight_quantizer = "dorefa"  # 'dorefa' (the paper's) or 'lsq' (learned step size)
-    c.quant.activation_quantizer = "dorefa"  # 'dorefa' clip(0, 1), 'pact' or 'lsq' (learned)
-    c.quant.pact_init_clip = 10.0  # PACT's clip from scratch (PACT paper); LSQ: first batch
-    # Learned ranges of a run started from init_from: calibrated on that model's own tensors.
-    c.quant.calibration_batches = 4  # training batches seen by the calibration
-    c.quant.activation_calibration = "percentile"  # or 'lsq': s = 2 mean|x| / sqrt(Q_P)
-    c.quant.calibration_percentile = 99.99  # an activation's clip/range: this percentile
-
+    c.model = _model_fields()
+    c.data = _data_fields()
+    c.quant = _quant_fields()
     c.batch_size = 128  # global batch, over all devices and hosts
     c.compute_dtype = "auto"  # 'auto': bfloat16 on GPU/TPU, float32 on CPU
 
@@ -103,27 +147,8 @@ def get_config(variant: str = ""):
 
     c.stages = [stage("main", epochs=30)]
 
-    c.stochastic = ml_collections.ConfigDict()
-    c.stochastic.enabled = False
-    c.stochastic.unit = "block"  # 'block' or 'layer'
-    c.stochastic.schedule = "linear"  # 'constant', 'linear', 'step'
-    c.stochastic.p_start = 0.5
-    c.stochastic.full_at = 0.5  # fraction of each stage from which everything is quantized
-    c.stochastic.num_steps = 4  # increments of the 'step' schedule
-
-    c.distill = ml_collections.ConfigDict()
-    c.distill.enabled = False
-    c.distill.teacher = "joint"  # 'joint' (from scratch or init), 'frozen'
-    c.distill.teacher_init = ml_collections.config_dict.placeholder(str)  # a workdir or checkpoint
-    c.distill.student_ce = 0.7
-    c.distill.student_kl = 0.7
-    c.distill.student_att = 0.0
-    c.distill.teacher_ce = 1.0
-    c.distill.teacher_kl = 0.5
-    c.distill.teacher_att = 0.0
-    c.distill.temperature = 1.0
-    c.distill.extra_students = ()  # e.g. ((4, 4),): more students with fixed (w_bits, a_bits)
-
+    c.stochastic = _stochastic_fields()
+    c.distill = _distill_fields()
     c.init_from = ml_collections.config_dict.placeholder(str)  # start from another run's weights
     c.log_every_steps = 20
     c.eval_every_epochs = 4.0  # and always at the end of each stage

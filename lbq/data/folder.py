@@ -642,6 +642,65 @@ def _choose_splits(root: str, splits: Sequence[str] | None) -> tuple[list[str], 
     return list(splits), []
 
 
+def _check_can_write(name: str, data_dir: str, overwrite: bool) -> None:
+    """Refuses before any image is read: no TFDS, a bad name, or a dataset already there."""
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError as e:
+        raise DataError("prepare_folder needs tensorflow-datasets, which is not installed") from e
+    _check_name(name)
+    if os.path.exists(os.path.join(data_dir, name)) and not overwrite:
+        raise DataError(
+            f"dataset {name!r} already exists in {data_dir}; pass overwrite=True "
+            f"(--overwrite) to rebuild it"
+        )
+
+
+def _list_splits(root: str, split_names: Sequence[str], skipped: list) -> dict:
+    """{split: its listing} (`_list_split`); the files it skips are added to ``skipped``."""
+    webp = _webp_supported()
+    listing = {}
+    for split in split_names:
+        listing[split], split_skipped = _list_split(root, split, webp)
+        skipped += split_skipped
+    return listing
+
+
+def _scan_splits(root, plan, stats_split, workers, log, skip_corrupt):
+    """(image size counts, unreadable files, pixel statistics of ``stats_split``) over every
+    split of ``plan``."""
+    sizes: collections.Counter = collections.Counter()
+    unreadable: list[SkippedFile] = []
+    pixels = PixelStats()
+    for split in plan.values():
+        scan = _scan(root, split, split.name == stats_split, workers, log, skip_corrupt)
+        sizes.update(scan["sizes"])
+        unreadable += scan["unreadable"]
+        pixels.merge(scan["pixels"])  # empty unless split is the stats split
+    return sizes, unreadable, pixels
+
+
+def _metadata(root: str, mean, std, stats_split: str, sizes) -> dict:
+    """The dataset's metadata.json: its statistics, and its image shape when there is one."""
+    return {
+        "mean": list(mean),  # Python floats: JSON keeps every float64 digit
+        "std": list(std),
+        "stats_split": stats_split,
+        # (H, W, 3) when every image has one size: lets training cache small images decoded.
+        "image_shape": [*next(iter(sizes))[::-1], 3] if len(sizes) == 1 else None,
+        "source_root": root,
+        "prepared_by": "lbq.data.prepare",
+    }
+
+
+def _default_eval_split(plan, stats_split: str) -> str:
+    """'test', 'validation' or 'val' when present, else another split than the statistics'."""
+    return next(
+        (s for s in ("test", "validation", "val") if s in plan and s != stats_split),
+        next((s for s in plan if s != stats_split), stats_split),
+    )
+
+
 def prepare_folder(
     root: str,
     data_dir: str,
@@ -688,57 +747,23 @@ def prepare_folder(
     root = os.path.abspath(os.fspath(root))
     data_dir = os.path.abspath(os.fspath(data_dir))
     workers = default_num_workers() if num_workers is None else max(1, num_workers)
-    try:
-        import tensorflow_datasets  # noqa: F401
-    except ImportError as e:
-        raise DataError("prepare_folder needs tensorflow-datasets, which is not installed") from e
-    _check_name(name)
+    _check_can_write(name, data_dir, overwrite)
     split_names, skipped = _choose_splits(root, splits)
-    target = os.path.join(data_dir, name)
-    if os.path.exists(target) and not overwrite:
-        raise DataError(
-            f"dataset {name!r} already exists in {data_dir}; pass overwrite=True "
-            f"(--overwrite) to rebuild it"
-        )
-
-    webp = _webp_supported()
-    listing = {}
-    for split in split_names:
-        listing[split], split_skipped = _list_split(root, split, webp)
-        skipped += split_skipped
+    listing = _list_splits(root, split_names, skipped)
     stats_split = "train" if "train" in listing else split_names[0]
     _check_classes(root, listing, stats_split)
     class_names, plan = _plan(listing)
-
-    sizes: collections.Counter = collections.Counter()
-    unreadable: list[SkippedFile] = []
-    pixels = PixelStats()
-    for split in plan.values():
-        scan = _scan(root, split, split.name == stats_split, workers, log, skip_corrupt)
-        sizes.update(scan["sizes"])
-        unreadable += scan["unreadable"]
-        pixels.merge(scan["pixels"])  # empty unless split is the stats split
+    sizes, unreadable, pixels = _scan_splits(root, plan, stats_split, workers, log, skip_corrupt)
     if unreadable:
         _check_readable_classes(root, listing, plan, class_names)
     mean, std = pixels.mean_std()
 
+    target = os.path.join(data_dir, name)
     if os.path.exists(target):  # overwrite: only now that the folder checked out
         shutil.rmtree(target)
-    metadata = {
-        "mean": list(mean),  # Python floats: JSON keeps every float64 digit
-        "std": list(std),
-        "stats_split": stats_split,
-        # (H, W, 3) when every image has one size: lets training cache small images decoded.
-        "image_shape": [*next(iter(sizes))[::-1], 3] if len(sizes) == 1 else None,
-        "source_root": root,
-        "prepared_by": "lbq.data.prepare",
-    }
+    metadata = _metadata(root, mean, std, stats_split, sizes)
     path = write_tfds(name, root, data_dir, class_names, plan, metadata, log)
     _check_written(name, data_dir, plan)
-    eval_split = next(
-        (s for s in ("test", "validation", "val") if s in plan and s != stats_split),
-        next((s for s in plan if s != stats_split), stats_split),
-    )
     return PreparedFolder(
         name=name,
         data_dir=data_dir,
@@ -749,7 +774,7 @@ def prepare_folder(
             for s, p in plan.items()
         },
         stats_split=stats_split,
-        eval_split=eval_split,
+        eval_split=_default_eval_split(plan, stats_split),
         mean=tuple(mean),
         std=tuple(std),
         image_sizes=dict(sizes),

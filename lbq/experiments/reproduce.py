@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -98,6 +99,8 @@ def base_config(preset: str, args: argparse.Namespace) -> ml_collections.ConfigD
     c.schedule.lr = 0.1
     c.schedule.teacher_lr = 0.1
     c.schedule.lr_schedule = args.lr_schedule
+    c.quant.weight_quantizer = args.weight_quantizer
+    c.quant.activation_quantizer = args.activation_quantizer
     c.progress = False
     if preset == "tiny":
         c = default.tiny(c)
@@ -446,6 +449,59 @@ def write_outputs(
     return records
 
 
+def _add_start_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of runs that start from a trained model (the paper's ImageNet protocol)."""
+    p.add_argument(
+        "--fine_tune_lr",
+        type=float,
+        default=FINE_TUNE_LR,
+        help="lr of the stages that start from a previous stage (ts, pq, best)",
+    )
+    p.add_argument(
+        "--start_from",
+        default="",
+        help="a trained full-precision run (workdir) that every run starts from, teachers "
+        "included: the paper's ImageNet protocol. pq and best then skip their 32-bit stage and "
+        "every stage trains at --fine_tune_lr",
+    )
+    p.add_argument(
+        "--teacher_start_from",
+        default="",
+        help="the run that kd and best teachers start from (default: --start_from). Use it when "
+        "--start_from is a quantized network trained at 32 bits (clip(0, 1) activations): the "
+        "teacher is a plain-ReLU network",
+    )
+    p.add_argument(
+        "--teacher_lr_scale",
+        type=float,
+        default=None,
+        help="teacher lr / student lr (default: 1 from scratch, 0.2 with --start_from, the "
+        "ImageNet recipe's 0.001 / 0.005)",
+    )
+    p.add_argument(
+        "--compile_cache",
+        default="",
+        help="JAX persistent compilation cache folder: runs that differ only in data (seed, "
+        "bits) then skip compilation",
+    )
+
+
+def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the start-model defaults filled in and its run folders made absolute;
+    exits through ``p.error`` for a flag that cannot be used."""
+    if args.teacher_lr_scale is None:
+        args.teacher_lr_scale = 0.2 if args.start_from else 1.0
+    if args.teacher_start_from and not args.start_from:
+        p.error("--teacher_start_from needs --start_from")
+    for flag in ("start_from", "teacher_start_from"):
+        path = getattr(args, flag)
+        if path:
+            setattr(args, flag, os.path.abspath(path))
+            if not os.path.isdir(getattr(args, flag)):
+                p.error(f"--{flag}={path}: no such run folder")
+    return args
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m lbq.experiments.reproduce", description=__doc__.split("\n")[0]
@@ -481,54 +537,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=2, help="host decode threads (data.workers)")
     p.add_argument(
-        "--fine_tune_lr",
-        type=float,
-        default=FINE_TUNE_LR,
-        help="lr of the stages that start from a previous stage (ts, pq, best)",
+        "--weight_quantizer",
+        default="dorefa",
+        choices=("dorefa", "lsq"),
+        help="quant.weight_quantizer of every quantized run",
     )
     p.add_argument(
-        "--start_from",
-        default="",
-        help="a trained full-precision run (workdir) that every run starts from, teachers "
-        "included: the paper's ImageNet protocol. pq and best then skip their 32-bit stage and "
-        "every stage trains at --fine_tune_lr",
+        "--activation_quantizer",
+        default="dorefa",
+        choices=("dorefa", "pact", "lsq"),
+        help="quant.activation_quantizer of every quantized run (pact and lsq learn their "
+        "ranges; with --start_from they are calibrated on the start model first)",
     )
-    p.add_argument(
-        "--teacher_start_from",
-        default="",
-        help="the run that kd and best teachers start from (default: --start_from). Use it when "
-        "--start_from is a quantized network trained at 32 bits (clip(0, 1) activations): the "
-        "teacher is a plain-ReLU network",
-    )
-    p.add_argument(
-        "--teacher_lr_scale",
-        type=float,
-        default=None,
-        help="teacher lr / student lr (default: 1 from scratch, 0.2 with --start_from, the "
-        "ImageNet recipe's 0.001 / 0.005)",
-    )
-    p.add_argument(
-        "--compile_cache",
-        default="",
-        help="JAX persistent compilation cache folder: runs that differ only in data (seed, "
-        "bits) then skip compilation",
-    )
+    _add_start_arguments(p)
     p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
     p.add_argument(
         "--report", action="store_true", help="only rewrite the table and plot from finished runs"
     )
-    args = p.parse_args(argv)
-    if args.teacher_lr_scale is None:
-        args.teacher_lr_scale = 0.2 if args.start_from else 1.0
-    if args.teacher_start_from and not args.start_from:
-        p.error("--teacher_start_from needs --start_from")
-    for flag in ("start_from", "teacher_start_from"):
-        path = getattr(args, flag)
-        if path:
-            setattr(args, flag, os.path.abspath(path))
-            if not os.path.isdir(getattr(args, flag)):
-                p.error(f"--{flag}={path}: no such run folder")
-    return args
+    return _checked(p, p.parse_args(argv))
 
 
 def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: argparse.Namespace):
@@ -552,7 +578,8 @@ def _describe_study(
         f"Top-1 on {info.name}[{base.data.eval_split}] ({info.num_eval} images), ResNet-20, "
         f"trained on {base.data.train_split} ({info.num_train} images). Equal training budget: "
         f"every run trains {total_steps} steps of batch {base.batch_size} ({epochs:.2f} epochs), "
-        f"split between its stages. Mean ± sample std over n seeds.\n"
+        f"split between its stages. Mean ± sample std over n seeds. Quantizers: weights "
+        f"{base.quant.weight_quantizer}, activations {base.quant.activation_quantizer}.\n"
     )
     if args.start_from:
         header += (
@@ -567,6 +594,53 @@ def _describe_study(
     model = "ResNet-20 from a trained FP model" if args.start_from else "ResNet-20"
     title = f"{model}, {info.name} ({info.num_train} train images, {epochs:.2f} epochs)"
     return header, title, notes
+
+
+def _list_runs(runs, pending, base, total_steps, args) -> None:
+    """Prints every run with its stages and whether it has finished (--dry_run)."""
+    for i, run in enumerate(runs, 1):
+        c = _config(base, run, total_steps, args)
+        stages = " -> ".join(f"{s.name}:{s.steps}" for s in c.stages)
+        done = "done" if run not in pending else "todo"
+        extra = " +kd" if c.distill.enabled else ""
+        extra += " +sp" if c.stochastic.enabled else ""
+        print(f"  {i:>3}/{len(runs)} [{done}] {run.name}: {stages}{extra}")
+
+
+def _train_pending(runs, pending, base, total_steps, steps_per_epoch, args, write) -> list[str]:
+    """Trains the runs not yet finished, in order; returns the names of those that failed (a
+    failed run does not end the study). ``write()`` rewrites the table and plot after each."""
+    t0, finished, durations, failed = time.time(), 0, [], []
+    for i, run in enumerate(runs, 1):
+        workdir = os.path.join(args.outdir, run.name)
+        if run not in pending:
+            continue
+        c = _config(base, run, total_steps, args)
+        elapsed = time.time() - t0
+        left = len(pending) - finished
+        eta = (
+            _fmt_time(sum(durations) / len(durations) * left) if durations else "unknown"
+        )  # distillation runs cost about 2x: the ETA is rough
+        print(
+            f"[{i}/{len(runs)}] {run.name} (todo {finished + 1}/{len(pending)}); "
+            f"elapsed {_fmt_time(elapsed)}, ETA {eta}",
+            flush=True,
+        )
+        try:
+            record = execute(run, c, workdir, steps_per_epoch)
+        except Exception as error:  # noqa: BLE001 - one failed run must not end the study
+            failed.append(run.name)
+            print(f"[{i}/{len(runs)}] {run.name} FAILED: {error!r}; rerun to retry", flush=True)
+            continue
+        durations.append(record["seconds"])
+        finished += 1
+        print(
+            f"[{i}/{len(runs)}] {run.name}: top-1 {100 * record['top1']:.2f} % in "
+            f"{record['seconds']:.0f} s",
+            flush=True,
+        )
+        write()  # partial results are publishable
+    return failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -598,18 +672,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"equal budget: {total_steps} steps = {epochs:.2f} epochs each",
         flush=True,
     )
-    for i, run in enumerate(runs, 1):
-        c = _config(base, run, total_steps, args)
-        stages = " -> ".join(f"{s.name}:{s.steps}" for s in c.stages)
-        done = "done" if run not in pending else "todo"
-        if args.dry_run:
-            extra = " +kd" if c.distill.enabled else ""
-            extra += " +sp" if c.stochastic.enabled else ""
-            print(f"  {i:>3}/{len(runs)} [{done}] {run.name}: {stages}{extra}")
     if args.dry_run:
+        _list_runs(runs, pending, base, total_steps, args)
         return 0
+    write = functools.partial(write_outputs, args.outdir, header, title, bits, notes)
     if args.report:
-        records = write_outputs(args.outdir, header, title, bits, notes)
+        records = write()
         print(format_table(records, header, bits, notes) if records else "no finished runs")
         return 0
 
@@ -618,37 +686,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    t0, finished, durations, failed = time.time(), 0, [], []
-    for i, run in enumerate(runs, 1):
-        workdir = os.path.join(args.outdir, run.name)
-        if run not in pending:
-            continue
-        c = _config(base, run, total_steps, args)
-        elapsed = time.time() - t0
-        left = len(pending) - finished
-        eta = (
-            _fmt_time(sum(durations) / len(durations) * left) if durations else "unknown"
-        )  # distillation runs cost about 2x: the ETA is rough
-        print(
-            f"[{i}/{len(runs)}] {run.name} (todo {finished + 1}/{len(pending)}); "
-            f"elapsed {_fmt_time(elapsed)}, ETA {eta}",
-            flush=True,
-        )
-        try:
-            record = execute(run, c, workdir, steps_per_epoch)
-        except Exception as error:  # noqa: BLE001 - one failed run must not end the study
-            failed.append(run.name)
-            print(f"[{i}/{len(runs)}] {run.name} FAILED: {error!r}; rerun to retry", flush=True)
-            continue
-        durations.append(record["seconds"])
-        finished += 1
-        print(
-            f"[{i}/{len(runs)}] {run.name}: top-1 {100 * record['top1']:.2f} % in "
-            f"{record['seconds']:.0f} s",
-            flush=True,
-        )
-        write_outputs(args.outdir, header, title, bits, notes)  # partial results are publishable
-    records = write_outputs(args.outdir, header, title, bits, notes)
+    t0 = time.time()
+    failed = _train_pending(runs, pending, base, total_steps, steps_per_epoch, args, write)
+    records = write()
     print(f"total {_fmt_time(time.time() - t0)}; {len(records)} results in {args.outdir}")
     if failed:
         print(f"failed (rerun to retry): {', '.join(failed)}")

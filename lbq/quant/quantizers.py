@@ -7,12 +7,16 @@ float32 counts exactly).
 
 Dtypes: inputs may be float32, bfloat16 or float16 (float64 where jax's x64 mode is on). The
 level is chosen in float32 (float64 for float64 inputs) from the input converted exactly, and
-the result is cast back to the input's dtype. Choosing the level in a narrow dtype picks a
-neighbouring level (a bfloat16 product ``(2^k - 1) z`` keeps 8 bits), so the DoReFa quantizers
-give, for every input dtype, the level that exact arithmetic on the input gives, represented
-as the nearest value of the input's dtype. PACT and LSQ divide by a learned step or clip, so
-their level is exact unless the exact quotient lies within one float32 rounding of a
-half-integer. Subnormal inputs read as zero (XLA flushes them on CPU and GPU).
+the result is cast back to the input's dtype: choosing it in bfloat16 picked a neighbouring
+level (a bfloat16 product ``(2^k - 1) z`` keeps 8 significant bits).
+- `quantize_unit` / `quantize_activation` pick, for every input dtype, the level that exact
+  arithmetic on the input gives (ties to even). bfloat16 and float16 results are the nearest
+  value of the dtype to that level; float32 results are within an ulp of it (XLA computes
+  ``n / L`` as ``n * (1 / L)``; lbq's float32 training runs are pinned to those values).
+- `quantize_weight` computes tanh and the normalisation in float32, so its level is the exact
+  one unless the exact pre-rounding value lies within a few float32 roundings of a level
+  boundary; the same holds for PACT and LSQ, which divide by a learned clip or step.
+Subnormal inputs read as zero (XLA flushes them on CPU and GPU).
 """
 
 from __future__ import annotations
@@ -122,8 +126,9 @@ def quantize_unit(z: jax.Array, bits: ArrayLike) -> jax.Array:
 
     Returns:
       The quantized values, same shape and dtype as ``z``: the level exact arithmetic gives
-      (ties to even), as the nearest value of ``z``'s dtype. The gradient is the identity
-      (straight-through estimator on ``round``).
+      (ties to even), as the nearest value of ``z``'s dtype (float32: within an ulp, see the
+      module docstring). The gradient is the identity (straight-through estimator on
+      ``round``, computed as ``(g / L) L``).
     """
     dtype = z.dtype
     x = z.astype(_compute_dtype(dtype))
@@ -159,11 +164,12 @@ def quantize_weight(w: jax.Array, bits: ArrayLike, per_channel: bool = False) ->
 
     Returns:
       Quantized weights in [-1, 1], same shape and dtype as ``w``, computed in float32 for
-      narrower dtypes. Gradients flow through ``tanh`` and ``max`` as usual; only ``round``
-      is straight-through. A kernel (or channel, with ``per_channel``) whose max|tanh(w)| is
-      zero or below sqrt(tiny) (1.1e-19 in float32) keeps its exact levels but gets the
-      straight-through gradient ``1 - tanh(w)^2`` (autodiff's would be NaN or inf); a zero
-      kernel quantizes to level ``round((2^k - 1) / 2)``, as the formula gives.
+      narrower dtypes (levels: see the module docstring). Gradients flow through ``tanh``
+      and ``max`` as usual; only ``round`` is straight-through. A kernel (or a channel, with
+      ``per_channel``) whose max|tanh(w)| is zero or below sqrt(tiny) (1.1e-19 in float32)
+      keeps its exact levels but gets the straight-through gradient ``1 - tanh(w)^2``
+      (autodiff's is NaN or inf there); a zero kernel quantizes to level
+      ``round((2^k - 1) / 2)``, as the formula gives.
     """
     dtype = w.dtype
     t = jnp.tanh(w.astype(_compute_dtype(dtype)))
@@ -177,8 +183,6 @@ def quantize_weight(w: jax.Array, bits: ArrayLike, per_channel: bool = False) ->
     normalisable = max_abs >= _smallest_normalisable(t.dtype)
     z = t / (2.0 * jnp.where(normalisable, max_abs, 1.0)) + 0.5
     exact_z = jnp.where(normalisable, z, _lifted_ratio(t, max_abs) + 0.5)
-    # One full-precision select for the whole quantizer: quantize_unit's own select would be
-    # redundant here, and dropping it cut the W2A2 ResNet-20 step's CPU compile time by ~10%.
     # The level comes from the float32 product: t and the quotient carry float32 rounding
     # already, so resolving the product's own ties (as quantize_unit does) would not make it
     # exact; exact_z * levels as computed is as close as float32 tanh allows.
@@ -191,6 +195,8 @@ def quantize_weight(w: jax.Array, bits: ArrayLike, per_channel: bool = False) ->
     else:
         # The narrower dtype rounds once more: the level must be accurate to float32 first.
         quantized = (2.0 * index - levels) / levels
+    # One full-precision select for the whole quantizer: quantize_unit's own select would be
+    # redundant here, and dropping it cut the W2A2 ResNet-20 step's CPU compile time by ~10%.
     return jnp.where(_is_full_precision(bits), w, quantized.astype(_result_dtype(dtype)))
 
 
@@ -222,9 +228,9 @@ def quantize_activation(a: jax.Array, bits: ArrayLike) -> jax.Array:
       bits: bit-width k (scalar, may be traced).
 
     Returns:
-      Same shape and dtype as ``a``: the level exact arithmetic gives, as the nearest value of
-      ``a``'s dtype. The gradient is 1 for ``0 <= a <= 1`` (both bounds included, as
-      torch.clamp and tf.clip_by_value pass it) and 0 outside.
+      Same shape and dtype as ``a``: the level exact arithmetic gives, as in `quantize_unit`.
+      The gradient is 1 for ``0 <= a <= 1`` (both bounds included, as torch.clamp and
+      tf.clip_by_value pass it) and 0 outside.
     """
     return quantize_unit(_clip_unit_interval(a), bits)
 
@@ -303,7 +309,8 @@ def pact_activation(x: jax.Array, clip_value: ArrayLike, bits: ArrayLike) -> jax
 
     Returns:
       Same shape and dtype as ``x``, in ``[0, alpha]``, computed in float32 for narrower
-      dtypes; the gradient for ``clip_value`` has its shape and is float32.
+      dtypes (levels: see the module docstring); the gradient for ``clip_value`` has its
+      shape and is float32.
     """
     dtype = x.dtype
     clip = learned_range(clip_value)
@@ -423,8 +430,8 @@ def lsq_quantize(
       grad_scale: ``g``, usually `lsq_gradient_scale` (``1 / sqrt(N Q_P)``).
 
     Returns:
-      Same shape and dtype as ``v``, computed in float32 for narrower dtypes; the gradient for
-      ``step_size`` has its shape and is float32.
+      Same shape and dtype as ``v``, computed in float32 for narrower dtypes (levels: see the
+      module docstring); the gradient for ``step_size`` has its shape and is float32.
     """
     dtype = v.dtype
     step = scale_gradient(learned_range(step_size), grad_scale)
@@ -461,8 +468,8 @@ def lsq_initial_step(
 def lsq_rescale_step(step_size: ArrayLike, old_bits: ArrayLike, new_bits: ArrayLike) -> jax.Array:
     """The step that keeps LSQ's clipped range when the bit-width changes (SPEC section 7).
 
-    ``s_new = s_old (2^b_old - 1) / (2^b_new - 1)``: the range ``s (Q_N + Q_P)`` (signed) or
-    ``s Q_P`` (unsigned) is ``s (2^b - 1)`` up to the sign convention, so it is kept. When
+    ``s_new = s_old (2^b_old - 1) / (2^b_new - 1)``: the range, ``s (Q_N + Q_P)`` (signed) or
+    ``s Q_P`` (unsigned), is ``s (2^b - 1)`` in both cases, so it is kept. When
     either bit-width is full precision (>= 32) the step is returned unchanged: at full
     precision the step is unused and has no range to keep. Bit-widths may be traced.
 

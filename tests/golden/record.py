@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -67,21 +66,11 @@ def trajectory(workdir: str) -> dict:
     return {"train": train, "eval": evals}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
+    from lbq.bench import cpu_model
     from lbq.train import train_and_evaluate
 
-    record = {"cpu": cpu_name(), "runs": {}}
+    record = {"cpu": cpu_model(), "runs": {}}
     for name, config in golden_configs().items():
         with tempfile.TemporaryDirectory() as workdir:
             train_and_evaluate(config, workdir)

@@ -1,0 +1,113 @@
+"""Evaluate a trained run without training: ``python -m lbq.evaluate --workdir=W``.
+
+Loads the newest readable checkpoint (or ``--step``), builds the run's networks, and evaluates
+every one of them (students fully quantized at the checkpoint stage's bit-widths, or at
+``--w_bits``/``--a_bits``; the teacher in full precision) with lbq's own eval step on the run's
+eval split, another split (``--split``), or another dataset with the same classes, such as an
+image folder prepared with ``python -m lbq.data.prepare`` (``--dataset``, ``--data_dir``),
+optionally after re-estimating the BatchNorm statistics (``--recalibrate_bn_batches=N``).
+Prints top-1, top-5 and loss as JSON and writes the same JSON to ``--output`` (default
+``WORKDIR/evaluations/step<N>-<split>[-w<W>a<A>].json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from lbq.deploy.cli import run_command
+from lbq.deploy.errors import DeployError
+from lbq.quant.quantizers import check_bits
+
+
+def _bits_field(value: str) -> int:
+    try:
+        return check_bits(int(value), "bits")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lbq.evaluate", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--workdir", required=True, help="the run's folder")
+    parser.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
+    parser.add_argument("--split", default=None, help="eval split (default: the run's)")
+    parser.add_argument("--dataset", default=None, help="evaluate on this dataset instead")
+    parser.add_argument("--data_dir", default=None, help="TFDS data dir of the dataset")
+    parser.add_argument("--w_bits", type=_bits_field, default=None, help="students' weight bits")
+    parser.add_argument("--a_bits", type=_bits_field, default=None, help="students' act. bits")
+    parser.add_argument(
+        "--recalibrate_bn_batches",
+        type=int,
+        default=None,
+        help="re-estimate BatchNorm statistics over N training batches first (default: the "
+        "run's eval.recalibrate_bn_batches)",
+    )
+    parser.add_argument("--output", default=None, help="JSON file to write")
+    return parser.parse_args(argv)
+
+
+def _bits_summary(bits) -> dict:
+    """{student: 'w2a2'} for uniform bit-widths, else the per-layer lists."""
+    out = {}
+    for name, (w, a) in bits.items():
+        if len(set(map(int, w))) == 1 and len(set(map(int, a))) == 1:
+            out[name] = f"w{int(w[0])}a{int(a[0])}"
+        else:
+            out[name] = {"w_bits": [int(v) for v in w], "a_bits": [int(v) for v in a]}
+    return out
+
+
+def default_output(workdir: str, step: int, split: str, w_bits, a_bits) -> str:
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_")
+    bits = (f"w{w_bits}" if w_bits else "") + (f"a{a_bits}" if a_bits else "")
+    if bits:
+        label += f"-{bits}"
+    return os.path.join(workdir, "evaluations", f"step{step}-{label}.json")
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from lbq.deploy import run as runs
+
+    run = runs.load_run(args.workdir, args.step, data_dir=None if args.dataset else args.data_dir)
+    bits = run.bits(args.w_bits, args.a_bits)
+    overrides = {"eval_split": args.split, "name": args.dataset}
+    if args.dataset:
+        overrides["data_dir"] = args.data_dir
+    if args.recalibrate_bn_batches is not None and args.recalibrate_bn_batches < 0:
+        raise DeployError(f"--recalibrate_bn_batches={args.recalibrate_bn_batches} must be >= 0")
+    results, data = runs.evaluate(run, bits, overrides, args.recalibrate_bn_batches)
+    record = {
+        "workdir": run.workdir,
+        "step": run.step,
+        "stage": run.stage.name,
+        "data": data,
+        "bits": _bits_summary(bits),
+        "quantizers": dict(zip(("weight", "activation"), run.quantizers(), strict=True)),
+        "results": results,
+    }
+    text = json.dumps(record, indent=2)
+    print(text)
+    path = args.output or default_output(
+        run.workdir, run.step, data["split"], args.w_bits, args.a_bits
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"lbq: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: evaluate_command(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

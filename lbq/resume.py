@@ -1,0 +1,188 @@
+"""Start-up: the state a run starts or resumes from, and the first writes to its workdir.
+
+`restore` reads the workdir's newest checkpoint (or builds a fresh state with the configured
+start weights) without writing anything; `commit` then writes, once everything that can fail
+before the first step has passed. `check_continuation` refuses a changed config that
+``config.json`` could no longer describe (on_config_change='continue').
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lbq import report
+from lbq.build import Trainer
+from lbq.checkpoint import CheckpointMismatch, Checkpoints
+from lbq.plan import RunPlan
+from lbq.stages import Stage, stage_at
+from lbq.validate import ConfigError
+from lbq.workdir import WorkdirDecision, clear_run_outputs, write_record
+
+__all__ = ["check_continuation", "commit", "restore"]
+
+log = logging.getLogger("lbq")
+
+
+def check_continuation(
+    plan: RunPlan, stages: Sequence[Stage], step: int, meta: dict, decision: WorkdirDecision
+) -> None:
+    """Refuses a continued run (on_config_change='continue') whose ``config.json`` would no
+    longer describe what the workdir holds.
+
+    A continued run may extend its stages (the last finished one too, when the run stopped at
+    its end) or add new ones. It may not end before the step it reached, change a stage that
+    already finished and has a recorded result, or change a finished run (nothing would be
+    computed with the new config).
+
+    Raises:
+      ConfigError: naming the changed fields.
+    """
+    if not decision.differences:
+        return
+    changes = "; ".join(decision.differences)
+    workdir, total = decision.workdir, stages[-1].end_step
+    advice = "use on_config_change=overwrite to start over, or another --workdir"
+    if step > total:
+        raise ConfigError(
+            f"the run in {workdir} has trained {step} steps, but the stages now end at step "
+            f"{total} ({changes}); a continued run may extend its stages or add stages, not cut "
+            f"what already ran: {advice}"
+        )
+    if step == total:
+        raise ConfigError(
+            f"the run in {workdir} is complete at step {step}; continuing it with ({changes}) "
+            "would train nothing, and config.json would no longer describe its results. "
+            "Lengthen or add a stage to train more; to evaluate on another split, start a new "
+            f"workdir with --config.init_from={workdir} and that data.eval_split"
+        )
+    start = 0
+    results = meta.get("stage_results", [])
+    for index, result in enumerate(results):
+        end = start + int(result["steps"])
+        new = stages[index] if index < len(stages) else None
+        extended = (
+            index == len(results) - 1 and end == step and new is not None and new.end_step > step
+        )
+        same = (
+            new is not None
+            and new.name == result["name"]
+            and new.start_step == start
+            and (extended or new.end_step == end)
+            and (extended or report.network_bits(plan, new) == result.get("bits", new.bits_label))
+        )
+        if not same:
+            raise ConfigError(
+                f"stages[{index}] ('{result['name']}') finished at step {end} in {workdir} and "
+                f"its result is recorded; the new config changes it ({changes}). A continued "
+                f"run may extend its last finished stage or add stages: {advice}"
+            )
+        start = end
+
+
+def _place(saved: Any, like: Any) -> Any:
+    """``saved`` (host arrays of the same structure) with the dtypes and shardings of ``like``."""
+    return jax.tree.map(
+        lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding), saved, like
+    )
+
+
+def _with_new_optimizer(trainer: Trainer, fresh, saved: dict, stage: Stage):
+    """``fresh`` with a checkpoint's step, parameters and BatchNorm statistics, and the
+    optimizer state that ``stage`` starts with."""
+    state = fresh.replace(
+        step=jax.device_put(jnp.int32(saved["step"]), trainer.replicated),
+        params=_place(saved["params"], fresh.params),
+        batch_stats=_place(saved["batch_stats"], fresh.batch_stats),
+        first_nonfinite=jax.device_put(
+            jnp.int32(saved.get("first_nonfinite", -1)), trainer.replicated
+        ),
+    )
+    return trainer.start_stage(state, stage)
+
+
+def _mismatch_message(error: CheckpointMismatch, decision: WorkdirDecision) -> str:
+    if decision.differences:
+        return (
+            f"{error}; the config changes ({'; '.join(decision.differences)}) cannot continue "
+            f"it: use on_config_change=overwrite to start over, or another --workdir"
+        )
+    return f"{error}; was it written by another version of lbq? Use another --workdir"
+
+
+def restore(
+    trainer: Trainer, stages: Sequence[Stage], decision: WorkdirDecision
+) -> tuple[Checkpoints | None, Any, dict[str, Any]]:
+    """(checkpoints, state, meta): the workdir's newest checkpoint, or a fresh state with the
+    configured start weights (meta {}). Reads only: the checkpoints are opened without
+    creating their folder and what they found to set aside stays until `commit`.
+
+    Raises:
+      ConfigError: for a model that does not fit, a start-weights folder that cannot be
+        used, or a continued run that the checkpoints cannot take (`check_continuation`).
+      CheckpointError: when checkpoints exist but none can be read.
+    """
+    plan = trainer.plan
+    state = trainer.init_state()
+    if decision.overwrite:
+        return None, trainer.load_start_weights(state), {}
+    checkpoints = Checkpoints(decision.workdir, plan.checkpoint.keep, create=False)
+    try:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        )
+        try:
+            restored = checkpoints.restore(abstract, allow_new_optimizer=bool(decision.differences))
+        except CheckpointMismatch as error:
+            raise ConfigError(_mismatch_message(error, decision)) from None
+        if restored is None:
+            return checkpoints, trainer.load_start_weights(state), {}
+        check_continuation(plan, stages, restored.step, restored.meta, decision)
+        if restored.optimizer_restored:
+            state = restored.state
+        else:
+            state = _with_new_optimizer(
+                trainer, state, restored.state, stage_at(stages, restored.step)
+            )
+            log.warning(
+                "restored the parameters and BatchNorm statistics of step %d; the optimizer "
+                "state starts afresh, because the checkpoint's does not fit the changed "
+                "config (%s)",
+                restored.step,
+                "; ".join(decision.differences),
+            )
+    except BaseException:
+        checkpoints.close()
+        raise
+    if plan.on_nonfinite == "stop":  # steps skipped earlier under 'skip' are history
+        state = state.replace(first_nonfinite=jax.device_put(jnp.int32(-1), trainer.replicated))
+    log.info("resumed from step %d (stage %s)", restored.step, restored.meta.get("stage_name"))
+    return checkpoints, state, restored.meta
+
+
+def commit(decision: WorkdirDecision, checkpoints: Checkpoints | None, keep: int) -> Checkpoints:
+    """Writes to the workdir, now that everything that can fail before training has passed:
+    deletes an overwritten run, sets aside unreadable checkpoints and interrupted saves, and
+    writes ``config.json``.
+
+    Raises:
+      WorkdirError: when the workdir cannot be written.
+    """
+    if checkpoints is not None:
+        try:
+            checkpoints.set_aside()
+        finally:
+            checkpoints.close()
+    if jax.process_index() == 0:
+        if decision.overwrite:
+            clear_run_outputs(decision.workdir)
+        write_record(decision.workdir, decision.record)
+    if jax.process_count() > 1:  # no process creates checkpoints/ while process 0 deletes it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lbq_commit")
+    return Checkpoints(decision.workdir, keep)
