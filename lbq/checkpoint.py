@@ -670,9 +670,20 @@ class Checkpoints:
 def load_variables(path: str) -> dict[str, Any]:
     """Loads {network: {'params', 'batch_stats'}} from a run's workdir or checkpoint folder.
 
-    Used by ``init_from`` and ``distill.teacher_init``. ``path`` may be a workdir, its
-    ``checkpoints`` folder or one step's folder. From a workdir the newest readable checkpoint
-    is used (with a warning for any newer unreadable one); a step's folder must be readable.
+    Used by ``init_from`` and ``distill.teacher_init``; see `load_saved_variables`.
+
+    Raises:
+      CheckpointError: when there is no checkpoint or none can be read.
+    """
+    return load_saved_variables(path)[1]
+
+
+def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
+    """(step, {network: {'params', 'batch_stats'}}) of a run's workdir or checkpoint folder.
+
+    ``path`` may be a workdir, its ``checkpoints`` folder or one step's folder. From a workdir
+    the newest readable checkpoint is used (with a warning for any newer unreadable one); a
+    step's folder must be readable.
 
     Raises:
       CheckpointError: when there is no checkpoint or none can be read.
@@ -692,10 +703,11 @@ def load_variables(path: str) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint found in {path}")
     manager = _manager(directory, create=False)
     try:
-        state = _restore_newest(manager, directory, steps, None).state
+        restored = _restore_newest(manager, directory, steps, None)
     finally:
         manager.close()
-    return {
+    state = restored.state
+    return restored.step, {
         name: {"params": state["params"][name], "batch_stats": state["batch_stats"].get(name, {})}
         for name in state["params"]
     }

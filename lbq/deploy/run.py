@@ -21,7 +21,7 @@ from lbq import data as lbq_data
 from lbq.batches import evaluate as evaluate_split
 from lbq.build import Trainer, build_trainer, stage_bits
 from lbq.calibrate import evaluation_state
-from lbq.checkpoint import CheckpointError, load_variables
+from lbq.checkpoint import CheckpointError, load_saved_variables
 from lbq.deploy.errors import DeployError, read_json
 from lbq.plan import parse_config
 from lbq.quant.precision import make_precision
@@ -160,34 +160,26 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def load_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
     """(step, {network: variables}) of the newest readable checkpoint, or of ``step``.
 
-    Newer unreadable checkpoints are skipped (`lbq.checkpoint.load_variables` reports each with
-    a warning); nothing in the workdir is changed.
+    Newer unreadable checkpoints are skipped with a warning each
+    (`lbq.checkpoint.load_saved_variables`); nothing in the workdir is changed.
 
     Raises:
       DeployError: naming the workdir when it has no readable checkpoint (or not ``step``).
     """
     directory = os.path.join(workdir, "checkpoints")
-    steps = checkpoint_steps(workdir)
-    if step is not None:
-        if step not in steps:
-            raise DeployError(
-                f"{directory} has no checkpoint of step {step} (saved: {steps or 'none'})"
-            )
-        steps = [step]
-    if not steps:
+    saved = checkpoint_steps(workdir)
+    if not saved:
         raise DeployError(f"no checkpoint in {workdir} ({directory} holds no saved step)")
-    failures = []
-    for candidate in reversed(steps):
-        try:
-            variables = load_variables(os.path.join(directory, str(candidate)))
-        except CheckpointError as error:
-            log.warning(
-                "checkpoint at step %d in %s is unreadable: %s", candidate, directory, error
-            )
-            failures.append(f"step {candidate}")
-            continue
-        return candidate, jax.device_get(variables)
-    raise DeployError(f"no readable checkpoint in {directory} ({', '.join(failures)} unreadable)")
+    path = directory
+    if step is not None:
+        if step not in saved:
+            raise DeployError(f"{directory} has no checkpoint of step {step} (saved: {saved})")
+        path = os.path.join(directory, str(step))
+    try:
+        saved_step, variables = load_saved_variables(path)
+    except CheckpointError as error:
+        raise DeployError(str(error)) from None
+    return saved_step, jax.device_get(variables)
 
 
 def load_run(workdir: str, step: int | None = None, data_dir: str | None = None) -> Run:
