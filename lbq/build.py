@@ -234,12 +234,17 @@ class Trainer:
         """`stage_bits` of every stage of the plan, in order."""
         return [stage_bits(stage, self.networks) for stage in self.plan.stages]
 
-    def start_stage(self, state: TrainState, stage: Stage) -> TrainState:
+    def start_stage(
+        self, state: TrainState, stage: Stage, calibrate_ranges: bool = True
+    ) -> TrainState:
         """The state with a fresh optimizer state for ``stage`` (a per-stage key for stochastic
         precision), placed like the rest of the state so the compiled step sees the same input
-        types. From the second stage on, the LSQ ranges of layers that the stage quantizes for
-        the first time are calibrated (`lbq.calibrate.stage_ranges`)."""
-        state = calibrate.stage_ranges(self, state, self.bits_per_stage(), stage.index)
+        types. From the second stage on, with ``calibrate_ranges`` (at the stage's first step;
+        not for a resume inside it), the LSQ ranges that the stage quantizes for the first time
+        or, by ``quant.weight_range_at_bit_change``, at a new bit-width are calibrated
+        (`lbq.calibrate.stage_ranges`)."""
+        if calibrate_ranges:
+            state = calibrate.stage_ranges(self, state, self.bits_per_stage(), stage.index)
         trainable = {n.name: state.params[n.name] for n in self.networks if n.trainable}
         opt_state = self.optimizer.init(trainable)
         if self.plan.stochastic.enabled:

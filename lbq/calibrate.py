@@ -12,7 +12,12 @@
 - at the start of a later stage, on ``quant.calibration_batches`` batches: the LSQ ranges of
   the layers it quantizes for the first time (at full precision an LSQ range is unused, so a
   ladder 32 -> 4 -> 2 or weights-then-activations calibrates them on the trained network).
-  A range that was used before carries over (see `lbq.quant.layers`).
+  A range that was used before carries over (see `lbq.quant.layers`): at a bit-width change
+  an LSQ range keeps its clipped interval (SPEC section 7). With
+  ``quant.weight_range_at_bit_change='lsq_rule'``, LSQ weight ranges are instead set again by
+  LSQ's rule at the new bit-width from the weights as trained (at 4 -> 2 bits the kept range
+  gives a 2-bit step about 1.9x LSQ's rule; docs/learned_ranges.md). Activation ranges always
+  carry over: they describe the data, which a bit-width change does not alter.
 
 Rules. LSQ weights: ``s = 2 mean|w| / sqrt(Q_P)`` per tensor or output channel. Activations
 (PACT clip, LSQ range): ``quant.activation_calibration`` = ``'percentile'``, the
@@ -126,9 +131,11 @@ def calibration_target(recorded_bits: float) -> float | None:
     return recorded - FULL_PRECISION_BITS if recorded > FULL_PRECISION_BITS else None
 
 
-def _never_quantized(bits_per_stage: Sequence[Bits], name: str, which: int) -> np.ndarray:
-    rows = np.stack([np.asarray(s[name][which]) for s in bits_per_stage])
-    return np.all(rows >= FULL_PRECISION_BITS, axis=0)
+def _last_quantized(bits_per_stage: Sequence[Bits], name: str, which: int) -> np.ndarray:
+    """Per layer [L], the bit-width of the last of ``bits_per_stage`` that quantized it, else
+    32 (never quantized)."""
+    rows = np.stack([np.asarray(s[name][which]) for s in bits_per_stage])[::-1]
+    return _first_quantized(rows)
 
 
 def start_calibration_bits(
@@ -154,23 +161,31 @@ def start_calibration_bits(
 
 
 def stage_calibration_bits(
-    bits_per_stage: Sequence[Bits], index: int, model: ModelSpec
+    bits_per_stage: Sequence[Bits], index: int, model: ModelSpec, recalibrate_weights: bool = False
 ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """{student: (w_bits, a_bits)} of the calibration pass at the start of stage ``index`` > 0:
-    the previous stage's precision, and the LSQ layers that this stage quantizes for the first
-    time marked for calibration; None when there are none."""
+    the previous stage's precision, with the LSQ layers to calibrate marked (and run at full
+    precision); None when there are none.
+
+    Marked: the LSQ ranges that this stage quantizes for the first time, and, with
+    ``recalibrate_weights`` (``quant.weight_range_at_bit_change='lsq_rule'``), the LSQ weight
+    ranges whose bit-width differs from the one they were last quantized at.
+    """
     previous, current = bits_per_stage[index - 1], bits_per_stage[index]
     out = {}
     for name in current:
         pair, marked = [], False
         for which, quantizer in ((0, model.weight_quantizer), (1, model.activation_quantizer)):
             now = np.asarray(current[name][which])
+            last = _last_quantized(bits_per_stage[:index], name, which)
+            changed = (last < FULL_PRECISION_BITS) & (last != now) & (which == 0)
             calibrate = (
                 (quantizer == "lsq")
-                & _never_quantized(bits_per_stage[:index], name, which)
                 & (now < FULL_PRECISION_BITS)
+                & ((last >= FULL_PRECISION_BITS) | (changed & recalibrate_weights))
             )
-            pair.append(calibration_bits(previous[name][which], now, calibrate))
+            before = np.where(calibrate, FULL_PRECISION_BITS, previous[name][which])
+            pair.append(calibration_bits(before, now, calibrate))
             marked |= bool(calibrate.any())
         if marked:
             out[name] = tuple(pair)
@@ -481,11 +496,13 @@ def stage_ranges(
     trainer, state: TrainState, bits_per_stage: Sequence[Bits], index: int
 ) -> TrainState:
     """The state at the start of stage ``index`` with the LSQ ranges of the layers that the
-    stage quantizes for the first time calibrated on the network as trained so far."""
+    stage quantizes for the first time (and, with ``quant.weight_range_at_bit_change='lsq_rule'``,
+    the LSQ weight ranges whose bit-width changes) calibrated on the network as trained so far."""
     plan = trainer.plan
     if index == 0 or not plan.model.learned_ranges:
         return state
-    bits = stage_calibration_bits(bits_per_stage, index, plan.model)
+    recalibrate_weights = plan.calibration.weight_range_at_bit_change == "lsq_rule"
+    bits = stage_calibration_bits(bits_per_stage, index, plan.model, recalibrate_weights)
     if bits is None:
         return state
     return calibrate_ranges(

@@ -41,6 +41,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 TEACHER_MODES = ("joint", "frozen")
 STOCHASTIC_UNITS = ("block", "layer")
 ACTIVATION_CALIBRATIONS = ("percentile", "lsq")
+WEIGHT_RANGE_AT_BIT_CHANGE = ("keep", "lsq_rule")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +90,16 @@ class CalibrationSpec:
       activation_rule: 'percentile' or 'lsq' (LSQ's ``s = 2 mean|x| / sqrt(Q_P)``).
       recalibrate_bn_batches: before each evaluation, recompute the evaluated networks'
         BatchNorm statistics over this many training batches (0: off).
+      weight_range_at_bit_change: 'keep' (SPEC section 7: an LSQ weight range keeps its
+        clipped interval when a stage changes its bit-width) or 'lsq_rule' (set again by LSQ's
+        rule at the new bit-width; `lbq.calibrate.stage_calibration_bits`).
     """
 
     batches: int = 4
     percentile: float = 99.99
     activation_rule: str = "percentile"
     recalibrate_bn_batches: int = 0
+    weight_range_at_bit_change: str = "keep"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +278,7 @@ def _calibration(config: Any) -> CalibrationSpec:
         float(percentile),
         check_choice(config, "quant.activation_calibration", ACTIVATION_CALIBRATIONS),
         check_type(config, "eval.recalibrate_bn_batches", "int", low=0),
+        check_choice(config, "quant.weight_range_at_bit_change", WEIGHT_RANGE_AT_BIT_CHANGE),
     )
 
 
@@ -493,6 +499,12 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
     _check_block_bits(model, stages)
     _check_lsq_weight_bits(model, stages, distill)
     calibration = _calibration(config)
+    if calibration.weight_range_at_bit_change != "keep" and model.weight_quantizer != "lsq":
+        raise ConfigError(
+            f"quant.weight_range_at_bit_change={calibration.weight_range_at_bit_change!r} "
+            f"applies to LSQ weights only; quant.weight_quantizer is "
+            f"{model.weight_quantizer!r}"
+        )
     init_from = check_path(config, "init_from")
     checkpoint = CheckpointPolicy(
         check_type(config, "checkpoint_every_steps", "int", low=1),

@@ -93,7 +93,8 @@ def _place(saved: Any, like: Any) -> Any:
 
 def _with_new_optimizer(trainer: Trainer, fresh, saved: dict, stage: Stage):
     """``fresh`` with a checkpoint's step, parameters and BatchNorm statistics, and the
-    optimizer state that ``stage`` starts with."""
+    optimizer state that ``stage`` starts with. The learned ranges are the checkpoint's: the
+    train loop calibrates at a stage's first step, never inside a stage."""
     state = fresh.replace(
         step=jax.device_put(jnp.int32(saved["step"]), trainer.replicated),
         params=_place(saved["params"], fresh.params),
@@ -102,7 +103,7 @@ def _with_new_optimizer(trainer: Trainer, fresh, saved: dict, stage: Stage):
             jnp.int32(saved.get("first_nonfinite", -1)), trainer.replicated
         ),
     )
-    return trainer.start_stage(state, stage)
+    return trainer.start_stage(state, stage, calibrate_ranges=False)
 
 
 def _mismatch_message(error: CheckpointMismatch, decision: WorkdirDecision) -> str:

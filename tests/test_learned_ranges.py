@@ -25,7 +25,7 @@ import optax
 import pytest
 from runs import REPO, tiny_config
 
-from lbq import calibrate
+from lbq import calibrate, resume
 from lbq.build import build_trainer, load_into
 from lbq.configs import default
 from lbq.data import get_info
@@ -330,6 +330,14 @@ def calibrate_free_activation(quantizer, x, p):
         ({"eval.recalibrate_bn_batches": -1}, "eval.recalibrate_bn_batches=-1 must be >= 0"),
         ({"eval.recalibrate": 2}, "eval.recalibrate is not a config field"),
         (
+            {"quant.weight_range_at_bit_change": "lsq"},
+            "quant.weight_range_at_bit_change='lsq' is not one of",
+        ),
+        (
+            {"quant.weight_range_at_bit_change": "lsq_rule"},
+            "quant.weight_range_at_bit_change='lsq_rule' applies to LSQ weights only",
+        ),
+        (
             {"quant.weight_quantizer": "lsq", "quant.w_bits": 1},
             "quant.w_bits=1 is too few bits for LSQ weights",
         ),
@@ -459,6 +467,84 @@ def test_calibration_bits_mark_only_full_precision_layers():
     assert [calibrate.calibration_target(b) for b in bits] == [4.0, None, None]
     with pytest.raises(ValueError, match="full precision"):
         calibrate.calibration_bits(np.array([2.0]), np.array([4.0]), np.array([True]))
+
+
+def _stage(w_bits, a_bits):
+    """`stage_bits` of a one-student stage of three layers, all at the same bit-widths."""
+    return {"student": (np.full(3, float(w_bits)), np.full(3, float(a_bits)))}
+
+
+@pytest.mark.parametrize("recalibrate", [False, True], ids=["keep", "lsq_rule"])
+def test_stage_calibration_marks_first_used_ranges_and_with_lsq_rule_changed_weights(
+    recalibrate,
+):
+    """A ladder w32a32 -> w4a32 -> w4a4 -> w2a2 -> w2a2 of LSQ layers: each range is marked
+    (32 + target, at full precision in the pass) when first quantized; with 'lsq_rule' the
+    weights are marked again at the 4 -> 2 change, never when the bit-width stays."""
+    model = dataclasses.replace(
+        parse_config(tiny_config()).model, weight_quantizer="lsq", activation_quantizer="lsq"
+    )
+    ladder = [_stage(32, 32), _stage(4, 32), _stage(4, 4), _stage(2, 2), _stage(2, 2)]
+    marked = [
+        calibrate.stage_calibration_bits(ladder, i, model, recalibrate)
+        for i in range(1, len(ladder))
+    ]
+    full = np.full(3, 32.0)
+    np.testing.assert_array_equal(marked[0]["student"][0], full + 4)  # weights first used
+    np.testing.assert_array_equal(marked[0]["student"][1], full)
+    np.testing.assert_array_equal(marked[1]["student"][0], np.full(3, 4.0))  # kept
+    np.testing.assert_array_equal(marked[1]["student"][1], full + 4)  # activations first used
+    if recalibrate:
+        np.testing.assert_array_equal(marked[2]["student"][0], full + 2)
+        np.testing.assert_array_equal(marked[2]["student"][1], np.full(3, 4.0))  # carried over
+    else:
+        assert marked[2] is None
+    assert marked[3] is None  # no change, nothing marked
+
+
+@pytest.mark.parametrize("rule", ["keep", "lsq_rule"])
+def test_a_4_to_2_bit_stage_keeps_lsq_weight_ranges_or_sets_them_by_lsqs_rule(rule):
+    """Through the trainer's stage start: 'keep' leaves every range as trained; 'lsq_rule' sets
+    each LSQ weight range to (2^2 - 1) * 2 mean|w| / sqrt(1) on the kernel as it is, and leaves
+    the activation ranges and every other parameter alone. A resume inside the stage never
+    calibrates again."""
+    config = tiny_config()
+    config.quant.weight_quantizer = config.quant.activation_quantizer = "lsq"
+    config.quant.weight_range_at_bit_change = rule
+    config.stages = [
+        default.stage("w4a4", steps=2, w_bits=4, a_bits=4),
+        default.stage("w2a2", steps=2, w_bits=2, a_bits=2),
+    ]
+    plan = parse_config(config)
+    trainer = build_trainer(plan, get_info(plan.data), data_mesh(1), donate=False)
+    before = trainer.load_start_weights(trainer.init_state())  # ranges set for 4 bits
+    after = trainer.start_stage(before, plan.stages[1])
+    rest_before, ranges_before = split_learned_ranges(before.params["student"])
+    rest_after, ranges_after = split_learned_ranges(after.params["student"])
+    for ours, want in zip(jax.tree.leaves(rest_after), jax.tree.leaves(rest_before), strict=True):
+        np.testing.assert_array_equal(ours, want)
+    weights = 0
+    for name, module in ranges_after.items():
+        for param, value in module.items():
+            old = float(ranges_before[name][param])
+            if param != "weight_range" or rule == "keep":
+                assert float(value) == old, (name, param)
+                continue
+            kernel = np.asarray(before.params["student"][name]["kernel"], np.float64)
+            want = 3 * 2 * np.mean(np.abs(kernel)) / math.sqrt(1)  # 2 bits: Q_P = 1
+            assert float(value) == pytest.approx(want, rel=1e-5), name
+            assert float(value) != pytest.approx(old, rel=1e-2)  # the 4-bit range differs
+            weights += 1
+    assert weights == (18 if rule == "lsq_rule" else 0)  # ResNet-20's quantized layers
+    # A resume inside the stage whose optimizer state starts afresh (a changed config) keeps
+    # the checkpoint's ranges: only a stage's first step calibrates.
+    host = jax.device_get({"params": before.params, "batch_stats": before.batch_stats})
+    saved = {"step": 3, **host}  # the second of stage w2a2's steps 2 and 3
+    resumed = resume._with_new_optimizer(trainer, before, saved, plan.stages[1])
+    for ours, want in zip(
+        jax.tree.leaves(resumed.params), jax.tree.leaves(before.params), strict=True
+    ):
+        np.testing.assert_array_equal(ours, want)
 
 
 # -------------------------------------------------------------- BatchNorm re-estimation

@@ -128,6 +128,31 @@ def test_start_from_loads_the_trained_model_into_student_and_teacher(tmp_path):
         reproduce.parse_args(["--outdir=x", f"--start_from={tmp_path / 'missing'}"])
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--outdir=x", f"--teacher_start_from={start}"])
+    _check_comparison(tmp_path, tmp_path / "fp", tmp_path / "ft")
+
+
+def _check_comparison(tmp_path, control, study):
+    """lbq.experiments.compare on a finished control and study: the table, the JSON and the
+    plot carry each run's top-1 and its difference to the control."""
+    from lbq.experiments import compare
+
+    out = tmp_path / "comparison"
+    args = [f"--out={out}", f"--control={control}", f"--study=kd run={study}", "--gaps=1"]
+    assert compare.main(args) == 0
+    fp = 100 * json.loads((control / "fp_w32a32_s0" / "result.json").read_text())["top1"]
+    kd = 100 * json.loads((study / "kd_w2a2_s0" / "result.json").read_text())["top1"]
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["columns"] == [["kd", 2]]
+    cell = result["studies"]["kd run"]["kd w2a2"]
+    assert (cell["n"], cell["seeds"], cell["top1"]) == (1, [0], [pytest.approx(kd)])
+    assert cell["delta"] == pytest.approx(kd - fp)
+    assert f"| kd run | {kd:.2f} (n=1), {kd - fp:+.2f} |" in (out / "comparison.md").read_text()
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    for bad in ("--study=no-label", f"--study=empty={tmp_path / 'missing'}"):
+        with pytest.raises(SystemExit):
+            compare.parse_args([f"--out={out}", bad])
+    with pytest.raises(SystemExit):  # a control without an fp run
+        compare.parse_args([f"--out={out}", f"--study=a={study}", f"--control={study}"])
 
 
 def test_teacher_can_start_from_another_run():

@@ -88,6 +88,9 @@ def _quant_fields() -> ml_collections.ConfigDict:
     f.calibration_batches = 4  # training batches seen by the calibration
     f.activation_calibration = "percentile"  # or 'lsq': s = 2 mean|x| / sqrt(Q_P)
     f.calibration_percentile = 99.99  # an activation's clip/range: this percentile
+    # LSQ weight ranges when a stage changes their bit-width: 'keep' the clipped range (SPEC
+    # section 7) or 'lsq_rule': set again by LSQ's rule at the new bit-width.
+    f.weight_range_at_bit_change = "keep"
     return f
 
 

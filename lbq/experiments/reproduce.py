@@ -101,6 +101,7 @@ def base_config(preset: str, args: argparse.Namespace) -> ml_collections.ConfigD
     c.schedule.lr_schedule = args.lr_schedule
     c.quant.weight_quantizer = args.weight_quantizer
     c.quant.activation_quantizer = args.activation_quantizer
+    c.quant.weight_range_at_bit_change = args.weight_range_at_bit_change
     c.progress = False
     if preset == "tiny":
         c = default.tiny(c)
@@ -549,6 +550,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="quant.activation_quantizer of every quantized run (pact and lsq learn their "
         "ranges; with --start_from they are calibrated on the start model first)",
     )
+    p.add_argument(
+        "--weight_range_at_bit_change",
+        default="keep",
+        choices=("keep", "lsq_rule"),
+        help="quant.weight_range_at_bit_change (LSQ weights): keep the range at a bit-width "
+        "change, or set it again by LSQ's rule",
+    )
     _add_start_arguments(p)
     p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
     p.add_argument(
@@ -569,6 +577,11 @@ def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: a
     )
 
 
+def _range_rule_note(base: ml_collections.ConfigDict) -> str:
+    rule = base.quant.weight_range_at_bit_change
+    return "" if rule == "keep" else f" (LSQ weight ranges at a bit-width change: {rule})"
+
+
 def _describe_study(
     args, base, info, total_steps: int, steps_per_epoch: int
 ) -> tuple[str, str, dict[str, str]]:
@@ -579,7 +592,8 @@ def _describe_study(
         f"trained on {base.data.train_split} ({info.num_train} images). Equal training budget: "
         f"every run trains {total_steps} steps of batch {base.batch_size} ({epochs:.2f} epochs), "
         f"split between its stages. Mean ± sample std over n seeds. Quantizers: weights "
-        f"{base.quant.weight_quantizer}, activations {base.quant.activation_quantizer}.\n"
+        f"{base.quant.weight_quantizer}, activations {base.quant.activation_quantizer}"
+        f"{_range_rule_note(base)}.\n"
     )
     if args.start_from:
         header += (

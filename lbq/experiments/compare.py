@@ -1,0 +1,205 @@
+"""Side by side: several `reproduce` studies that differ in one setting (the quantizers, say).
+
+    python -m lbq.experiments.compare --out=DIR --control=OUTDIR_FP \\
+        --study dorefa/dorefa=OUTDIR_A --study lsq/lsq=OUTDIR_B [--gaps=1,6]
+
+Each ``--study LABEL=OUTDIR`` is a `reproduce` output folder (one ``RUN/result.json`` per
+finished run). Writes ``DIR/comparison.md`` (a row per study, a column per method and
+bit-width found: top-1 mean ± sample std over seeds, n, and the difference to the control's
+mean), ``DIR/comparison.json`` (the same numbers and every run's top-1) and
+``DIR/comparison.png`` (bars of the means, std as error bars, one dot per seed, the control as
+a line; ``--gaps`` draws lines that many points below it, for targets stated as a gap).
+
+Top-1 is the final student's, in percent, on the split the runs evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lbq.configs.recipes import METHODS
+from lbq.experiments.reproduce import load_results, summarize
+
+Column = tuple[str, int]  # (method, bits)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m lbq.experiments.compare", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--out", required=True, help="folder for comparison.md/.json/.png")
+    p.add_argument("--study", action="append", required=True, help="LABEL=OUTDIR, repeatable")
+    p.add_argument("--control", help="OUTDIR of the full-precision control (method fp)")
+    p.add_argument("--gaps", default="", help="comma-separated points below the control to draw")
+    p.add_argument("--title", default="", help="the plot's title")
+    args = p.parse_args(argv)
+    studies = []
+    for item in args.study:
+        label, sep, outdir = item.partition("=")
+        if not sep or not label or not outdir:
+            p.error(f"--study {item!r}: expected LABEL=OUTDIR")
+        if not load_results(outdir):
+            p.error(f"--study {item!r}: no finished run (RUN/result.json) in {outdir}")
+        studies.append((label, outdir))
+    args.study = studies
+    if args.control and ("fp", 32) not in summarize(load_results(args.control)):
+        p.error(f"--control={args.control}: no finished fp run")
+    try:
+        args.gaps = [float(g) for g in args.gaps.split(",") if g.strip()]
+    except ValueError:
+        p.error(f"--gaps={args.gaps!r}: expected comma-separated numbers")
+    return args
+
+
+def compare(
+    studies: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+    control: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """The comparison's numbers.
+
+    Args:
+      studies: (label, the study's result.json records), in display order.
+      control: the control's records (its fp runs are used), or none.
+
+    Returns:
+      ``{'columns': [[method, bits], ...], 'control': {mean, std, n, top1} | None,
+      'studies': {label: {'method wKaK': {mean, std, n, top1: [per seed], delta}}}}``;
+      top-1 in percent, ``std`` the sample std (NaN for one seed), ``delta`` the mean minus
+      the control's mean (absent without a control).
+    """
+    summaries = {label: summarize(records) for label, records in studies}
+    found = {c for s in summaries.values() for c in s if c[0] != "fp"}
+    columns = sorted(found, key=lambda c: (METHODS.index(c[0]), -c[1]))
+    fp = summarize(control).get(("fp", 32)) if control else None
+    out: dict[str, Any] = {"columns": [list(c) for c in columns], "control": None, "studies": {}}
+    if fp is not None:
+        out["control"] = _cell(fp, control, ("fp", 32), None)
+    for label, records in studies:
+        cells = {}
+        for column in columns:
+            if column in summaries[label]:
+                cells[_name(column)] = _cell(summaries[label][column], records, column, fp)
+        out["studies"][label] = cells
+    return out
+
+
+def _name(column: Column) -> str:
+    method, bits = column
+    return f"{method} w{bits}a{bits}"
+
+
+def _cell(summary: dict, records, column: Column, fp: dict | None) -> dict[str, Any]:
+    per_seed = sorted(
+        (r["seed"], 100 * r["top1"]) for r in records if (r["method"], r["bits"]) == column
+    )
+    cell = {
+        "mean": summary["mean"],
+        "std": summary["std"],
+        "n": summary["n"],
+        "seeds": [s for s, _ in per_seed],
+        "top1": [t for _, t in per_seed],
+    }
+    if fp is not None:
+        cell["delta"] = summary["mean"] - fp["mean"]
+    return cell
+
+
+def _format(cell: dict | None) -> str:
+    if cell is None:
+        return "—"
+    std = "" if math.isnan(cell["std"]) else f" ± {cell['std']:.2f}"
+    text = f"{cell['mean']:.2f}{std} (n={cell['n']})"
+    if "delta" in cell:
+        text += f", {cell['delta']:+.2f}"
+    return text
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The Markdown table of `compare`'s result."""
+    names = [_name(tuple(c)) for c in result["columns"]]
+    lines = []
+    control = result["control"]
+    if control is not None:
+        lines += [f"Control (fp, full precision): {_format(control)}.", ""]
+    lines += [
+        "Top-1 (%), mean ± sample std over seeds (n seeds)"
+        + (", then the difference to the control's mean." if control else "."),
+        "",
+        "| study | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for label, cells in result["studies"].items():
+        lines.append(f"| {label} | " + " | ".join(_format(cells.get(n)) for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: str, gaps: Sequence[float] = (), title: str = "") -> None:
+    """Grouped bars (one group per method and bit-width, one bar per study) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [_name(tuple(c)) for c in result["columns"]]
+    labels = list(result["studies"])
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 2.0 * len(names), 4.2))
+    for i, label in enumerate(labels):
+        legend = label
+        for j, name in enumerate(names):
+            cell = result["studies"][label].get(name)
+            if cell is None:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            err = 0.0 if math.isnan(cell["std"]) else cell["std"]
+            ax.bar(x, cell["mean"], width, yerr=err, capsize=3, color=f"C{i}", label=legend)
+            ax.plot([x] * len(cell["top1"]), cell["top1"], "k.", ms=4)
+            legend = None  # one legend entry per study
+    control = result["control"]
+    if control is not None:
+        ax.axhline(control["mean"], color="k", lw=1, label=f"fp control {control['mean']:.2f}")
+        for gap in gaps:
+            ax.axhline(control["mean"] - gap, color="k", lw=1, ls=":")
+            ax.text(
+                len(names) - 0.5,
+                control["mean"] - gap,
+                f"control − {gap:g}",
+                ha="right",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title or "top-1 per study (bars: mean, error bars: std, dots: seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    studies = [(label, load_results(outdir)) for label, outdir in args.study]
+    result = compare(studies, load_results(args.control) if args.control else ())
+    os.makedirs(args.out, exist_ok=True)
+    table = format_markdown(result)
+    with open(os.path.join(args.out, "comparison.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "comparison.json"), "w") as f:
+        json.dump(result, f, indent=1, allow_nan=True)
+    plot(result, os.path.join(args.out, "comparison.png"), args.gaps, args.title)
+    print(table, end="")
+    print(f"wrote comparison.md, comparison.json and comparison.png in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
