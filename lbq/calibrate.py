@@ -14,10 +14,11 @@
   ladder 32 -> 4 -> 2 or weights-then-activations calibrates them on the trained network).
   A range that was used before carries over (see `lbq.quant.layers`): at a bit-width change
   an LSQ range keeps its clipped interval (SPEC section 7). With
-  ``quant.weight_range_at_bit_change='lsq_rule'``, LSQ weight ranges are instead set again by
-  LSQ's rule at the new bit-width from the weights as trained (at 4 -> 2 bits the kept range
-  gives a 2-bit step about 1.9x LSQ's rule; docs/learned_ranges.md). Activation ranges always
-  carry over: they describe the data, which a bit-width change does not alter.
+  ``quant.weight_range_at_bit_change='lsq_rule'``, the LSQ weight ranges whose bit-width
+  changes are instead set again by LSQ's rule at the new bit-width, from the weights as
+  trained, in a pass of their own after the first-use one (`changed_weight_bits`; why:
+  docs/learned_ranges.md). Activation ranges always carry over: they describe the data,
+  which a bit-width change does not alter.
 
 Rules. LSQ weights: ``s = 2 mean|w| / sqrt(Q_P)`` per tensor or output channel. Activations
 (PACT clip, LSQ range): ``quant.activation_calibration`` = ``'percentile'``, the
@@ -161,34 +162,51 @@ def start_calibration_bits(
 
 
 def stage_calibration_bits(
-    bits_per_stage: Sequence[Bits], index: int, model: ModelSpec, recalibrate_weights: bool = False
+    bits_per_stage: Sequence[Bits], index: int, model: ModelSpec
 ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """{student: (w_bits, a_bits)} of the calibration pass at the start of stage ``index`` > 0:
-    the previous stage's precision, with the LSQ layers to calibrate marked (and run at full
-    precision); None when there are none.
-
-    Marked: the LSQ ranges that this stage quantizes for the first time, and, with
-    ``recalibrate_weights`` (``quant.weight_range_at_bit_change='lsq_rule'``), the LSQ weight
-    ranges whose bit-width differs from the one they were last quantized at.
-    """
+    the previous stage's precision, and the LSQ layers that this stage quantizes for the first
+    time marked for calibration; None when there are none."""
     previous, current = bits_per_stage[index - 1], bits_per_stage[index]
     out = {}
     for name in current:
         pair, marked = [], False
         for which, quantizer in ((0, model.weight_quantizer), (1, model.activation_quantizer)):
             now = np.asarray(current[name][which])
-            last = _last_quantized(bits_per_stage[:index], name, which)
-            changed = (last < FULL_PRECISION_BITS) & (last != now) & (which == 0)
             calibrate = (
                 (quantizer == "lsq")
+                & (_last_quantized(bits_per_stage[:index], name, which) >= FULL_PRECISION_BITS)
                 & (now < FULL_PRECISION_BITS)
-                & ((last >= FULL_PRECISION_BITS) | (changed & recalibrate_weights))
             )
-            before = np.where(calibrate, FULL_PRECISION_BITS, previous[name][which])
-            pair.append(calibration_bits(before, now, calibrate))
+            pair.append(calibration_bits(previous[name][which], now, calibrate))
             marked |= bool(calibrate.any())
         if marked:
             out[name] = tuple(pair)
+    return out or None
+
+
+def changed_weight_bits(
+    bits_per_stage: Sequence[Bits], index: int, model: ModelSpec
+) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """{student: (w_bits, a_bits)} of the pass that sets LSQ weight ranges again at the start of
+    stage ``index`` > 0 (``quant.weight_range_at_bit_change='lsq_rule'``): the weights whose
+    bit-width differs from the one they were last quantized at are marked (and run at full
+    precision); everything else runs at the previous stage's precision and keeps its range.
+    None when no weight is marked.
+
+    Only the marked kernels are read (LSQ's rule on the weights), so the pass's forward
+    values, which the full-precision marked layers change, set nothing."""
+    if model.weight_quantizer != "lsq":
+        return None
+    previous, current = bits_per_stage[index - 1], bits_per_stage[index]
+    out = {}
+    for name in current:
+        now = np.asarray(current[name][0])
+        last = _last_quantized(bits_per_stage[:index], name, 0)
+        marked = (last < FULL_PRECISION_BITS) & (now < FULL_PRECISION_BITS) & (last != now)
+        if marked.any():
+            w_bits = np.where(marked, FULL_PRECISION_BITS, previous[name][0])
+            out[name] = (calibration_bits(w_bits, now, marked), np.asarray(previous[name][1]))
     return out or None
 
 
@@ -495,25 +513,36 @@ def start_ranges(trainer, state: TrainState, bits_per_stage: Sequence[Bits]) -> 
 def stage_ranges(
     trainer, state: TrainState, bits_per_stage: Sequence[Bits], index: int
 ) -> TrainState:
-    """The state at the start of stage ``index`` with the LSQ ranges of the layers that the
-    stage quantizes for the first time (and, with ``quant.weight_range_at_bit_change='lsq_rule'``,
-    the LSQ weight ranges whose bit-width changes) calibrated on the network as trained so far."""
+    """The state at the start of stage ``index``: the LSQ ranges of the layers that the stage
+    quantizes for the first time calibrated on the network as trained so far and, with
+    ``quant.weight_range_at_bit_change='lsq_rule'``, the LSQ weight ranges whose bit-width
+    changes set again by LSQ's rule (`changed_weight_bits`)."""
     plan = trainer.plan
     if index == 0 or not plan.model.learned_ranges:
         return state
-    recalibrate_weights = plan.calibration.weight_range_at_bit_change == "lsq_rule"
-    bits = stage_calibration_bits(bits_per_stage, index, plan.model, recalibrate_weights)
-    if bits is None:
-        return state
-    return calibrate_ranges(
-        trainer,
-        state,
-        bits,
-        rule=plan.calibration.activation_rule,
-        num_batches=plan.calibration.batches,
-        lift_clips=False,
-        source=f"the network at the start of stage {index + 1}",
-    )
+    first_use = stage_calibration_bits(bits_per_stage, index, plan.model)
+    if first_use is not None:
+        state = calibrate_ranges(
+            trainer,
+            state,
+            first_use,
+            rule=plan.calibration.activation_rule,
+            num_batches=plan.calibration.batches,
+            lift_clips=False,
+            source=f"the network at the start of stage {index + 1}",
+        )
+    changed = changed_weight_bits(bits_per_stage, index, plan.model)
+    if changed is not None and plan.calibration.weight_range_at_bit_change == "lsq_rule":
+        state = calibrate_ranges(
+            trainer,
+            state,
+            changed,
+            rule=plan.calibration.activation_rule,  # unused: no activation is marked
+            num_batches=1,  # only the kernels are read
+            lift_clips=False,
+            source=f"the weights at stage {index + 1}'s new bit-widths",
+        )
+    return state
 
 
 def _describe(name: str, plan, counts: Mapping[str, int], rule: str, count: int, source: str):
@@ -521,15 +550,15 @@ def _describe(name: str, plan, counts: Mapping[str, int], rule: str, count: int,
         rule_text = f"the {plan.calibration.percentile:g}th percentile of the input after ReLU"
     else:
         rule_text = "LSQ's rule 2 mean(relu(x)) / sqrt(Q_P)"
-    text = (
-        f"calibrated {name}'s learned ranges on {source} ({count} training batch"
-        f"{'es' if count > 1 else ''}): "
-        f"{counts['weights']} LSQ weight ranges by LSQ's rule 2 mean|w| / sqrt(Q_P), "
-        f"{counts['activations']} activation ranges by {rule_text}"
-    )
+    parts = []
+    if counts["weights"]:
+        parts.append(f"{counts['weights']} LSQ weight ranges by LSQ's rule 2 mean|w| / sqrt(Q_P)")
+    if counts["activations"]:
+        parts.append(f"{counts['activations']} activation ranges by {rule_text}")
     if counts["kept"]:
-        text += f"; {counts['kept']} kept their value (no positive statistic)"
-    return text
+        parts.append(f"{counts['kept']} kept their value (no positive statistic)")
+    batches = f"{count} training batch{'es' if count > 1 else ''}"
+    return f"calibrated {name}'s learned ranges on {source} ({batches}): " + "; ".join(parts)
 
 
 def evaluation_state(trainer, state: TrainState, bits) -> TrainState:

@@ -65,7 +65,16 @@ def quantizers_text(plan: RunPlan) -> str:
     """The student's quantizers in words, e.g. 'weights lsq (per channel), activations pact'."""
     weights, activations = quantizer_names(plan)
     scale = "per channel" if plan.model.per_channel else "per tensor"
-    return f"weights {weights} ({scale}), activations {activations}"
+    text = f"weights {weights} ({scale}), activations {activations}"
+    rule = weight_range_rule(plan)
+    return text + (f"; LSQ weight ranges at a bit-width change: {rule}" if rule else "")
+
+
+def weight_range_rule(plan: RunPlan) -> str | None:
+    """``quant.weight_range_at_bit_change`` of a run with LSQ weights, else None."""
+    if quantizer_names(plan)[0] != "lsq":
+        return None
+    return plan.calibration.weight_range_at_bit_change
 
 
 def methods(plan: RunPlan, stages: Sequence[Stage]) -> str:
@@ -154,7 +163,7 @@ def eval_text(result: Mapping[str, Mapping[str, float]]) -> str:
 
 def stage_result(plan: RunPlan, stage: Stage, evaluation: Mapping[str, Any]) -> dict[str, Any]:
     """The record of a finished stage kept in checkpoints and the summary."""
-    return {
+    record = {
         "name": stage.name,
         "w_bits": stage.w_bits,
         "a_bits": stage.a_bits,
@@ -165,6 +174,9 @@ def stage_result(plan: RunPlan, stage: Stage, evaluation: Mapping[str, Any]) -> 
         "eval": dict(evaluation),
         "eval_split": plan.data.eval_split,
     }
+    if weight_range_rule(plan):
+        record["weight_range_at_bit_change"] = weight_range_rule(plan)
+    return record
 
 
 def format_summary(result, workdir: str) -> str:
@@ -186,9 +198,11 @@ def format_summary(result, workdir: str) -> str:
             lines.append(f"{s['name']:<16}{label:>8}{s['steps']:>8}  {accs}")
         last = result.stages[-1]
         if "weight_quantizer" in last:  # results recorded before quantizers were a choice lack it
+            rule = last.get("weight_range_at_bit_change")
             lines.append(
                 f"quantizers: weights {last['weight_quantizer']}, "
                 f"activations {last['activation_quantizer']}"
+                + (f"; LSQ weight ranges at a bit-width change: {rule}" if rule else "")
             )
     which = "final" if result.status == "completed" else "last evaluation of"
     for net, m in result.final.items():

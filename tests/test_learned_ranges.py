@@ -43,6 +43,7 @@ from lbq.quant.layers import (
 )
 from lbq.quant.precision import Precision, make_precision
 from lbq.quant.quantizers import lsq_gradient_scale, lsq_quantize, lsq_rescale_step
+from lbq.stages import lay_out
 from lbq.steps import normalize
 from lbq.validate import ConfigError
 
@@ -474,77 +475,95 @@ def _stage(w_bits, a_bits):
     return {"student": (np.full(3, float(w_bits)), np.full(3, float(a_bits)))}
 
 
-@pytest.mark.parametrize("recalibrate", [False, True], ids=["keep", "lsq_rule"])
-def test_stage_calibration_marks_first_used_ranges_and_with_lsq_rule_changed_weights(
-    recalibrate,
-):
-    """A ladder w32a32 -> w4a32 -> w4a4 -> w2a2 -> w2a2 of LSQ layers: each range is marked
-    (32 + target, at full precision in the pass) when first quantized; with 'lsq_rule' the
-    weights are marked again at the 4 -> 2 change, never when the bit-width stays."""
+def test_stages_mark_first_used_ranges_and_lsq_rule_marks_only_weights_at_new_bit_widths():
+    """A ladder w32a32 -> w4a32 -> w4a4 -> w2a2 -> w2a2 of LSQ layers: a range is
+    marked (32 + target, at full precision in the pass) when first quantized; the weights are
+    marked again (`changed_weight_bits`, 'lsq_rule') where their bit-width changes, with every
+    activation at the previous stage's bits and unmarked."""
     model = dataclasses.replace(
         parse_config(tiny_config()).model, weight_quantizer="lsq", activation_quantizer="lsq"
     )
     ladder = [_stage(32, 32), _stage(4, 32), _stage(4, 4), _stage(2, 2), _stage(2, 2)]
-    marked = [
-        calibrate.stage_calibration_bits(ladder, i, model, recalibrate)
-        for i in range(1, len(ladder))
-    ]
+    first = [calibrate.stage_calibration_bits(ladder, i, model) for i in range(1, 5)]
+    changed = [calibrate.changed_weight_bits(ladder, i, model) for i in range(1, 5)]
     full = np.full(3, 32.0)
-    np.testing.assert_array_equal(marked[0]["student"][0], full + 4)  # weights first used
-    np.testing.assert_array_equal(marked[0]["student"][1], full)
-    np.testing.assert_array_equal(marked[1]["student"][0], np.full(3, 4.0))  # kept
-    np.testing.assert_array_equal(marked[1]["student"][1], full + 4)  # activations first used
-    if recalibrate:
-        np.testing.assert_array_equal(marked[2]["student"][0], full + 2)
-        np.testing.assert_array_equal(marked[2]["student"][1], np.full(3, 4.0))  # carried over
-    else:
-        assert marked[2] is None
-    assert marked[3] is None  # no change, nothing marked
+    np.testing.assert_array_equal(first[0]["student"][0], full + 4)  # weights first used
+    np.testing.assert_array_equal(first[0]["student"][1], full)
+    np.testing.assert_array_equal(first[1]["student"][0], np.full(3, 4.0))  # kept
+    np.testing.assert_array_equal(first[1]["student"][1], full + 4)  # activations first used
+    assert first[2] is None and first[3] is None
+    assert changed[0] is None and changed[1] is None and changed[3] is None
+    np.testing.assert_array_equal(changed[2]["student"][0], full + 2)  # 4 -> 2
+    np.testing.assert_array_equal(changed[2]["student"][1], np.full(3, 4.0))  # not marked
+    dorefa = dataclasses.replace(model, weight_quantizer="dorefa")
+    assert calibrate.changed_weight_bits(ladder, 3, dorefa) is None
 
 
-@pytest.mark.parametrize("rule", ["keep", "lsq_rule"])
-def test_a_4_to_2_bit_stage_keeps_lsq_weight_ranges_or_sets_them_by_lsqs_rule(rule):
-    """Through the trainer's stage start: 'keep' leaves every range as trained; 'lsq_rule' sets
-    each LSQ weight range to (2^2 - 1) * 2 mean|w| / sqrt(1) on the kernel as it is, and leaves
-    the activation ranges and every other parameter alone. A resume inside the stage never
-    calibrates again."""
+def _lsq_w4a32_then_w2a2(rule: str):
+    """A trainer of LSQ weights and activations with stages w4a32 -> w2a2 (2 steps each), the
+    stages laid out, and the state after its start (ranges calibrated for stage 1)."""
     config = tiny_config()
     config.quant.weight_quantizer = config.quant.activation_quantizer = "lsq"
     config.quant.weight_range_at_bit_change = rule
     config.stages = [
-        default.stage("w4a4", steps=2, w_bits=4, a_bits=4),
+        default.stage("w4a32", steps=2, w_bits=4, a_bits=32),
         default.stage("w2a2", steps=2, w_bits=2, a_bits=2),
     ]
     plan = parse_config(config)
     trainer = build_trainer(plan, get_info(plan.data), data_mesh(1), donate=False)
-    before = trainer.load_start_weights(trainer.init_state())  # ranges set for 4 bits
-    after = trainer.start_stage(before, plan.stages[1])
-    rest_before, ranges_before = split_learned_ranges(before.params["student"])
-    rest_after, ranges_after = split_learned_ranges(after.params["student"])
-    for ours, want in zip(jax.tree.leaves(rest_after), jax.tree.leaves(rest_before), strict=True):
-        np.testing.assert_array_equal(ours, want)
-    weights = 0
-    for name, module in ranges_after.items():
+    stages = lay_out(plan.stages, plan.steps_per_epoch(trainer.info.num_train))
+    return trainer, stages, trainer.load_start_weights(trainer.init_state())
+
+
+def _ranges_scaled(params, factor: float):
+    """Every network's parameters with its learned ranges times ``factor``."""
+    out = {}
+    for name, tree in params.items():
+        rest, ranges = split_learned_ranges(tree)
+        out[name] = merge_learned_ranges(rest, jax.tree.map(lambda r: r * factor, ranges))
+    return out
+
+
+def _assert_same_leaves(ours, want):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_bit_width_drop_keeps_lsq_weight_ranges_or_sets_them_by_lsqs_rule():
+    """Stage w4a32 -> w2a2 through the trainer: under both rules the activation ranges, first
+    used now, are calibrated alike; 'keep' leaves the weight ranges as they were, 'lsq_rule'
+    sets each to (2^2 - 1) * 2 mean|w| / sqrt(1) on its kernel; nothing else changes. A resume
+    inside the stage that starts a fresh optimizer calibrates nothing again."""
+    after, before = {}, {}
+    for rule in ("keep", "lsq_rule"):
+        trainer, stages, before[rule] = _lsq_w4a32_then_w2a2(rule)
+        after[rule] = trainer.start_stage(before[rule], stages[1])
+        trained = _ranges_scaled(jax.device_get(after[rule].params), 1.5)  # as if trained
+        batch_stats = jax.device_get(after[rule].batch_stats)
+        saved = {"step": stages[1].start_step + 1, "params": trained, "batch_stats": batch_stats}
+        resumed = resume._with_new_optimizer(trainer, before[rule], saved, stages[1])
+        _assert_same_leaves(resumed.params, trained)
+    _assert_same_leaves(before["keep"].params, before["lsq_rule"].params)
+    rest_before, ranges_before = split_learned_ranges(before["keep"].params["student"])
+    ranges = {}
+    for rule, state in after.items():
+        rest, ranges[rule] = split_learned_ranges(state.params["student"])
+        _assert_same_leaves(rest, rest_before)
+    weights = activations = 0
+    for name, module in ranges["lsq_rule"].items():
         for param, value in module.items():
-            old = float(ranges_before[name][param])
-            if param != "weight_range" or rule == "keep":
-                assert float(value) == old, (name, param)
+            old, kept = float(ranges_before[name][param]), float(ranges["keep"][name][param])
+            if param != "weight_range":
+                assert float(value) == kept, (name, param)  # calibrated alike
+                activations += kept != old
                 continue
-            kernel = np.asarray(before.params["student"][name]["kernel"], np.float64)
+            kernel = np.asarray(before["keep"].params["student"][name]["kernel"], np.float64)
             want = 3 * 2 * np.mean(np.abs(kernel)) / math.sqrt(1)  # 2 bits: Q_P = 1
             assert float(value) == pytest.approx(want, rel=1e-5), name
-            assert float(value) != pytest.approx(old, rel=1e-2)  # the 4-bit range differs
+            assert kept == old != pytest.approx(want, rel=1e-2), name
             weights += 1
-    assert weights == (18 if rule == "lsq_rule" else 0)  # ResNet-20's quantized layers
-    # A resume inside the stage whose optimizer state starts afresh (a changed config) keeps
-    # the checkpoint's ranges: only a stage's first step calibrates.
-    host = jax.device_get({"params": before.params, "batch_stats": before.batch_stats})
-    saved = {"step": 3, **host}  # the second of stage w2a2's steps 2 and 3
-    resumed = resume._with_new_optimizer(trainer, before, saved, plan.stages[1])
-    for ours, want in zip(
-        jax.tree.leaves(resumed.params), jax.tree.leaves(before.params), strict=True
-    ):
-        np.testing.assert_array_equal(ours, want)
+    assert weights == 18  # ResNet-20's quantized convs and dense layers
+    assert activations == 18  # and their input activations, first quantized by stage w2a2
 
 
 # -------------------------------------------------------------- BatchNorm re-estimation

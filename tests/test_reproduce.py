@@ -106,53 +106,80 @@ def test_pretrained_plans_drop_the_32_bit_stage():
     ]
 
 
-def test_start_from_loads_the_trained_model_into_student_and_teacher(tmp_path):
+@pytest.fixture(scope="module")
+def fp_and_kd_studies(tmp_path_factory):
+    """Two tiny studies: a full-precision run, and a kd run started from it at lr 0 (so its
+    weights stay the loaded ones)."""
+    root = tmp_path_factory.mktemp("studies")
+    common = ["--preset=tiny", "--seeds=0", f"--compile_cache={root / 'cache'}"]
+    assert reproduce.main([*common, f"--outdir={root / 'fp'}", "--methods=fp"]) == 0
+    start = root / "fp" / "fp_w32a32_s0"
+    args = [f"--outdir={root / 'ft'}", "--methods=kd", "--bits=2", "--fine_tune_lr=0"]
+    assert reproduce.main([*common, *args, f"--start_from={start}"]) == 0
+    return root
+
+
+def test_start_from_loads_the_trained_model_into_student_and_teacher(fp_and_kd_studies):
     from lbq.checkpoint import load_variables
 
-    common = ["--preset=tiny", "--seeds=0", f"--compile_cache={tmp_path / 'cache'}"]
-    assert reproduce.main([*common, f"--outdir={tmp_path / 'fp'}", "--methods=fp"]) == 0
-    start = tmp_path / "fp" / "fp_w32a32_s0"
-    # lr 0: the weights stay those loaded, so they must equal the starting model's.
-    args = [f"--outdir={tmp_path / 'ft'}", "--methods=kd", "--bits=2", "--fine_tune_lr=0"]
-    assert reproduce.main([*common, *args, f"--start_from={start}"]) == 0
-    started = load_variables(str(tmp_path / "ft" / "kd_w2a2_s0"))
+    root = fp_and_kd_studies
+    start = root / "fp" / "fp_w32a32_s0"
+    started = load_variables(str(root / "ft" / "kd_w2a2_s0"))
     trained = load_variables(str(start))["student"]["params"]
     for network in ("student", "teacher"):
         jax.tree.map(np.testing.assert_array_equal, started[network]["params"], trained)
-    with open(tmp_path / "ft" / "kd_w2a2_s0" / "result.json") as f:
+    with open(root / "ft" / "kd_w2a2_s0" / "result.json") as f:
         assert [s["w_bits"] for s in json.load(f)["stages"]] == [2]
-    table = (tmp_path / "ft" / "results.md").read_text()
+    table = (root / "ft" / "results.md").read_text()
     assert "starts from the full-precision run" in table
     assert f"- `kd`: {reproduce.PRETRAINED_NOTES['kd']}" in table
     with pytest.raises(SystemExit):
-        reproduce.parse_args(["--outdir=x", f"--start_from={tmp_path / 'missing'}"])
+        reproduce.parse_args(["--outdir=x", f"--start_from={root / 'missing'}"])
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--outdir=x", f"--teacher_start_from={start}"])
-    _check_comparison(tmp_path, tmp_path / "fp", tmp_path / "ft")
+    with pytest.raises(SystemExit):  # the rule is LSQ's: DoReFa weights are refused
+        reproduce.parse_args(["--outdir=x", "--weight_range_at_bit_change=lsq_rule"])
 
 
-def _check_comparison(tmp_path, control, study):
-    """lbq.experiments.compare on a finished control and study: the table, the JSON and the
-    plot carry each run's top-1 and its difference to the control."""
+def test_compare_puts_each_study_beside_the_control(fp_and_kd_studies, tmp_path):
+    """lbq.experiments.compare on a finished control and study: the table, the strict JSON
+    and the plot carry each run's top-1 and its difference to the control; bad input is
+    refused in one line."""
     from lbq.experiments import compare
 
-    out = tmp_path / "comparison"
-    args = [f"--out={out}", f"--control={control}", f"--study=kd run={study}", "--gaps=1"]
+    control, study, out = fp_and_kd_studies / "fp", fp_and_kd_studies / "ft", tmp_path / "cmp"
+    args = [f"--out={out}", f"--control={control}", f"--study=kd|run={study}", "--gaps=1"]
     assert compare.main(args) == 0
     fp = 100 * json.loads((control / "fp_w32a32_s0" / "result.json").read_text())["top1"]
-    kd = 100 * json.loads((study / "kd_w2a2_s0" / "result.json").read_text())["top1"]
-    result = json.loads((out / "comparison.json").read_text())
+    kd_run = json.loads((study / "kd_w2a2_s0" / "result.json").read_text())
+    kd = 100 * kd_run["top1"]
+    text = (out / "comparison.json").read_text()
+    result = json.loads(text, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
     assert result["columns"] == [["kd", 2]]
-    cell = result["studies"]["kd run"]["kd w2a2"]
-    assert (cell["n"], cell["seeds"], cell["top1"]) == (1, [0], [pytest.approx(kd)])
+    split = kd_run["stages"][-1]["eval_split"]
+    assert result["budgets"] == [f"{kd_run['steps']} steps, evaluated on {split}"]
+    cell = result["studies"]["kd|run"]["kd w2a2"]
+    assert (cell["n"], cell["seeds"], cell["top1"], cell["std"]) == (
+        1,
+        [0],
+        [pytest.approx(kd)],
+        None,
+    )
     assert cell["delta"] == pytest.approx(kd - fp)
-    assert f"| kd run | {kd:.2f} (n=1), {kd - fp:+.2f} |" in (out / "comparison.md").read_text()
+    table = (out / "comparison.md").read_text()
+    assert f"| kd&#124;run | {kd:.2f} (n=1), {kd - fp:+.2f} |" in table
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
-    for bad in ("--study=no-label", f"--study=empty={tmp_path / 'missing'}"):
+    bad = [
+        ["--study=no-label"],
+        [f"--study=empty={tmp_path / 'missing'}"],
+        [f"--study=a={study}", f"--study=a={study}"],  # one label twice
+        [f"--study=fp={control}"],  # no quantized run
+        [f"--study=a={study}", f"--control={study}"],  # a control without an fp run
+        [f"--study=a={study}", "--gaps=1"],  # gaps need a control
+    ]
+    for extra in bad:
         with pytest.raises(SystemExit):
-            compare.parse_args([f"--out={out}", bad])
-    with pytest.raises(SystemExit):  # a control without an fp run
-        compare.parse_args([f"--out={out}", f"--study=a={study}", f"--control={study}"])
+            compare.parse_args([f"--out={out}", *extra])
 
 
 def test_teacher_can_start_from_another_run():

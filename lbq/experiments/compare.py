@@ -39,22 +39,35 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--gaps", default="", help="comma-separated points below the control to draw")
     p.add_argument("--title", default="", help="the plot's title")
     args = p.parse_args(argv)
-    studies = []
-    for item in args.study:
-        label, sep, outdir = item.partition("=")
-        if not sep or not label or not outdir:
-            p.error(f"--study {item!r}: expected LABEL=OUTDIR")
-        if not load_results(outdir):
-            p.error(f"--study {item!r}: no finished run (RUN/result.json) in {outdir}")
-        studies.append((label, outdir))
-    args.study = studies
-    if args.control and ("fp", 32) not in summarize(load_results(args.control)):
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out={args.out} is a file, not a folder")
+    args.study = [_study(p, item) for item in args.study]
+    labels = [label for label, _ in args.study]
+    if len(set(labels)) != len(labels):
+        p.error(f"--study labels must differ: {labels}")
+    args.control_records = load_results(args.control) if args.control else []
+    if args.control and ("fp", 32) not in summarize(args.control_records):
         p.error(f"--control={args.control}: no finished fp run")
     try:
         args.gaps = [float(g) for g in args.gaps.split(",") if g.strip()]
     except ValueError:
         p.error(f"--gaps={args.gaps!r}: expected comma-separated numbers")
+    if args.gaps and not args.control:
+        p.error("--gaps are drawn below the control: give --control")
     return args
+
+
+def _study(p: argparse.ArgumentParser, item: str) -> tuple[str, list[dict[str, Any]]]:
+    """(label, the finished runs' records) of one ``--study LABEL=OUTDIR``."""
+    label, sep, outdir = item.partition("=")
+    if not sep or not label or not outdir:
+        p.error(f"--study {item!r}: expected LABEL=OUTDIR")
+    records = load_results(outdir)
+    if not records:
+        p.error(f"--study {item!r}: no finished run (RUN/result.json) in {outdir}")
+    if all(r["method"] == "fp" for r in records):
+        p.error(f"--study {item!r}: no quantized run (only fp runs) in {outdir}")
+    return label, records
 
 
 def compare(
@@ -68,7 +81,8 @@ def compare(
       control: the control's records (its fp runs are used), or none.
 
     Returns:
-      ``{'columns': [[method, bits], ...], 'control': {mean, std, n, top1} | None,
+      ``{'columns': [[method, bits], ...], 'budgets': ['N steps, evaluated on SPLIT', ...],
+      'control': {mean, std, n, top1} | None,
       'studies': {label: {'method wKaK': {mean, std, n, top1: [per seed], delta}}}}``;
       top-1 in percent, ``std`` the sample std (NaN for one seed), ``delta`` the mean minus
       the control's mean (absent without a control).
@@ -77,7 +91,13 @@ def compare(
     found = {c for s in summaries.values() for c in s if c[0] != "fp"}
     columns = sorted(found, key=lambda c: (METHODS.index(c[0]), -c[1]))
     fp = summarize(control).get(("fp", 32)) if control else None
-    out: dict[str, Any] = {"columns": [list(c) for c in columns], "control": None, "studies": {}}
+    every_run = [r for _, records in studies for r in records] + list(control)
+    out: dict[str, Any] = {
+        "columns": [list(c) for c in columns],
+        "budgets": sorted({_budget(r) for r in every_run}),
+        "control": None,
+        "studies": {},
+    }
     if fp is not None:
         out["control"] = _cell(fp, control, ("fp", 32), None)
     for label, records in studies:
@@ -87,6 +107,12 @@ def compare(
                 cells[_name(column)] = _cell(summaries[label][column], records, column, fp)
         out["studies"][label] = cells
     return out
+
+
+def _budget(record: dict[str, Any]) -> str:
+    """A run's training steps and evaluated split, which runs must share to compare."""
+    split = record["stages"][-1].get("eval_split") if record.get("stages") else None
+    return f"{record['steps']} steps, evaluated on {split or 'an unrecorded split'}"
 
 
 def _name(column: Column) -> str:
@@ -123,7 +149,11 @@ def _format(cell: dict | None) -> str:
 def format_markdown(result: dict[str, Any]) -> str:
     """The Markdown table of `compare`'s result."""
     names = [_name(tuple(c)) for c in result["columns"]]
-    lines = []
+    budgets = result["budgets"]
+    if len(budgets) == 1:
+        lines = [f"Every run: {budgets[0]}.", ""]
+    else:
+        lines = ["**The runs differ in budget or split:** " + "; ".join(budgets) + ".", ""]
     control = result["control"]
     if control is not None:
         lines += [f"Control (fp, full precision): {_format(control)}.", ""]
@@ -135,7 +165,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         "|---" * (len(names) + 1) + "|",
     ]
     for label, cells in result["studies"].items():
-        lines.append(f"| {label} | " + " | ".join(_format(cells.get(n)) for n in names) + " |")
+        cells_text = " | ".join(_format(cells.get(n)) for n in names)
+        lines.append(f"| {label.replace('|', '&#124;')} | {cells_text} |")
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +205,7 @@ def plot(result: dict[str, Any], path: str, gaps: Sequence[float] = (), title: s
                 va="bottom",
                 fontsize=7,
             )
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper right")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
     ax.set_ylabel("top-1 (%)")
@@ -185,16 +216,24 @@ def plot(result: dict[str, Any], path: str, gaps: Sequence[float] = (), title: s
     plt.close(fig)
 
 
+def _without_nan(value: Any) -> Any:
+    """``value`` with every NaN (the std of one seed) as None, so the file is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    studies = [(label, load_results(outdir)) for label, outdir in args.study]
-    result = compare(studies, load_results(args.control) if args.control else ())
+    result = compare(args.study, args.control_records)
     os.makedirs(args.out, exist_ok=True)
     table = format_markdown(result)
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
-        json.dump(result, f, indent=1, allow_nan=True)
+        json.dump(_without_nan(result), f, indent=1)
     plot(result, os.path.join(args.out, "comparison.png"), args.gaps, args.title)
     print(table, end="")
     print(f"wrote comparison.md, comparison.json and comparison.png in {args.out}")

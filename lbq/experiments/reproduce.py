@@ -494,6 +494,11 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
         args.teacher_lr_scale = 0.2 if args.start_from else 1.0
     if args.teacher_start_from and not args.start_from:
         p.error("--teacher_start_from needs --start_from")
+    if args.weight_range_at_bit_change != "keep" and args.weight_quantizer != "lsq":
+        p.error(
+            f"--weight_range_at_bit_change={args.weight_range_at_bit_change} needs "
+            "--weight_quantizer=lsq"
+        )
     for flag in ("start_from", "teacher_start_from"):
         path = getattr(args, flag)
         if path:
