@@ -180,7 +180,7 @@ def plot(result: dict[str, Any], path: str, gaps: Sequence[float] = (), title: s
     names = [_name(tuple(c)) for c in result["columns"]]
     labels = list(result["studies"])
     width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(1.6 + 2.0 * len(names), 4.2))
+    fig, ax = plt.subplots(figsize=(1.6 + 2.0 * len(names), 5.0))
     for i, label in enumerate(labels):
         legend = label
         for j, name in enumerate(names):
@@ -198,14 +198,14 @@ def plot(result: dict[str, Any], path: str, gaps: Sequence[float] = (), title: s
         for gap in gaps:
             ax.axhline(control["mean"] - gap, color="k", lw=1, ls=":")
             ax.text(
-                len(names) - 0.5,
+                -0.5,
                 control["mean"] - gap,
                 f"control − {gap:g}",
-                ha="right",
+                ha="left",
                 va="bottom",
                 fontsize=7,
             )
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
     ax.set_ylabel("top-1 (%)")
