@@ -92,7 +92,7 @@ class CalibrationSpec:
         BatchNorm statistics over this many training batches (0: off).
       weight_range_at_bit_change: 'keep' (SPEC section 7: an LSQ weight range keeps its
         clipped interval when a stage changes its bit-width) or 'lsq_rule' (set again by LSQ's
-        rule at the new bit-width; `lbq.calibrate.stage_calibration_bits`).
+        rule at the new bit-width; `lbq.calibrate.changed_weight_bits`).
     """
 
     batches: int = 4
