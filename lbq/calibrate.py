@@ -531,8 +531,10 @@ def stage_ranges(
             lift_clips=False,
             source=f"the network at the start of stage {index + 1}",
         )
+    if plan.calibration.weight_range_at_bit_change != "lsq_rule":
+        return state
     changed = changed_weight_bits(bits_per_stage, index, plan.model)
-    if changed is not None and plan.calibration.weight_range_at_bit_change == "lsq_rule":
+    if changed is not None:
         state = calibrate_ranges(
             trainer,
             state,

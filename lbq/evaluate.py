@@ -19,7 +19,7 @@ import re
 import sys
 
 from lbq.deploy.cli import run_command
-from lbq.deploy.errors import DeployError
+from lbq.deploy.errors import DeployError, write_json
 from lbq.quant.quantizers import check_bits
 
 
@@ -97,9 +97,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         run.workdir, run.step, data["split"], args.w_bits, args.a_bits
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text + "\n")
-    os.replace(path + ".tmp", path)
+    write_json(path, record)
     print(f"lbq: wrote {path}", file=sys.stderr)
     return 0
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from lbq.deploy import package
 from lbq.deploy.cli import run_command
-from lbq.deploy.errors import DeployError
+from lbq.deploy.errors import DeployError, write_json
 
 DEFAULT_CHECK_IMAGES = 64
 
@@ -230,12 +230,7 @@ def export(run, out: str, overwrite: bool = False, check_images: int = 0) -> dic
 
 
 def _write_manifest(out: str, manifest: dict[str, Any]) -> None:
-    import json
-
-    path = os.path.join(out, package.MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(out, package.MANIFEST), manifest, indent=1)
 
 
 def export_command(args: argparse.Namespace) -> int:

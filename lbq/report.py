@@ -174,8 +174,9 @@ def stage_result(plan: RunPlan, stage: Stage, evaluation: Mapping[str, Any]) -> 
         "eval": dict(evaluation),
         "eval_split": plan.data.eval_split,
     }
-    if weight_range_rule(plan):
-        record["weight_range_at_bit_change"] = weight_range_rule(plan)
+    rule = weight_range_rule(plan)
+    if rule:
+        record["weight_range_at_bit_change"] = rule
     return record
 
 
