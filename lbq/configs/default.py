@@ -73,6 +73,10 @@ def _data_fields() -> ml_collections.ConfigDict:
     f.workers = 4  # host threads for decoding and augmentation (0: none)
     # Decode the train split into memory once; None: automatically for small images (<= 64 px).
     f.cache = ml_collections.config_dict.placeholder(bool)
+    # Input normalisation, per RGB channel in 0..255 units; unset: the dataset's statistics. A
+    # network converted from PyTorch (python -m lbq.convert) records the one its weights expect.
+    f.mean = ml_collections.config_dict.placeholder(tuple)
+    f.std = ml_collections.config_dict.placeholder(tuple)
     return f
 
 

@@ -2,6 +2,10 @@
 
 90 epochs from scratch, lr 0.1 (batch 256), x0.1 at epochs 30 and 60.
 
+To skip this run, convert torchvision's pretrained weights instead (`python -m lbq.convert
+--from=torchvision --model=resnet18 --weights=resnet18.pth --out=RUN`; README, "Starting from
+torchvision or timm weights"): RUN is then a step-0 run of this config.
+
 Run:
 
     python -m lbq.main --config=configs/imagenet_fp.py --workdir=WORKDIR

@@ -7,6 +7,14 @@ a full-precision network gives the best low-bit results; stochastic precision ca
 --config.stochastic.enabled=True. Epochs: 15 at W2A32, then 30 at W2A2 (the full recipe).
 Set --config.init_from=WORKDIR_OF_imagenet_fp (the student and, with teacher_init, the teacher).
 
+From torchvision's pretrained ResNet-18 (README, "Starting from torchvision or timm weights"):
+download its weights on a machine with network, convert them, and start both networks there:
+
+    python -m lbq.convert --from=torchvision --model=resnet18 --weights=resnet18.pth \\
+        --out=runs/r18_tv
+    python -m lbq.main --config=configs/imagenet_w2a2.py --workdir=runs/r18_w2a2 \\
+        --config.init_from=runs/r18_tv --config.distill.teacher_init=runs/r18_tv
+
 Run:
 
     python -m lbq.main --config=configs/imagenet_w2a2.py --workdir=WORKDIR

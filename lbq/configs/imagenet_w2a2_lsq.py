@@ -6,6 +6,11 @@ full-precision teacher), with LSQ (SPEC section 7) for every quantized conv and 
 the first step, the activation ranges on the fine-tuned network when the W2A2 stage starts
 (`lbq.calibrate`).
 
+WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted: download them
+on a machine with network, then `python -m lbq.convert --from=torchvision --model=resnet18
+--weights=resnet18.pth --out=RUN` and set init_from=RUN (README, "Starting from torchvision or
+timm weights").
+
 Run:
 
     python -m lbq.main --config=configs/imagenet_w2a2_lsq.py --workdir=WORKDIR

@@ -80,6 +80,9 @@ class Settings:
       prefetch: batches in flight; default workers + 2.
       cache: decode the train split into memory once (True/False); unset or 'auto': only for
         images of one size with side <= 64 (CIFAR-like), never with augment='imagenet'.
+      mean, std: the input normalisation (per RGB channel, 0..255 units) instead of the
+        dataset's own statistics; set both or neither. A network converted from PyTorch
+        (`lbq.convert`) records the one its weights were trained with.
     """
 
     name: str
@@ -91,6 +94,8 @@ class Settings:
     num_workers: int
     prefetch: int
     cache: bool | None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 def _field(cfg: Any, key: str, default: Any) -> Any:
@@ -159,7 +164,36 @@ def read_settings(cfg: Any) -> Settings:
         num_workers=num_workers,
         prefetch=max(1, prefetch),
         cache=_cache_setting(cfg),
+        **_normalization(cfg),
     )
+
+
+def _normalization(cfg: Any) -> dict[str, tuple[float, ...] | None]:
+    """`mean` and `std`: both unset (the dataset's own statistics) or three numbers each, in
+    0..255 units."""
+    mean, std = _field(cfg, "mean", None), _field(cfg, "std", None)
+    if mean is None and std is None:
+        return {"mean": None, "std": None}
+    values = {}
+    for key, value in (("mean", mean), ("std", std)):
+        try:
+            numbers = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            numbers = ()
+        if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers):
+            raise DataError(
+                f"data.{key}={value!r} must be three finite numbers (R, G, B), 0..255 units; "
+                "set data.mean and data.std together, or neither"
+            )
+        values[key] = numbers
+    if min(values["std"]) <= 0:
+        raise DataError(f"data.std={std!r} must be positive")
+    if max(values["mean"]) <= 1 and max(values["std"]) <= 1:
+        raise DataError(
+            f"data.mean={mean!r} and data.std={std!r} look like 0..1 units; lbq uses 0..255 "
+            "(ImageNet's mean 0.485 is 123.675)"
+        )
+    return values
 
 
 def _cache_setting(cfg: Any) -> bool | None:

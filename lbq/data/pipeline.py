@@ -103,7 +103,7 @@ def get_info(data_config: Any) -> DatasetInfo:
             f"{ds.num_classes} class{'' if ds.num_classes == 1 else 'es'}; a classifier needs "
             f"at least {MIN_CLASSES} (check data.name, or the class folders it was prepared from)"
         )
-    mean, std = ds.stats(s.train_split)
+    mean, std = (s.mean, s.std) if s.mean is not None else ds.stats(s.train_split)
     return DatasetInfo(
         name=s.name,
         num_classes=ds.num_classes,
