@@ -326,8 +326,11 @@ def test_zero_blue_channel_is_floored_and_stats_are_stored_exactly(tmp_path, cap
             image[..., 2] = 0  # blue always 0
         write_class(root / "train" / cls, images)
     prepared = data.prepare_folder(str(root), str(tmp_path / "out"), "no_blue", progress=print)
-    # Independent float64 reference over every pixel.
-    pixels = np.concatenate([im.reshape(-1, 3) for ims in arrays.values() for im in ims])
+    # Independent float64 reference over every pixel training receives (resized to 32x32).
+    cfg = dict(name="no_blue", data_dir=str(tmp_path / "out"), eval_split="train")
+    seen, _ = data.load_split_arrays(cfg, "train")
+    assert seen.shape == (6, 32, 32, 3) and prepared.stats_image_size == 32
+    pixels = seen.reshape(-1, 3)
     ref_mean = pixels.astype(np.float64).mean(0)
     ref_std = pixels.astype(np.float64).std(0)
     np.testing.assert_allclose(prepared.mean, ref_mean, rtol=1e-13)

@@ -5,9 +5,13 @@ TFDS does without TensorFlow as long as images are handed over encoded (file byt
 images; encoding a NumPy array would call ``tf.image.encode_png``). 8-bit RGB JPEG/PNG files are
 stored byte for byte; every other image (grey, 16-bit, float, palette, alpha, CMYK, BMP, TIFF,
 GIF, WebP...) is converted to 8-bit RGB by ``lbq.data.transforms.to_rgb`` and stored as lossless
-PNG, so every record decodes to HxWx3 uint8. Per-channel mean/std of the train split, computed
-exactly (``lbq.data.stats.PixelStats``), are stored as float64 in the dataset's metadata.json,
-where ``get_info`` reads them.
+PNG, so every record decodes to HxWx3 uint8. Files are opened by
+``lbq.data.transforms.open_image``, as every lbq reader opens them (EXIF orientation applied: a
+rotated camera JPEG is used upright, as a viewer shows it). Per-channel mean/std of the train
+split are computed exactly (``lbq.data.stats.PixelStats``) on the images as training receives
+them: each one resized to ``image_size`` by ``lbq.data.transforms.eval_transform``, the resize
+training uses, so a few huge images weigh no more than small ones. They are stored as float64
+in the dataset's metadata.json with that size, where ``get_info`` reads them.
 
 Layout rules (as torchvision's ``ImageFolder``): images may sit in sub-folders of a class folder;
 extensions are matched case-insensitively; hidden files and folders are skipped. Every file
@@ -31,10 +35,16 @@ from typing import Any
 
 import numpy as np
 
-from lbq.data.config import DEFAULT_IMAGE_SIZE, MIN_CLASSES, default_num_workers, read_settings
+from lbq.data.config import (
+    AUGMENTATIONS,
+    DEFAULT_IMAGE_SIZE,
+    MIN_CLASSES,
+    default_num_workers,
+    read_settings,
+)
 from lbq.data.errors import DataError, FolderLayoutError, ImageReadError
 from lbq.data.stats import PixelStats, std_floor_warnings
-from lbq.data.transforms import RESIZE_RATIO, one_line, to_rgb
+from lbq.data.transforms import RESIZE_RATIO, eval_transform, one_line, open_image, to_rgb
 
 VERSION = "1.0.0"
 # torchvision's ImageFolder extensions plus GIF and PNM variants, all decoded by Pillow. WebP
@@ -79,12 +89,16 @@ class PreparedFolder:
       class_counts: split -> images per label, in label order.
       stats_split: the split mean/std were measured on.
       eval_split: the split to evaluate on (test, validation or val when present).
-      mean: per-channel mean, 0..255 units, as stored (float64, exact).
+      mean: per-channel mean, 0..255 units, as stored (float64, exact), of the images
+        resized as training resizes them (``stats_image_size``, ``stats_resize``).
       std: per-channel std, 0..255 units, as stored (measured; ``get_info`` floors it).
       image_sizes: (width, height) -> number of images, over every split, as stored.
       skipped: files and folders not used (hidden, other extensions, outside class folders).
       unreadable: images that could not be decoded, skipped because of ``skip_corrupt``.
       seconds: wall time of the preparation.
+      stats_image_size: the side, in pixels, every image was resized to for mean/std.
+      stats_resize: 'whole' (the image resized whole, data.augment cifar or none) or
+        'imagenet' (shorter side resized, centre crop: data.augment=imagenet).
     """
 
     name: str
@@ -100,6 +114,8 @@ class PreparedFolder:
     skipped: tuple[SkippedFile, ...]
     unreadable: tuple[SkippedFile, ...]
     seconds: float
+    stats_image_size: int = DEFAULT_IMAGE_SIZE
+    stats_resize: str = "whole"
 
     @property
     def num_classes(self) -> int:
@@ -134,8 +150,10 @@ class PreparedFolder:
             lines.append(f"  {split}: {sum(counts)} images, {per_class} per class")
         lines += _size_lines(self.image_sizes)
         lines.append(
-            f"  mean ({self.stats_split}, 0..255): {_numbers(self.mean)}; std: "
-            f"{_numbers(self.std)} (stored as float64)"
+            f"  mean ({self.stats_split}, 0..255, every image resized to "
+            f"{self.stats_image_size}x{self.stats_image_size} as training resizes it"
+            f"{', imagenet-style' if self.stats_resize == 'imagenet' else ''}): "
+            f"{_numbers(self.mean)}; std: {_numbers(self.std)} (stored as float64)"
         )
         lines += _skipped_lines(self.skipped)
         lines += [f"warning: {line}" for line in self.warnings()]
@@ -384,10 +402,21 @@ def _stored_as_is(img: Any, path: str) -> bool:
     return img.format == "JPEG" or (img.format == "PNG" and _png_bit_depth(path) == 8)
 
 
-def _scan_chunk(root: str, files: Sequence[str], with_stats: bool) -> dict[str, Any]:
-    """Decodes every file of a chunk: validates it, accumulates pixel counts, notes its size."""
-    from PIL import Image
+def _as_trained(path: str, rgb: np.ndarray, stored_as_is: bool, size: int, resize: str) -> Any:
+    """The uint8 [size, size, 3] pixels training gets from a prepared file: the record it is
+    stored as (the file's bytes, or ``rgb`` re-encoded losslessly) through ``eval_transform``."""
+    item: Any = rgb
+    if stored_as_is:
+        with open(path, "rb") as f:
+            item = f.read()
+    return eval_transform(item, size, resize == "imagenet", f"image file {path}")
 
+
+def _scan_chunk(
+    root: str, files: Sequence[str], with_stats: bool, size: int, resize: str
+) -> dict[str, Any]:
+    """Decodes every file of a chunk: validates it, accumulates the pixel counts of the image
+    resized as training resizes it (``_as_trained``), notes its size."""
     pixels = PixelStats()
     sizes: collections.Counter = collections.Counter()
     good: list[tuple[str, bool]] = []  # (path, re-encode) of the readable files, in order
@@ -395,9 +424,11 @@ def _scan_chunk(root: str, files: Sequence[str], with_stats: bool) -> dict[str, 
     for rel in files:
         path = os.path.join(root, rel)
         try:
-            with Image.open(path) as img:
+            with open_image(path, f"image file {path}") as img:
                 rgb = to_rgb(img, f"image file {path}")
                 stored_as_is = _stored_as_is(img, path)
+            if with_stats:
+                pixels.add(_as_trained(path, rgb, stored_as_is, size, resize))
         except ImageReadError as e:
             unreadable.append(SkippedFile(rel, e.reason))
             continue
@@ -406,8 +437,6 @@ def _scan_chunk(root: str, files: Sequence[str], with_stats: bool) -> dict[str, 
             continue
         good.append((rel, not stored_as_is))
         sizes[(rgb.shape[1], rgb.shape[0])] += 1
-        if with_stats:
-            pixels.add(rgb)
     return {"pixels": pixels, "sizes": sizes, "good": good, "unreadable": unreadable}
 
 
@@ -435,6 +464,8 @@ def _scan(
     num_workers: int,
     progress: Callable[[str], None],
     skip_corrupt: bool,
+    size: int = DEFAULT_IMAGE_SIZE,
+    resize: str = "whole",
 ) -> dict[str, Any]:
     """Decodes all images of a split on a thread pool; drops unreadable ones if skip_corrupt."""
     from lbq.data.pipeline import _ordered_map
@@ -446,7 +477,10 @@ def _scan(
     bar = _Progress(f"scan {split.name}", len(split.files), progress)
     done = 0
     results = _ordered_map(
-        lambda c: _scan_chunk(root, c, with_stats), chunks, num_workers, num_workers + 2
+        lambda c: _scan_chunk(root, c, with_stats, size, resize),
+        chunks,
+        num_workers,
+        num_workers + 2,
     )
     for result in results:
         if result["unreadable"] and not skip_corrupt:
@@ -537,7 +571,7 @@ def _builder_class() -> type:
             ):
                 path = os.path.join(self._root, rel)
                 if reencode:
-                    with Image.open(path) as img:
+                    with open_image(path, f"image file {path}") as img:
                         rgb = to_rgb(img, f"image file {path}")
                     buf = io.BytesIO()
                     Image.fromarray(rgb).save(buf, format="PNG")
@@ -666,26 +700,31 @@ def _list_splits(root: str, split_names: Sequence[str], skipped: list) -> dict:
     return listing
 
 
-def _scan_splits(root, plan, stats_split, workers, log, skip_corrupt):
-    """(image size counts, unreadable files, pixel statistics of ``stats_split``) over every
-    split of ``plan``."""
+def _scan_splits(root, plan, stats_split, workers, log, skip_corrupt, size, resize):
+    """(image size counts, unreadable files, pixel statistics of ``stats_split`` resized to
+    ``size`` as training resizes it) over every split of ``plan``."""
     sizes: collections.Counter = collections.Counter()
     unreadable: list[SkippedFile] = []
     pixels = PixelStats()
     for split in plan.values():
-        scan = _scan(root, split, split.name == stats_split, workers, log, skip_corrupt)
+        scan = _scan(
+            root, split, split.name == stats_split, workers, log, skip_corrupt, size, resize
+        )
         sizes.update(scan["sizes"])
         unreadable += scan["unreadable"]
         pixels.merge(scan["pixels"])  # empty unless split is the stats split
     return sizes, unreadable, pixels
 
 
-def _metadata(root: str, mean, std, stats_split: str, sizes) -> dict:
-    """The dataset's metadata.json: its statistics, and its image shape when there is one."""
+def _metadata(root: str, mean, std, stats_split: str, sizes, size: int, resize: str) -> dict:
+    """The dataset's metadata.json: its statistics with the size and resize they were measured
+    at, and its image shape when there is one."""
     return {
         "mean": list(mean),  # Python floats: JSON keeps every float64 digit
         "std": list(std),
         "stats_split": stats_split,
+        "stats_image_size": size,
+        "stats_resize": resize,
         # (H, W, 3) when every image has one size: lets training cache small images decoded.
         "image_shape": [*next(iter(sizes))[::-1], 3] if len(sizes) == 1 else None,
         "source_root": root,
@@ -701,6 +740,15 @@ def _default_eval_split(plan, stats_split: str) -> str:
     )
 
 
+def _stats_resize(image_size: Any, augment: str) -> str:
+    """'imagenet' or 'whole': how training resizes for ``augment``; refuses bad values."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"image_size={image_size!r} must be a positive whole number of pixels")
+    if augment not in AUGMENTATIONS:
+        raise DataError(f"augment={augment!r} is not one of {', '.join(AUGMENTATIONS)}")
+    return "imagenet" if augment == "imagenet" else "whole"
+
+
 def prepare_folder(
     root: str,
     data_dir: str,
@@ -711,6 +759,8 @@ def prepare_folder(
     overwrite: bool = False,
     skip_corrupt: bool = False,
     progress: Callable[[str], None] | None = None,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    augment: str = "none",
 ) -> PreparedFolder:
     """Builds a TFDS dataset (ArrayRecord) named ``name`` in ``data_dir`` from an image folder.
 
@@ -729,6 +779,10 @@ def prepare_folder(
         ``PreparedFolder.unreadable``, instead of stopping at the first.
       progress: called with progress lines, at most one per ``PROGRESS_SECONDS`` per split and
         phase (default: logging.info).
+      image_size: the side training resizes images to (``data.image_size``): mean/std are
+        measured on the images at that size, as training receives them.
+      augment: the run's ``data.augment``; 'imagenet' measures the shorter-side resize and
+        centre crop that training evaluates with, 'cifar' and 'none' the whole-image resize.
 
     Returns:
       ``PreparedFolder``: classes, split sizes, image size distribution, skipped files, the
@@ -740,7 +794,8 @@ def prepare_folder(
         two classes, or a class with images in another split but none in 'train'.
       ImageReadError: an image cannot be decoded or has no 8-bit RGB form (see
         ``lbq.data.transforms.to_rgb``), unless skip_corrupt.
-      DataError: a bad dataset name or an existing dataset without overwrite.
+      DataError: a bad dataset name, an existing dataset without overwrite, an image_size
+        below 1 or an unknown augment.
     """
     t0 = time.monotonic()
     log = progress or logging.getLogger(__name__).info
@@ -748,12 +803,15 @@ def prepare_folder(
     data_dir = os.path.abspath(os.fspath(data_dir))
     workers = default_num_workers() if num_workers is None else max(1, num_workers)
     _check_can_write(name, data_dir, overwrite)
+    resize = _stats_resize(image_size, augment)
     split_names, skipped = _choose_splits(root, splits)
     listing = _list_splits(root, split_names, skipped)
     stats_split = "train" if "train" in listing else split_names[0]
     _check_classes(root, listing, stats_split)
     class_names, plan = _plan(listing)
-    sizes, unreadable, pixels = _scan_splits(root, plan, stats_split, workers, log, skip_corrupt)
+    sizes, unreadable, pixels = _scan_splits(
+        root, plan, stats_split, workers, log, skip_corrupt, image_size, resize
+    )
     if unreadable:
         _check_readable_classes(root, listing, plan, class_names)
     mean, std = pixels.mean_std()
@@ -761,7 +819,7 @@ def prepare_folder(
     target = os.path.join(data_dir, name)
     if os.path.exists(target):  # overwrite: only now that the folder checked out
         shutil.rmtree(target)
-    metadata = _metadata(root, mean, std, stats_split, sizes)
+    metadata = _metadata(root, mean, std, stats_split, sizes, image_size, resize)
     path = write_tfds(name, root, data_dir, class_names, plan, metadata, log)
     _check_written(name, data_dir, plan)
     return PreparedFolder(
@@ -781,4 +839,6 @@ def prepare_folder(
         skipped=tuple(skipped),
         unreadable=tuple(unreadable),
         seconds=time.monotonic() - t0,
+        stats_image_size=image_size,
+        stats_resize=resize,
     )

@@ -6,6 +6,10 @@ ROOT holds ROOT/<split>/<class>/<image> (.jpg .jpeg .png .bmp .gif .tif .tiff .w
 .pbm .pnm, any case, also in sub-folders of a class folder). Afterwards set data.name=NAME and
 data.data_dir=DIR to train on it. The report (classes, split sizes, image sizes, mean/std,
 skipped files, warnings) goes to stdout; progress lines and errors go to stderr.
+
+Images are used as a viewer shows them (EXIF orientation applied). Mean and std are measured on
+the images as training receives them: resized to ``--image_size`` (the run's data.image_size,
+default 32) by the resize training uses, shorter side and centre crop with ``--augment=imagenet``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lbq.data.config import AUGMENTATIONS, DEFAULT_IMAGE_SIZE
 from lbq.data.errors import DataError
 from lbq.data.folder import prepare_folder
 
@@ -41,6 +46,20 @@ def main(argv: list[str] | None = None) -> int:
         help="skip images that cannot be decoded or converted to RGB, and list them (default: "
         "stop at the first, naming it)",
     )
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=DEFAULT_IMAGE_SIZE,
+        help="the data.image_size training will use: mean/std are measured on the images "
+        f"resized to it (default {DEFAULT_IMAGE_SIZE})",
+    )
+    parser.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default="none",
+        help="the data.augment training will use ('imagenet': mean/std after the shorter-side "
+        "resize and centre crop)",
+    )
     args = parser.parse_args(argv)
 
     def progress(line: str) -> None:
@@ -56,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             skip_corrupt=args.skip_corrupt,
             progress=progress,
+            image_size=args.image_size,
+            augment=args.augment,
         )
     except DataError as e:
         print(f"lbq: error: {e}", file=sys.stderr)

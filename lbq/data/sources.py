@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -18,12 +19,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from lbq.data import digits
-from lbq.data.config import Settings, known_stats
+from lbq.data.config import DEFAULT_IMAGE_SIZE, Settings, known_stats
 from lbq.data.errors import DataError, DatasetNotFoundError, UnknownDatasetError
 from lbq.data.stats import PixelStats
 
 PREPARE_HINT = "python -m lbq.data.prepare --root=ROOT --data_dir=DIR --name=NAME"
 STATS_SAMPLE = 512  # images decoded to estimate mean/std when nothing better is known
+
+log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
@@ -149,11 +152,20 @@ class DigitsDataset(Dataset):
 
 
 class TfdsDataset(Dataset):
-    """A prepared TFDS image-classification dataset."""
+    """A prepared TFDS image-classification dataset, read at ``image_size`` (imagenet_style:
+    shorter-side resize and centre crop, else the whole image resized), as training reads it."""
 
-    def __init__(self, builder: Any, name: str):
+    def __init__(
+        self,
+        builder: Any,
+        name: str,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        imagenet_style: bool = False,
+    ):
         self.name = name
         self._builder = builder
+        self._image_size = image_size
+        self._imagenet_style = imagenet_style
         self._image_key, self._label_key = _feature_keys(builder, name)
         self.num_classes = int(builder.info.features[self._label_key].num_classes)
 
@@ -175,14 +187,49 @@ class TfdsDataset(Dataset):
         return TfdsSource(self._builder, split, self._image_key, self._label_key)
 
     def stats(self, train_split: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        # Measured at prepare time (lbq.data.prepare) beats published constants beats sampling.
+        """mean/std (0..255 units) of the train split's images as training receives them.
+
+        Measured at prepare time (lbq.data.prepare) at this image size and resize beats
+        published constants beats sampling ``STATS_SAMPLE`` images at this size; statistics
+        that lbq.data.prepare measured at another size are measured again by sampling.
+        """
         metadata = self._builder.info.metadata or {}
         if "mean" in metadata and "std" in metadata:
-            return self._metadata_stats(metadata)
+            if self._measured_as_read(metadata):
+                return self._metadata_stats(metadata)
+            log.info(
+                "dataset %r: its stored mean/std were measured on images at another size than "
+                "data.image_size=%d%s; measuring them on %d train images at that size",
+                self.name,
+                self._image_size,
+                " (imagenet-style)" if self._imagenet_style else "",
+                min(self.num_examples(train_split), STATS_SAMPLE),
+            )
+            return self._sampled(train_split)
         stats = known_stats(self.name)
         if stats is not None:
             return stats
-        return _sampled_stats(self.source(train_split), (str(self._builder.data_path), train_split))
+        return self._sampled(train_split)
+
+    def _sampled(self, train_split: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        key = (str(self._builder.data_path), train_split)
+        return _sampled_stats(self.source(train_split), key, self._image_size, self._imagenet_style)
+
+    def _measured_as_read(self, metadata: Any) -> bool:
+        """Whether stored statistics describe the images at this size and resize. Older
+        versions of lbq.data.prepare measured native pixels: the same thing only for images
+        of exactly this square size, resized whole. Statistics that another tool stored
+        without saying how are taken as given."""
+        resize = "imagenet" if self._imagenet_style else "whole"
+        if metadata.get("stats_image_size") is not None:
+            return (
+                int(metadata["stats_image_size"]) == self._image_size
+                and metadata.get("stats_resize", "whole") == resize
+            )
+        if metadata.get("prepared_by") != "lbq.data.prepare":
+            return True
+        shape = metadata.get("image_shape")
+        return resize == "whole" and bool(shape) and list(shape)[:2] == [self._image_size] * 2
 
     def _metadata_stats(self, metadata: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """mean/std as lbq.data.prepare stores them: 3 numbers each (get_info floors std)."""
@@ -285,7 +332,7 @@ def _tfds_dataset(s: Settings) -> TfdsDataset:
             f"{builder.data_path}); build it with `tfds build {s.name} --data_dir={root}` or, "
             f"from an image folder, `{PREPARE_HINT}`"
         )
-    return TfdsDataset(builder, s.name)
+    return TfdsDataset(builder, s.name, s.image_size, s.augment == "imagenet")
 
 
 def open_dataset(s: Settings) -> Dataset:
@@ -302,21 +349,26 @@ def open_dataset(s: Settings) -> Dataset:
     return _tfds_dataset(s)
 
 
-_STATS_CACHE: dict[tuple[str, str], tuple[tuple, tuple]] = {}
+_STATS_CACHE: dict[tuple, tuple[tuple, tuple]] = {}
 
 
-def _sampled_stats(source: Source, key: tuple[str, str]) -> tuple[tuple, tuple]:
-    """Mean/std estimated from evenly spaced train images, for datasets with no known stats."""
+def _sampled_stats(
+    source: Source, key: tuple[str, str], image_size: int, imagenet_style: bool
+) -> tuple[tuple, tuple]:
+    """Mean/std estimated from evenly spaced train images, each resized as training resizes it
+    (``eval_transform`` at ``image_size``), for datasets with no known stats."""
+    key = (*key, image_size, imagenet_style)
     if key in _STATS_CACHE:
         return _STATS_CACHE[key]
-    from lbq.data.transforms import decode_rgb
+    from lbq.data.transforms import eval_transform
 
     n = len(source)
     idx = np.unique(np.linspace(0, n - 1, num=min(n, STATS_SAMPLE)).astype(np.int64))
     items, _ = source.read(idx)
     pixels = PixelStats()
     for i, item in zip(idx, items, strict=True):
-        pixels.add(decode_rgb(item, f"record {i} of {source.description}"))
+        what = f"record {i} of {source.description}"
+        pixels.add(eval_transform(item, image_size, imagenet_style, what))
     result = pixels.mean_std()
     _STATS_CACHE[key] = result
     return result

@@ -4,13 +4,15 @@ Items come either as decoded uint8 HxWx3 arrays (in-memory datasets) or as encod
 (TFDS records). JPEGs are opened with PIL's ``draft`` so that large images are DCT-downscaled
 while decoding whenever the output needs fewer pixels than the file holds. Every image mode
 becomes 8-bit RGB through ``to_rgb``, the one conversion used by training, evaluation and
-``lbq.data.prepare``.
+``lbq.data.prepare``. Every file or record is opened by ``open_image``, which applies its EXIF
+orientation, so a rotated camera JPEG is used upright everywhere, as a viewer shows it.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -31,21 +33,60 @@ MAX_16BIT = 65535
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 _TIFF_BITS_PER_SAMPLE = 258
+# EXIF Orientation: 1 is upright; 2..8 are the mirrored and rotated ones a viewer undoes.
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = frozenset(range(2, 9))
 
 
-def _open(item: bytes, what: str) -> Any:
-    """Opens encoded bytes lazily (header only) with PIL."""
-    from PIL import Image
+def open_image(source: bytes | str, what: str) -> Any:
+    """Opens an image as a viewer shows it: the one way every lbq reader opens image files.
+
+    Training, evaluation, ``lbq.data.prepare``, its statistics and ``lbq.predict`` all open
+    images here. A file whose EXIF Orientation tag (0x0112) is 2..8 (a camera's rotated or
+    mirrored JPEG) is turned upright with Pillow's ``ImageOps.exif_transpose``, as image
+    viewers and browsers show it; any other file is opened lazily (header only), so that
+    ``_finish`` can still DCT-downscale a large JPEG while decoding it.
+
+    Args:
+      source: encoded image bytes, or a file path.
+      what: names the image in error messages, e.g. "image file /data/train/cat/1.jpg".
+
+    Returns:
+      A PIL image (call ``to_rgb`` for its 8-bit RGB pixels).
+
+    Raises:
+      ImageReadError: one line naming ``what`` when the data is not an image Pillow can open.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        return Image.open(io.BytesIO(item))
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source)
+        if img.getexif().get(EXIF_ORIENTATION, 1) in _TRANSPOSED_ORIENTATIONS:
+            with img:
+                img = ImageOps.exif_transpose(img)
+        return img
+    except UnidentifiedImageError as e:
+        reason = "cannot identify image file (not an image, or a format Pillow cannot read)"
+        raise ImageReadError(f"cannot decode {what}: {reason}", reason) from e
     except Exception as e:  # PIL raises several unrelated types for corrupt data.
         raise ImageReadError(f"cannot decode {what}: {one_line(e)}", one_line(e)) from e
 
 
+def _open(item: bytes, what: str) -> Any:
+    """Opens encoded bytes (`open_image`)."""
+    return open_image(item, what)
+
+
+# Pillow names in-memory files by their repr ("<_io.BytesIO object at 0x7f...>") in some
+# messages; the file's own name is in the message's prefix, so the repr is dropped.
+_FILE_OBJECT_REPR = re.compile(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>")
+
+
 def one_line(error: Exception) -> str:
-    """An exception's message on one line (decoder messages may span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
+    """An exception's message on one line (decoder messages may span several), without the
+    repr of an in-memory file object."""
+    text = _FILE_OBJECT_REPR.sub("", str(error))
+    return " ".join(text.split()) or type(error).__name__
 
 
 def composite_over_background(
