@@ -395,8 +395,12 @@ def _restore_newest(
     steps: list[int],
     abstract_state: Any | None,
     allow_new_optimizer: bool = False,
+    deleted_raises: bool = False,
 ) -> Restored:
     """Tries ``steps`` newest first.
+
+    With ``deleted_raises``, a step whose folder is gone after its read failed (a running
+    trainer's retention deleted it) raises `_StepDeleted` instead of counting as unreadable.
 
     A checkpoint that fails to restore is damaged unless its saved structure differs from
     ``abstract_state``'s: then it belongs to another configuration, and is refused or (only the
@@ -425,6 +429,8 @@ def _restore_newest(
                 return Restored(step, state, meta, True, tuple(failures))
             except Exception as error:  # noqa: BLE001 - damaged, or another structure
                 failed.append(step)
+                if deleted_raises and _vanished(os.path.join(directory, str(step))):
+                    raise _StepDeleted(step) from None
                 mismatch = None
                 if abstract_state is not None:
                     mismatch = _structure_mismatch(manager, step, abstract_state)
@@ -678,6 +684,105 @@ def load_variables(path: str) -> dict[str, Any]:
     return load_saved_variables(path)[1]
 
 
+# How long a reader keeps retrying when a running trainer's retention deletes the checkpoints it
+# reads (`load_saved_variables`).
+READ_RETRY_SECONDS = 120.0
+
+
+class _StepDeleted(Exception):
+    """A checkpoint's folder disappeared while it was read (not damage)."""
+
+
+def _link_tree(source: str, target: str) -> None:
+    """Hard-links every file of ``source`` into ``target`` (copies across filesystems).
+
+    Raises:
+      _StepDeleted: when ``source`` or one of its files disappears meanwhile.
+    """
+    try:
+        for root, _, files in os.walk(source, onerror=_raise):
+            into = os.path.join(target, os.path.relpath(root, source))
+            os.makedirs(into, exist_ok=True)
+            for name in files:
+                src, dst = os.path.join(root, name), os.path.join(into, name)
+                try:
+                    os.link(src, dst)
+                except OSError as error:
+                    if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                        raise
+                    shutil.copy2(src, dst)
+    except FileNotFoundError:
+        raise _StepDeleted(source) from None
+    if not os.path.isdir(source):
+        raise _StepDeleted(source)
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def _vanished(path: str, wait: float = 2.0) -> bool:
+    """Whether ``path`` is gone within ``wait`` seconds: a retention that deletes a step
+    removes its files first and its folder last, while a damaged step stays."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while os.path.isdir(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _read_snapshots(directory: str, steps: list[int]) -> Restored:
+    """Reads ``steps`` newest first, each from a hard-linked copy of its files, which a
+    trainer deleting the step (its retention) cannot take away during the read.
+
+    Raises:
+      _StepDeleted: when a step disappeared before its copy was complete (retry the newest).
+      CheckpointError: when every step is damaged.
+    """
+    import tempfile
+
+    failures: list[tuple[int, str]] = []
+    with _quiet_failed_reads() as failed:
+        for step in sorted(steps, reverse=True):
+            with tempfile.TemporaryDirectory(prefix="lbq-read-") as copy:
+                _link_tree(os.path.join(directory, str(step)), os.path.join(copy, str(step)))
+                manager = _manager(copy, create=False)
+                try:
+                    state, meta = _restore_step(manager, step, None)
+                    return Restored(step, state, meta, False, tuple(failures))
+                except Exception as error:  # noqa: BLE001 - damaged, or deleted while copied
+                    failed.append(step)
+                    if _vanished(os.path.join(directory, str(step))):
+                        raise _StepDeleted(step) from None
+                    reason = _reason(error)
+                    log.warning(
+                        "checkpoint at step %d in %s is unreadable (%s); trying an older one",
+                        step,
+                        directory,
+                        reason,
+                    )
+                    failures.append((step, reason))
+                finally:
+                    manager.close()
+    raise CheckpointError(
+        f"no readable checkpoint in {directory} ("
+        + "; ".join(f"step {s}: {r}" for s, r in failures)
+        + ")"
+    )
+
+
+def _committed_steps(directory: str) -> list[int]:
+    """The finished steps in ``directory`` (a fresh listing: a trainer may be saving)."""
+    manager = _manager(directory, create=False)
+    try:
+        return list(manager.all_steps())
+    finally:
+        manager.close()
+
+
 def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
     """(step, {network: {'params', 'batch_stats'}}) of a run's workdir or checkpoint folder.
 
@@ -685,8 +790,15 @@ def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
     the newest readable checkpoint is used (with a warning for any newer unreadable one); a
     step's folder must be readable.
 
+    A run may be training and saving meanwhile: a checkpoint whose folder disappears while it
+    is read was deleted by the trainer's retention (``keep_checkpoints``), not damaged. The
+    reader then lists the steps again and reads the newest from a hard-linked copy of its files
+    (`_read_snapshots`, copied where links cannot be made), which the trainer cannot delete
+    under it, for up to `READ_RETRY_SECONDS`.
+
     Raises:
-      CheckpointError: when there is no checkpoint or none can be read.
+      CheckpointError: when there is no checkpoint or none can be read, or a step's folder
+        given as ``path`` was deleted while it was read.
     """
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -694,20 +806,59 @@ def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
     step_dir = os.path.basename(path)
     if step_dir.isdigit() and os.path.isdir(os.path.join(path, "state")):
         directory, steps = os.path.dirname(path), [int(step_dir)]
+        try:
+            restored = _read_snapshots(directory, steps)
+        except _StepDeleted:
+            raise CheckpointError(
+                f"checkpoint {path} was deleted while it was read (a running trainer keeps "
+                "only its newest checkpoints: read the newest instead)"
+            ) from None
     else:
         directory = path
         if not os.path.isdir(directory):
             raise CheckpointError(f"checkpoint folder {path} does not exist")
-        steps = list(_manager(directory, create=False).all_steps())
-    if not steps:
-        raise CheckpointError(f"no checkpoint found in {path}")
-    manager = _manager(directory, create=False)
-    try:
-        restored = _restore_newest(manager, directory, steps, None)
-    finally:
-        manager.close()
+        restored = _read_newest_while_saving(directory, path)
     state = restored.state
     return restored.step, {
         name: {"params": state["params"][name], "batch_stats": state["batch_stats"].get(name, {})}
         for name in state["params"]
     }
+
+
+def _read_newest_while_saving(directory: str, path: str) -> Restored:
+    """`_restore_newest` of ``directory``'s steps; when a step is deleted under the read, the
+    newest again from a hard-linked copy (see `load_saved_variables`)."""
+    import time
+
+    steps = _committed_steps(directory)
+    if not steps and not partial_saves(directory):
+        raise CheckpointError(f"no checkpoint found in {path}")
+    if steps:
+        manager = _manager(directory, create=False)
+        try:
+            return _restore_newest(manager, directory, steps, None, deleted_raises=True)
+        except _StepDeleted:
+            pass
+        finally:
+            manager.close()
+    deadline = time.monotonic() + READ_RETRY_SECONDS
+    deleted = 1
+    while True:
+        try:
+            steps = _committed_steps(directory)
+            if not steps:
+                if not partial_saves(directory):
+                    raise CheckpointError(f"no checkpoint found in {path}")
+                raise _StepDeleted(directory)  # the old one deleted, the new one not committed
+            return _read_snapshots(directory, steps)
+        except _StepDeleted:
+            deleted += 1
+        except FileNotFoundError:  # the listing met a step being deleted
+            deleted += 1
+        if time.monotonic() > deadline:
+            raise CheckpointError(
+                f"{deleted} checkpoints in {directory} were deleted while they were read, for "
+                f"{READ_RETRY_SECONDS:.0f} s: the running trainer deletes them faster than "
+                "they can be copied; raise its keep_checkpoints or read after it ends"
+            )
+        time.sleep(0.05)

@@ -11,8 +11,14 @@ For the student (and every extra student) it writes, at the checkpoint stage's b
 
 With ``--check_images=N`` (default 64) it then reads the written files back and compares the
 integer forward and the QONNX graph (run by qonnx's executor) with lbq's fake-quantized forward
-on the first N eval images; the figures go into the manifest. An existing, non-empty ``DIR`` is
-only written with ``--overwrite``.
+in float32 on the first N eval images; the figures go into the manifest. When either falls
+outside the tolerance (``--check_min_agreement``, ``--check_max_rel_diff``; defaults in
+`lbq.deploy.verify`), the command fails with one line saying what disagreed (the files stay,
+and the manifest records the failed check). A run that evaluates in another dtype (bfloat16)
+is also run in that dtype, and the report says how far its top-1 lies from the float32 one.
+
+An existing, non-empty ``DIR`` is only written with ``--overwrite``; a ``DIR`` that another
+process is exporting into (its ``lbq.lock`` is held, `lbq.workdir.WorkdirLock`) is refused.
 """
 
 from __future__ import annotations
@@ -25,8 +31,18 @@ from typing import Any
 from lbq.deploy import package
 from lbq.deploy.cli import run_command
 from lbq.deploy.errors import DeployError, write_json
+from lbq.deploy.verify import CHECK_MAX_REL_DIFF, CHECK_MIN_AGREEMENT
+from lbq.workdir import LOCK_FILE, WorkdirError, WorkdirLock
 
 DEFAULT_CHECK_IMAGES = 64
+
+
+class CheckFailed(DeployError):
+    """The export's own check exceeded its tolerance; ``manifest`` is what was written."""
+
+    def __init__(self, message: str, manifest: dict[str, Any]):
+        super().__init__(message)
+        self.manifest = manifest
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +60,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_CHECK_IMAGES,
         help="eval images to compare the written model with lbq's forward on (0: none)",
     )
+    parser.add_argument(
+        "--check_min_agreement",
+        type=float,
+        default=CHECK_MIN_AGREEMENT,
+        help="fail when the integer forward or QONNX agrees with lbq's top-1 on fewer than "
+        "this fraction of the check images",
+    )
+    parser.add_argument(
+        "--check_max_rel_diff",
+        type=float,
+        default=CHECK_MAX_REL_DIFF,
+        help="fail when a logit differs from lbq's by more than this fraction of the image's "
+        "largest |logit| (at least 1)",
+    )
     return parser.parse_args(argv)
 
 
@@ -57,7 +87,7 @@ def prepare_folder(out: str, overwrite: bool) -> None:
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise DeployError(f"--out={out} is a file, not a folder")
-    if os.path.isdir(out) and os.listdir(out):
+    if os.path.isdir(out) and set(os.listdir(out)) - {LOCK_FILE}:
         earlier = os.path.isfile(os.path.join(out, package.MANIFEST))
         if not overwrite:
             what = "an earlier lbq export" if earlier else "files lbq did not write"
@@ -117,13 +147,31 @@ def _write_network(run, name: str, program, out: str) -> dict[str, Any]:
     }
 
 
-def check_export(run, out: str, count: int) -> dict[str, Any]:
-    """Compares each written network with lbq's fake-quantized forward on ``count`` images."""
+def check_export(
+    run,
+    out: str,
+    count: int,
+    min_agreement: float = CHECK_MIN_AGREEMENT,
+    max_rel_diff: float = CHECK_MAX_REL_DIFF,
+) -> dict[str, Any]:
+    """Compares each written network with lbq's fake-quantized forward on ``count`` images.
+
+    The reference is lbq's forward in float32, the arithmetic the export's float parts use.
+    When the run's own forward (the one `lbq.evaluate` runs) computes in another dtype, it is
+    run too and compared with that reference (``run_forward``).
+
+    Returns:
+      {network: {'data', 'reference', 'integer_vs_lbq', 'qonnx_vs_lbq' (`compare`'s figures),
+      'tolerance', 'failures' (`check_verdict` lines; empty when the check passed),
+      'top1_accuracy', and 'run_forward' for a run in another dtype}}.
+    """
+    import jax.numpy as jnp
+
     from lbq.deploy.integer import IntegerForward
     from lbq.deploy.qonnx_export import run_qonnx
-    from lbq.deploy.verify import compare, fake_quant_logits
+    from lbq.deploy.verify import check_verdict, compare, fake_quant_logits
 
-    images, _ = run.eval_images(count)
+    images, labels = run.eval_images(count)
     checks = {}
     for net in run.students:
         loaded = package.load_model(out, net.name, check_qonnx=True)
@@ -134,13 +182,42 @@ def check_export(run, out: str, count: int) -> dict[str, Any]:
         )
         integer = IntegerForward(loaded.program, run.info.mean, run.info.std)(images)
         qonnx = run_qonnx(loaded.file("qonnx"), images)
-        checks[net.name] = {
+        check = {
             "data": f"first {len(images)} images of {run.plan.data.name}"
             f"[{run.plan.data.eval_split}]",
+            "reference": "lbq's fake-quantized forward in float32",
             "integer_vs_lbq": compare(reference, integer),
             "qonnx_vs_lbq": compare(reference, qonnx),
+            "tolerance": {"min_top1_agreement": min_agreement, "max_rel_diff": max_rel_diff},
+            "top1_accuracy": {"lbq_float32": _accuracy(reference, labels)},
         }
+        check["failures"] = [
+            f"{label.split('_')[0]} forward vs lbq's float32 forward: {verdict}"
+            for label in ("integer_vs_lbq", "qonnx_vs_lbq")
+            if (verdict := check_verdict(check[label], min_agreement, max_rel_diff))
+        ]
+        own_dtype = jnp.dtype(getattr(net.model, "dtype", None) or jnp.float32)
+        if own_dtype != jnp.float32:
+            own = fake_quant_logits(
+                net.model,
+                run.variables[net.name],
+                w_bits,
+                a_bits,
+                images,
+                run.info.mean,
+                run.info.std,
+                dtype=own_dtype,
+            )
+            check["run_forward"] = {"dtype": own_dtype.name, **compare(reference, own)}
+            check["top1_accuracy"][f"lbq_{own_dtype.name}"] = _accuracy(own, labels)
+        checks[net.name] = check
     return checks
+
+
+def _accuracy(logits, labels) -> float:
+    import numpy as np
+
+    return float(np.mean(np.argmax(logits, -1) == labels)) if len(labels) else 0.0
 
 
 def _human(n: float) -> str:
@@ -176,20 +253,48 @@ def summary(manifest: dict[str, Any]) -> str:
                     f"  {label.replace('_', ' ')} on {c['images']} images: top-1 agreement "
                     f"{100 * c['top1_agreement']:.2f} %, max |logit diff| {c['max_abs_diff']:.2e}"
                 )
+            lines.append(f"  reference: {check.get('reference', 'lbq float32')}")
+            own = check.get("run_forward")
+            if own:
+                acc = check["top1_accuracy"]
+                lines.append(
+                    f"  the run evaluates in {own['dtype']} (lbq.evaluate): on these images "
+                    f"top-1 {100 * acc['lbq_' + own['dtype']]:.2f} % against "
+                    f"{100 * acc['lbq_float32']:.2f} % in float32; top-1 agreement with float32 "
+                    f"{100 * own['top1_agreement']:.2f} %, max |logit diff| "
+                    f"{own['max_abs_diff']:.2e}"
+                )
+            for failure in check.get("failures", []):
+                lines.append(f"  CHECK FAILED: {failure}")
     return "\n".join(lines)
 
 
-def export(run, out: str, overwrite: bool = False, check_images: int = 0) -> dict[str, Any]:
+def export(
+    run,
+    out: str,
+    overwrite: bool = False,
+    check_images: int = 0,
+    min_agreement: float = CHECK_MIN_AGREEMENT,
+    max_rel_diff: float = CHECK_MAX_REL_DIFF,
+) -> dict[str, Any]:
     """Writes the export folder of a loaded run; returns its manifest.
 
+    The folder's ``lbq.lock`` (`lbq.workdir.WorkdirLock`) is held from before the folder is
+    inspected until the manifest is final, so two exports into one folder cannot interleave:
+    the second is refused, and a finished export holds exactly what it reported.
+
     Raises:
-      DeployError: for a folder that may not be written, or a network that cannot be exported
-        (see `lbq.deploy.program.build_program`), before anything is written.
+      DeployError: for a folder that may not be written or that another process is writing,
+        or a network that cannot be exported (see `lbq.deploy.program.build_program`), before
+        anything is written.
+      CheckFailed: when the check on ``check_images`` images exceeds the tolerance (after the
+        files and the manifest, which records the failed check, are written).
     """
-    from lbq.deploy import run as runs
     from lbq.deploy.program import build_program
 
     out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DeployError(f"--out={out} is a file, not a folder")
     bits = run.bits()
     # Every program is built before anything is written: a network that cannot be exported
     # leaves the folder untouched.
@@ -203,6 +308,31 @@ def export(run, out: str, overwrite: bool = False, check_images: int = 0) -> dic
         )
         for net in run.students
     }
+    lock = WorkdirLock(out)
+    try:
+        lock.acquire()
+    except WorkdirError as error:
+        raise DeployError(f"--out={out}: {_busy(error)}") from None
+    try:
+        return _export_locked(
+            run, out, overwrite, check_images, programs, min_agreement, max_rel_diff
+        )
+    finally:
+        lock.release()
+
+
+def _busy(error: WorkdirError) -> str:
+    """WorkdirLock's refusal in an export's words."""
+    text = str(error)
+    if "in use by another lbq run" in text:
+        holder = text.split("(", 1)[1].split(")", 1)[0]
+        return f"another process is writing this folder ({holder}); wait for it to end"
+    return text
+
+
+def _export_locked(run, out, overwrite, check_images, programs, min_agreement, max_rel_diff):
+    from lbq.deploy import run as runs
+
     prepare_folder(out, overwrite)
     manifest = {
         "format": package.FORMAT,
@@ -224,8 +354,19 @@ def export(run, out: str, overwrite: bool = False, check_images: int = 0) -> dic
     }
     _write_manifest(out, manifest)
     if check_images > 0:
-        manifest["checks"] = check_export(run, out, check_images)
+        manifest["checks"] = check_export(run, out, check_images, min_agreement, max_rel_diff)
         _write_manifest(out, manifest)
+        failures = [
+            f"{name}: {failure}"
+            for name, check in manifest["checks"].items()
+            for failure in check["failures"]
+        ]
+        if failures:
+            raise CheckFailed(
+                f"export check failed ({'; '.join(failures)}); the files are in {out} and "
+                f"{package.MANIFEST} records the check",
+                manifest,
+            )
     return manifest
 
 
@@ -238,8 +379,25 @@ def export_command(args: argparse.Namespace) -> int:
 
     if args.check_images < 0:
         raise DeployError(f"--check_images={args.check_images} must be >= 0")
+    if not 0.0 <= args.check_min_agreement <= 1.0:
+        raise DeployError(
+            f"--check_min_agreement={args.check_min_agreement} must be a fraction in [0, 1]"
+        )
+    if not args.check_max_rel_diff >= 0.0:  # NaN too
+        raise DeployError(f"--check_max_rel_diff={args.check_max_rel_diff} must be >= 0")
     run = runs.load_run(args.workdir, args.step, data_dir=args.data_dir)
-    manifest = export(run, args.out, args.overwrite, args.check_images)
+    try:
+        manifest = export(
+            run,
+            args.out,
+            args.overwrite,
+            args.check_images,
+            args.check_min_agreement,
+            args.check_max_rel_diff,
+        )
+    except CheckFailed as failure:
+        print(summary(failure.manifest))
+        raise
     print(f"lbq: exported {run.workdir} (step {run.step}) to {os.path.abspath(args.out)}")
     print(summary(manifest))
     return 0

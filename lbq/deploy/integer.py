@@ -25,6 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from lbq.deploy.errors import DeployError
 from lbq.deploy.program import Program
+from lbq.deploy.quantizers import activation_codes
 
 F32 = np.float32
 
@@ -183,13 +184,12 @@ class IntegerForward:
         return self._rescale(op, x, acc)
 
     def _quantize(self, op, x):
+        # The codes of lbq's own quantizer, ties included (`activation_codes`); programs
+        # written before the quantizer was recorded in the op are DoReFa.
         levels = (1 << op["bits"]) - 1
-        high = self.dtype.type(op["clip_high"])
-        # lbq.quant.quantizers.quantize_activation: round(clip(x, 0, high) * levels / high),
-        # rounding half to even like jnp.round.
-        clipped = np.clip(self._float(x), self.dtype.type(0), high)
-        codes = np.rint(clipped * (self.dtype.type(levels) / high))
-        return Codes(codes.astype(np.int32), float(op["clip_high"]) / levels)
+        quantizer = op.get("quantizer", "dorefa")
+        codes = activation_codes(self._float(x), quantizer, op["bits"], op["clip_high"])
+        return Codes(codes, float(op["clip_high"]) / levels)
 
     def _clip(self, op, x):
         t = self.dtype.type

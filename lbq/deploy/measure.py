@@ -9,7 +9,9 @@ and on the first K images of the run's eval split compares with lbq's fake-quant
 - the integer forward (float32 full-precision parts) with lbq in float32: the deployment figure;
 - the QONNX graph, run by qonnx's executor, with lbq in float32;
 - the integer forward with float64 parts with lbq's model code in float64 (JAX x64): whether
-  the integer arithmetic computes exactly the quantized network.
+  the integer arithmetic computes exactly the quantized network (``--exact_images=0`` skips it);
+- for a run that evaluates in another dtype (bfloat16), lbq in that dtype with lbq in float32:
+  the reference is float32, and this says how far the run's own evaluation lies from it.
 
 Prints one block per network and writes the figures, timings, sizes, machine and software
 versions as JSON. Performance is printed, never asserted.
@@ -76,22 +78,26 @@ def measure_network(
     integer32, t_int = _timed(lambda: IntegerForward(model.program, mean, std)(images))
     q = images[:qonnx_count]
     qonnx32, t_qonnx = _timed(lambda: run_qonnx(model.file("qonnx"), q, batch_size=250))
-    e = images[:exact_count]
-    lbq64 = fake_quant_logits(
-        net.model, _float64(variables), w_bits, a_bits, e, mean, std, float64=True
-    )
-    with _x64():
-        from lbq.deploy.program import build_program
-
-        exact_program = build_program(
-            net.model,
-            _float64(variables),
-            w_bits,
-            a_bits,
-            image_size=int(run.info.image_shape[0]),
-            quantizers=run.quantizers(),
+    exact = None
+    if exact_count > 0:
+        e = images[:exact_count]
+        lbq64 = fake_quant_logits(
+            net.model, _float64(variables), w_bits, a_bits, e, mean, std, float64=True
         )
-    integer64 = IntegerForward(exact_program, mean, std, float_dtype=np.float64)(e)
+        with _x64():
+            from lbq.deploy.program import build_program
+
+            exact_program = build_program(
+                net.model,
+                _float64(variables),
+                w_bits,
+                a_bits,
+                image_size=int(run.info.image_shape[0]),
+                quantizers=run.quantizers(),
+            )
+        integer64 = IntegerForward(exact_program, mean, std, float_dtype=np.float64)(e)
+        exact = compare(lbq64, integer64)
+    own = _run_forward(net, variables, w_bits, a_bits, images, labels, mean, std, lbq32)
     return {
         "bits": sorted({(w, a) for w, a in zip(w_bits, a_bits, strict=True)}),
         "top1_accuracy": {
@@ -101,7 +107,8 @@ def measure_network(
         },
         "integer_vs_lbq_float32": compare(lbq32, integer32),
         "qonnx_vs_lbq_float32": compare(lbq32[: len(q)], qonnx32),
-        "integer_float64_vs_lbq_float64": compare(lbq64, integer64),
+        "integer_float64_vs_lbq_float64": exact,
+        "run_forward": own,
         "seconds": {"lbq_float32": t_lbq, "integer": t_int, "qonnx": t_qonnx},
         "images_per_second": {
             "lbq_float32": len(images) / t_lbq,
@@ -110,6 +117,23 @@ def measure_network(
         },
         "size": model.entry["size"],
         "packed_file_bytes": model.entry["packed_file_bytes"],
+    }
+
+
+def _run_forward(net, variables, w_bits, a_bits, images, labels, mean, std, lbq32):
+    """lbq in the run's own compute dtype against lbq in float32, or None for a float32 run."""
+    import jax.numpy as jnp
+
+    from lbq.deploy.verify import compare, fake_quant_logits
+
+    dtype = jnp.dtype(getattr(net.model, "dtype", None) or jnp.float32)
+    if dtype == jnp.float32:
+        return None
+    own = fake_quant_logits(net.model, variables, w_bits, a_bits, images, mean, std, dtype=dtype)
+    return {
+        "dtype": dtype.name,
+        "top1_accuracy": float(np.mean(np.argmax(own, -1) == labels)),
+        "vs_lbq_float32": compare(lbq32, own),
     }
 
 
@@ -155,7 +179,15 @@ def report(name: str, result: dict[str, Any]) -> str:
     )
     lines.append(_line("integer vs lbq (float32)", result["integer_vs_lbq_float32"]))
     lines.append(_line("qonnx vs lbq (float32)", result["qonnx_vs_lbq_float32"]))
-    lines.append(_line("integer vs lbq (float64)", result["integer_float64_vs_lbq_float64"]))
+    if result["integer_float64_vs_lbq_float64"] is not None:
+        lines.append(_line("integer vs lbq (float64)", result["integer_float64_vs_lbq_float64"]))
+    own = result.get("run_forward")
+    if own:
+        lines.append(
+            f"  the run evaluates in {own['dtype']}: top-1 accuracy "
+            f"{100 * own['top1_accuracy']:.2f} % there (the reference above is float32)"
+        )
+        lines.append(_line(f"lbq {own['dtype']} vs lbq (float32)", own["vs_lbq_float32"]))
     ips = result["images_per_second"]
     lines.append(
         "  images/s: lbq " + f"{ips['lbq_float32']:.0f}, integer {ips['integer']:.1f}, "
@@ -164,10 +196,25 @@ def report(name: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raises DeployError (one line) for an out-of-range count."""
+    from lbq.deploy.errors import DeployError
+
+    for field, low, meaning in (
+        ("images", 1, "eval images to compare on"),
+        ("qonnx_images", 0, "0: all --images"),
+        ("exact_images", 0, "0: no float64 check"),
+    ):
+        value = getattr(args, field)
+        if value < low:
+            raise DeployError(f"--{field}={value} must be >= {low} ({meaning})")
+
+
 def measure_command(args: argparse.Namespace) -> int:
     from lbq.deploy import run as runs
     from lbq.export import export
 
+    check_arguments(args)
     run = runs.load_run(args.workdir, args.step, data_dir=args.data_dir)
     images, labels = run.eval_images(args.images)
     qonnx_count = min(args.qonnx_images or len(images), len(images))
@@ -203,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--images", type=int, default=1000, help="eval images to compare on")
     parser.add_argument("--qonnx_images", type=int, default=0, help="0: all --images")
-    parser.add_argument("--exact_images", type=int, default=500, help="for the float64 check")
+    parser.add_argument(
+        "--exact_images", type=int, default=500, help="for the float64 check (0: skip it)"
+    )
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args(argv)
     return run_command(lambda: measure_command(args))

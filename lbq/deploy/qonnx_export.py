@@ -5,8 +5,9 @@ quantized networks that Brevitas writes and FINN compiles: a ``Quant`` node (dom
 ``qonnx.custom_op.general``; inputs x, scale, zero-point, bit-width; attributes signed, narrow,
 rounding_mode) computes ``scale * (round(clip(x / scale + zeropt, min, max)) - zeropt)``.
 
-- Every quantized activation is ``Quant(x, scale = clip_high / (2^k - 1), zeropt = 0, k bits,
-  unsigned)``: DoReFa's ``Q_k(clip(x, 0, 1))``, the clip being the Quant's clamp.
+- Every quantized activation is a ``Quant`` node (zeropt 0, k bits, unsigned) whose rounding
+  is lbq's (`_emit_quantize`): DoReFa ``Quant(float64(x) n, scale 1) / n``, PACT
+  ``Quant(x n, scale alpha) / n``, LSQ ``Quant(x, scale s)``; the clip is the Quant's clamp.
 - Every quantized weight is ``Quant(w_q, scale = weight scale * int_step, zeropt =
   -int_offset / int_step, k bits, unsigned)`` on the on-grid ``w_q`` (so the node is exactly the
   identity on its initializer and the integer codes are unambiguous). For DoReFa that is
@@ -137,6 +138,40 @@ def _emit_shortcut_pad(g: _Graph, name: str, x: str, op) -> str:
     return g.node("Pad", [sliced, g.constant(f"{name}/pads", pads)], name, mode="constant")
 
 
+def _emit_quantize(g: _Graph, name: str, x: str, op) -> str:
+    """An activation quantizer whose Quant node rounds exactly what lbq's quantizer rounds
+    (`lbq.deploy.quantizers.activation_codes`; qonnx's Quant divides by its scale, clips, then
+    rounds half to even).
+
+    - DoReFa: ``Cast`` to float64, ``Mul`` by n (exact), ``Quant`` with scale 1 (the codes),
+      ``Div`` by n. A float32 ``Mul`` would round ``x n`` (float32(1/6) * 3 gives 0.5), and a
+      scale of 1/n would round ``x / (1/n)`` (0.5 / float32(1/7) gives 3.4999998).
+    - PACT: ``Mul`` by n, ``Quant`` with scale alpha, ``Div`` by n: float32
+      ``(x n) / alpha`` as lbq computes it, and lbq's value ``(c alpha) / n``.
+    - LSQ: ``Quant`` with scale s: float32 ``x / s`` as lbq computes it, value ``c s``.
+    """
+    from onnx import TensorProto
+
+    levels = (1 << op["bits"]) - 1
+    quantizer = op.get("quantizer", "dorefa")
+    n = g.constant(f"{name}/levels", np.float32(levels))
+    if quantizer == "dorefa":
+        wide = g.node("Cast", [x], f"{name}/float64", to=TensorProto.DOUBLE)
+        scaled = g.node(
+            "Mul", [wide, g.constant(f"{name}/levels64", np.float64(levels))], f"{name}/scaled"
+        )
+        codes = g.quant(f"{name}/codes", scaled, np.float32(1.0), 0.0, op["bits"])
+        return g.node("Div", [codes, n], name)
+    if quantizer == "pact":
+        scaled = g.node("Mul", [x, n], f"{name}/scaled")
+        clipped = g.quant(f"{name}/quant", scaled, np.float32(op["clip_high"]), 0.0, op["bits"])
+        return g.node("Div", [clipped, n], name)
+    if quantizer == "lsq":
+        step = np.float32(np.float64(op["clip_high"]) / levels)  # exact: clip_high is s n
+        return g.quant(name, x, step, 0.0, op["bits"])
+    raise ValueError(f"activation quantizer {quantizer!r} of {name} has no QONNX form")
+
+
 def _emit(g: _Graph, program: Program, op, inputs: list[str], mean, std) -> str:
     """ONNX nodes of one program operation; returns the output tensor name."""
     name, kind, x = op["name"], op["op"], inputs[0] if inputs else None
@@ -159,8 +194,7 @@ def _emit(g: _Graph, program: Program, op, inputs: list[str], mean, std) -> str:
         y = g.node("MatMul", [x, _weight(g, program, op, conv=False)], out)
         return _with_bias(g, program, name, y)
     if kind == "quantize":
-        levels = (1 << op["bits"]) - 1
-        return g.quant(name, x, np.float32(op["clip_high"] / levels), 0.0, op["bits"])
+        return _emit_quantize(g, name, x, op)
     if kind == "batch_norm":
         arrays = [
             g.constant(f"{name}/{f}", program.arrays[f"{name}/{f}"])

@@ -204,3 +204,71 @@ def weight_case(name: str) -> WeightCase:
 def activation_case(name: str) -> ActivationCase:
     """The integer form of activation quantizer ``name``; DeployError if export lacks it."""
     return _case(ACTIVATION_QUANTIZERS, "activation_quantizer", name)
+
+
+# ------------------------------------------------------------------ activation codes (NumPy)
+
+
+def _round_product(z: np.ndarray, levels: int) -> np.ndarray:
+    """``round(z * levels)`` of exact arithmetic, ties to even, for ``z`` float32 or float64.
+
+    The NumPy form of `lbq.quant.quantizers._round_product`. A float32 ``z`` times a level
+    count of at most 8 bits is exact in float64 (24 + 8 significant bits). A float64 product
+    rounds; it matters only where it lands exactly on a half-integer ``h``: then
+    ``z * 2^k - h`` is exact (``2^k = levels + 1``) and its comparison with ``z`` says on which
+    side of ``h`` the exact product lies.
+    """
+    if z.dtype != np.float64:
+        return np.rint(z.astype(np.float64) * levels)
+    product = z * np.float64(levels)
+    nearest = np.rint(product)
+    half = np.floor(product) + 0.5
+    landed_on_half = (product == half) & (np.abs(product) < 2.0**52)
+    excess = z * np.float64(levels + 1) - half
+    resolved = np.where(excess > z, half + 0.5, np.where(excess < z, half - 0.5, nearest))
+    return np.where(landed_on_half, resolved, nearest)
+
+
+def activation_codes(x: np.ndarray, quantizer: str, bits: int, clip_high: float) -> np.ndarray:
+    """The integer codes that lbq's activation quantizer ``quantizer`` gives for ``x``.
+
+    The rounding rule (docs/deploy.md, "Rounding"): a code is the round-half-to-even of the
+    pre-rounding value that lbq's quantizer (`lbq.quant.quantizers`) computes:
+
+    - ``dorefa`` (`quantize_activation`): ``x n`` in exact arithmetic, ``n = 2^k - 1``, on
+      ``clip(x, 0, 1)``, for every input dtype;
+    - ``pact`` (`pact_activation`): ``(clip(x, 0, alpha) * n) / alpha``, each operation
+      rounded in ``x``'s dtype (float32, or float64 in the exact checks), ``alpha = clip_high``;
+    - ``lsq`` (`lsq_quantize`, unsigned): ``clip(x / s, 0, n)`` with the division rounded in
+      ``x``'s dtype, ``s = clip_high / n``.
+
+    bfloat16 and float16 activations are converted exactly to float32 first, as lbq does.
+
+    Args:
+      x: pre-activations, any shape, float32 or float64 (float32 holds every bfloat16 value).
+      quantizer: 'dorefa', 'pact' or 'lsq'.
+      bits: k, 1..8.
+      clip_high: the grid's top value (1 for DoReFa, alpha for PACT, ``s n`` for LSQ).
+
+    Returns:
+      int32 codes in [0, 2^k - 1], the shape of ``x``.
+
+    Raises:
+      DeployError: for a quantizer without an integer form.
+    """
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float32)
+    t = x.dtype.type
+    levels = (1 << bits) - 1
+    if quantizer == "dorefa":
+        codes = _round_product(np.clip(x, t(0), t(1)), levels)
+    elif quantizer == "pact":
+        alpha = t(clip_high)
+        codes = np.rint((np.clip(x, t(0), alpha) * t(levels)) / alpha)
+    elif quantizer == "lsq":
+        step = t(np.float64(clip_high) / levels)  # exact: clip_high is s n, computed in float64
+        codes = np.rint(np.clip(x / step, t(0), t(levels)))
+    else:
+        raise DeployError(f"activation quantizer {quantizer!r} has no integer form")
+    return codes.astype(np.int32)

@@ -21,7 +21,7 @@ from lbq import data as lbq_data
 from lbq.batches import evaluate as evaluate_split
 from lbq.build import Trainer, build_trainer, stage_bits
 from lbq.calibrate import evaluation_state
-from lbq.checkpoint import CheckpointError, load_saved_variables
+from lbq.checkpoint import CheckpointError, load_saved_variables, partial_saves
 from lbq.deploy.errors import DeployError, read_json
 from lbq.plan import parse_config
 from lbq.quant.precision import make_precision
@@ -168,7 +168,7 @@ def load_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict[st
     """
     directory = os.path.join(workdir, "checkpoints")
     saved = checkpoint_steps(workdir)
-    if not saved:
+    if not saved and not (step is None and partial_saves(directory)):  # a save in progress
         raise DeployError(f"no checkpoint in {workdir} ({directory} holds no saved step)")
     path = directory
     if step is not None:

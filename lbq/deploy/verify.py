@@ -29,6 +29,15 @@ from lbq.quant.precision import Precision
 # without a code flip are ~1e-6 of it; a flipped code moves logits by ~1e-3..1e-2 of it.
 LOGIT_RTOL = 1e-3
 
+# The export's own check (`lbq.export --check_images`) fails when, on its images, either
+# candidate agrees with lbq's top-1 on fewer than this fraction of the images ...
+CHECK_MIN_AGREEMENT = 0.98
+# ... or differs by more than this fraction of an image's largest |lbq logit| (at least 1).
+# Measured in float32 (docs/deploy.md): top-1 agreement >= 99.90 % and largest relative
+# difference <= 0.13 (W2A2, W4A4, W8A8 ResNet-20, 2,000-10,000 images), from codes that flip
+# where a pre-activation lies within float32 rounding of a decision boundary.
+CHECK_MAX_REL_DIFF = 0.5
+
 
 def fake_quant_logits(
     model: Any,
@@ -40,15 +49,21 @@ def fake_quant_logits(
     std: Sequence[float],
     batch_size: int = 256,
     float64: bool = False,
+    dtype: Any = None,
 ) -> np.ndarray:
     """lbq's fake-quantized eval forward: logits [N, classes] of uint8 [N, H, W, 3] images.
 
     Runs in float32 (lbq's CPU compute dtype), or with ``float64`` the same model code in
     float64 (JAX's x64 mode, for this call only; pass float64 variables to have the weights
-    quantized in float64 too). The images are normalised by `normalize_images`, the array the
+    quantized in float64 too), or in ``dtype`` (e.g. the run's own compute dtype, bfloat16,
+    as `lbq.evaluate` runs it). The images are normalised by `normalize_images`, the array the
     integer forward computes too, so that both forwards see the same input.
+
+    Returns:
+      logits [N, classes] as float32 (float64 with ``float64``).
     """
-    dtype = jnp.float64 if float64 else jnp.float32
+    if dtype is None:
+        dtype = jnp.float64 if float64 else jnp.float32
     with jax.enable_x64(float64):
         forward = _compiled_forward(model.clone(dtype=dtype))
         precision = Precision(
@@ -68,7 +83,7 @@ def fake_quant_logits(
             )
             for i in range(0, len(images), batch_size)
         ]
-    return np.concatenate(outputs)
+    return np.concatenate(outputs).astype(np.float64 if float64 else np.float32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -106,3 +121,22 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         "within_tolerance": float((relative <= LOGIT_RTOL).mean()) if n else 1.0,
         "max_abs_logit": float(np.abs(reference).max()) if n else 0.0,
     }
+
+
+def check_verdict(
+    figures: dict[str, float],
+    min_agreement: float = CHECK_MIN_AGREEMENT,
+    max_rel_diff: float = CHECK_MAX_REL_DIFF,
+) -> str | None:
+    """None when `compare`'s ``figures`` are within the export check's tolerance, else what
+    disagreed: the top-1 agreement and the largest logit difference against their bounds."""
+    low_agreement = figures["top1_agreement"] < min_agreement
+    far = figures["max_rel_diff"] > max_rel_diff
+    if not (low_agreement or far):
+        return None
+    return (
+        f"top-1 agreement {100 * figures['top1_agreement']:.2f} % ({figures['top1_mismatches']} "
+        f"of {figures['images']} images differ; tolerance >= {100 * min_agreement:.2f} %), "
+        f"max |logit diff| {figures['max_abs_diff']:.3g} ({figures['max_rel_diff']:.3g} of the "
+        f"largest |logit|; tolerance <= {max_rel_diff:g})"
+    )
