@@ -3,12 +3,14 @@
 `restore` reads the workdir's newest checkpoint (or builds a fresh state with the configured
 start weights) without writing anything; `commit` then writes, once everything that can fail
 before the first step has passed. `check_continuation` refuses a changed config that
-``config.json`` could no longer describe (on_config_change='continue').
+``config.json`` could no longer describe (on_config_change='continue'); `rate_changes` names
+every learning rate that such a change moves at the resumed step, which `restore` warns about.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,12 +20,12 @@ import jax.numpy as jnp
 from lbq import report
 from lbq.build import Trainer
 from lbq.checkpoint import CheckpointMismatch, Checkpoints
-from lbq.plan import RunPlan
-from lbq.stages import Stage, stage_at
+from lbq.plan import RunPlan, parse_config
+from lbq.stages import Stage, lay_out, stage_at
 from lbq.validate import ConfigError
 from lbq.workdir import WorkdirDecision, clear_run_outputs, write_record
 
-__all__ = ["check_continuation", "commit", "restore"]
+__all__ = ["check_continuation", "commit", "rate_changes", "recorded_stages", "restore"]
 
 log = logging.getLogger("lbq")
 
@@ -82,6 +84,71 @@ def check_continuation(
                 f"run may extend its last finished stage or add stages: {advice}"
             )
         start = end
+
+
+def recorded_stages(previous: Any, num_train: int) -> list[Stage] | None:
+    """The stages of a recorded run's ``config.json`` (fields it predates take their defaults,
+    lbq/configs/default.py), laid out over ``num_train`` train images; None when the record
+    is not a config this version of lbq can read."""
+    from lbq.configs import default
+
+    config = default.get_config()
+    try:
+        config.update(previous)
+        plan = parse_config(config)
+        return lay_out(plan.stages, plan.steps_per_epoch(num_train))
+    except Exception:  # noqa: BLE001 - an unreadable old record only loses the comparison
+        return None
+
+
+def rate_changes(old: Sequence[Stage], new: Sequence[Stage], step: int) -> list[str]:
+    """The learning rates that a changed config moves at the resumed ``step``.
+
+    A rate is compared with the one the recorded config gives the same stage at that step, or,
+    for a stage lengthened past its recorded end, the rate it ended at (a finished 10-step
+    stage lengthened to 20 resumes in the middle of its new schedule). A stage that the
+    recorded run did not have starts its own schedule and is not compared.
+
+    Returns:
+      One 'stage 'NAME' at step S: NETWORK 0.001 -> 0.01' entry per network whose rate moves.
+    """
+    if step <= 0 or step >= new[-1].end_step:
+        return []
+    now = stage_at(new, step)
+    before = next((s for s in old if s.index == now.index and s.name == now.name), None)
+    if before is None or step < before.start_step:
+        return []
+    old_step = min(step, before.end_step - 1)
+    changes = []
+    for network, _ in sorted(now.lr.items()):
+        if network not in before.lr:
+            continue
+        was = before.learning_rate(old_step, network)
+        is_ = now.learning_rate(step, network)
+        if not math.isclose(was, is_, rel_tol=1e-6, abs_tol=0.0):
+            changes.append(f"stage '{now.name}' at step {step}: {network} {was:.6g} -> {is_:.6g}")
+    return changes
+
+
+def _warn_rate_changes(trainer: Trainer, stages: Sequence[Stage], step: int, decision) -> None:
+    """Warns, naming the rates before and after, when a continued run's changed config moves
+    a learning rate at the resumed step."""
+    if not decision.differences or decision.previous is None:
+        return
+    old = recorded_stages(decision.previous, trainer.info.num_train)
+    if old is None:
+        log.warning(
+            "could not read the recorded config of %s to compare its learning-rate schedule "
+            "with the changed one; check the rate in metrics.jsonl",
+            decision.workdir,
+        )
+        return
+    for change in rate_changes(old, stages, step):
+        log.warning(
+            "the changed config moves the learning rate at the resumed step: %s (the schedule "
+            "is laid over the stage's new length and settings)",
+            change,
+        )
 
 
 def _place(saved: Any, like: Any) -> Any:
@@ -143,6 +210,7 @@ def restore(
         if restored is None:
             return checkpoints, trainer.load_start_weights(state), {}
         check_continuation(plan, stages, restored.step, restored.meta, decision)
+        _warn_rate_changes(trainer, stages, restored.step, decision)
         if restored.optimizer_restored:
             state = restored.state
         else:

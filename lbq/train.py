@@ -192,11 +192,35 @@ class _Loop:
                 result["skipped_steps"] = self.skipped[stage.name]
             self.stage_results.append(result)
 
+    def evaluate_keeping_work(self, stage: Stage, bits, stage_end: bool) -> None:
+        """`evaluate`; when it fails (an unreadable eval image, a metrics write), the training
+        since the last checkpoint is saved first and the error then raised: a rerun resumes
+        at this step and evaluates again (`evaluate_unrecorded_stage`) instead of training the
+        last steps again."""
+        try:
+            self.evaluate(stage, bits, stage_end)
+        except Exception:
+            self.save(stage)
+            self.checkpoints.wait()
+            if self.is_host0:
+                log.warning("training up to step %d is saved; the evaluation failed", self.step)
+            raise
+
+    def evaluate_unrecorded_stage(self) -> None:
+        """Evaluates the stage that ends at the resumed step when its result is not recorded
+        (its evaluation failed after the checkpoint was saved)."""
+        ended = [s for s in self.stages if s.end_step == self.step and s.num_steps]
+        recorded = {r["name"] for r in self.stage_results}
+        if self.step and ended and ended[-1].name not in recorded:
+            stage = ended[-1]
+            self.evaluate_keeping_work(stage, self.trainer.stage_bits(stage), stage_end=True)
+
     def run(self, stop_at_step: int | None) -> str:
         """Trains to the end of the last stage; returns 'completed' or 'preempted'."""
         plan, total = self.plan, self.stages[-1].end_step
         if self.watcher.should_stop(sync=True):
             return "preempted"  # a signal during start-up: nothing new to save
+        self.evaluate_unrecorded_stage()
         eval_every = round(plan.eval_every_epochs * self.steps_per_epoch)
         batches = train_batches(self.trainer, self.step, plan.data_on_device)
         bits = self.trainer.stage_bits(stage_at(self.stages, self.step))
@@ -223,7 +247,7 @@ class _Loop:
             # waits for the step, a write that fails within milliseconds is known).
             self.checkpoints.poll()
             if (eval_every and self.step % eval_every == 0) or stage_end:
-                self.evaluate(stage, bits, stage_end)
+                self.evaluate_keeping_work(stage, bits, stage_end)
             if stage_end or self.step % plan.checkpoint.every_steps == 0:
                 self.save(stage)
             stop_now = self.watcher.should_stop(sync=log_now) or self.step == stop_at_step
@@ -316,8 +340,10 @@ def train_and_evaluate(
       A `RunResult`; status 'preempted' after SIGTERM/SIGINT once training has started.
 
     Raises:
-      ConfigError, lbq.data.DataError: for bad configs or data, before anything is written or
-        compiled.
+      ConfigError, lbq.data.DataError: for bad configs or data (an empty eval split included),
+        before anything is written or compiled. An eval image that cannot be decoded shows up
+        only at an evaluation: its DataError is raised after the training so far is saved, and
+        the rerun evaluates that step again without training it again.
       WorkdirError: when another run holds the workdir, or it cannot be written.
       Preempted: when SIGTERM/SIGINT arrived before the first step (nothing was written).
       NonFiniteError: when the loss or a gradient stops being finite (on_nonfinite='stop'), or

@@ -290,12 +290,14 @@ class WorkdirDecision:
       record: the config to write as ``config.json``.
       differences: fields that differ from the recorded run (empty for a new run).
       overwrite: delete the recorded run's outputs first.
+      previous: the recorded run's ``config.json`` when it differs (None otherwise).
     """
 
     workdir: str
     record: Mapping[str, Any]
     differences: tuple[str, ...] = ()
     overwrite: bool = False
+    previous: Mapping[str, Any] | None = None
 
 
 def inspect_workdir(
@@ -326,7 +328,13 @@ def inspect_workdir(
             + "). Rerun with --config.on_config_change=continue to resume it with the new "
             "config, or =overwrite to start over."
         )
-    return WorkdirDecision(workdir, record, diffs, bool(diffs) and on_config_change == "overwrite")
+    return WorkdirDecision(
+        workdir,
+        record,
+        diffs,
+        bool(diffs) and on_config_change == "overwrite",
+        previous if diffs else None,
+    )
 
 
 def clear_run_outputs(workdir: str) -> None:

@@ -92,8 +92,9 @@ def get_info(data_config: Any) -> DatasetInfo:
       of lbq.data.prepare, published constants, sampling), with a warning naming the channel.
 
     Raises:
-      DataError: for a bad config, a dataset that cannot be found or read, or a dataset with
-        fewer than two classes (a one-class classifier trains to loss 0 and learns nothing);
+      DataError: for a bad config, a dataset that cannot be found or read, a dataset with
+        fewer than two classes (a one-class classifier trains to loss 0 and learns nothing), or
+        an eval split without images (every stage of a run ends with an evaluation on it);
         raised before any image is decoded.
     """
     s, ds = _resolve(data_config)
@@ -103,13 +104,20 @@ def get_info(data_config: Any) -> DatasetInfo:
             f"{ds.num_classes} class{'' if ds.num_classes == 1 else 'es'}; a classifier needs "
             f"at least {MIN_CLASSES} (check data.name, or the class folders it was prepared from)"
         )
+    num_eval = ds.num_examples(s.eval_split)
+    if num_eval == 0:
+        raise DataError(
+            f"eval split {s.eval_split!r} of dataset {s.name!r} holds no images (it has "
+            f"{ds.num_examples(s.train_split)} train images in {s.train_split!r}); set "
+            "data.eval_split to a split with images"
+        )
     mean, std = (s.mean, s.std) if s.mean is not None else ds.stats(s.train_split)
     return DatasetInfo(
         name=s.name,
         num_classes=ds.num_classes,
         image_shape=(s.image_size, s.image_size, 3),
         num_train=ds.num_examples(s.train_split),
-        num_eval=ds.num_examples(s.eval_split),
+        num_eval=num_eval,
         mean=tuple(float(v) for v in mean),
         std=floor_std(std, f"dataset {s.name!r}"),
     )
