@@ -45,6 +45,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -450,6 +451,24 @@ def write_outputs(
     return records
 
 
+def check_outputs_writable(outdir: str) -> None:
+    """Refuses, before any run trains, an ``outdir`` where the table or the plot cannot be
+    written: they are first written after the first run has trained.
+
+    Raises:
+      SystemExit: with one ``lbq: error:`` line naming the path.
+    """
+    for name in ("results.md", "accuracy_vs_bits.png"):
+        path = os.path.join(outdir, name)
+        if os.path.isdir(path):
+            raise SystemExit(f"lbq: error: cannot write {path}: it is a folder")
+    try:
+        with tempfile.TemporaryFile(dir=outdir):
+            pass
+    except OSError as error:
+        raise SystemExit(f"lbq: error: cannot write into {outdir}: {error.strerror}") from None
+
+
 def _add_start_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of runs that start from a trained model (the paper's ImageNet protocol)."""
     p.add_argument(
@@ -684,6 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs = total_steps / steps_per_epoch
     header, title, notes = _describe_study(args, base, info, total_steps, steps_per_epoch)
     os.makedirs(args.outdir, exist_ok=True)
+    check_outputs_writable(args.outdir)
 
     pending = [r for r in runs if not os.path.exists(_result_path(args.outdir, r))]
     print(
