@@ -1,60 +1,66 @@
-"""The trainer redesign left every number unchanged: golden trajectories and an old checkpoint.
+"""Golden trajectories and an old checkpoint: no change alters a number without saying so.
 
-`tests/golden/record.py` wrote `trajectories.json` and `resume_run/` with the code before the
-redesign (see its docstring). Every train metric of every step and the final evaluation must
-be bit-identical on the CPU that recorded them; on another CPU model, XLA may pick other
-kernels, so the comparison there allows float32 rounding noise.
+`tests/golden/record.py` wrote `trajectories.json` (see its docstring); `resume_run/` is the
+checkpoint the code before the trainer redesign wrote. Each golden run runs in its own process
+with XLA's CPU code pinned (`GOLDEN_XLA_FLAGS`: no YNNPACK fusions, code generation capped at
+AVX2), so every train metric of every step and the final evaluation must be bit-identical on
+any x86-64 CPU with AVX2, whatever its model name.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
-from golden.record import golden_configs, resume_config, trajectory
-
-from lbq.bench import cpu_model
-from lbq.train import train_and_evaluate
+from golden.record import (
+    GOLDEN_XLA_FLAGS,
+    pinned_isa_available,
+    resume_committed,
+    run_pinned,
+    trajectory,
+)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+pinned = pytest.mark.skipif(
+    not pinned_isa_available(), reason="the pinned golden code needs an x86-64 CPU with AVX2"
+)
 
 
 @pytest.fixture(scope="module")
 def record():
     with open(os.path.join(HERE, "trajectories.json")) as f:
-        return json.load(f)
+        recorded = json.load(f)
+    # A record made with other flags would compare other code: record it again.
+    assert recorded["xla_flags"] == GOLDEN_XLA_FLAGS
+    return recorded
 
 
-def _assert_same(got: dict, want: dict, exact: bool) -> None:
+def _assert_same(got: dict, want: dict) -> None:
     assert len(got["train"]) == len(want["train"])
     assert len(got["eval"]) == len(want["eval"])
     for kind in ("train", "eval"):
         for g, w in zip(got[kind], want[kind], strict=True):
             assert g.keys() >= w.keys(), (kind, sorted(set(w) - set(g)))
             for key, value in w.items():
-                if exact or not isinstance(value, float):
-                    assert g[key] == value, (kind, g["step"], key, g[key], value)
-                else:
-                    assert g[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (kind, key)
+                assert g[key] == value, (kind, g["step"], key, g[key], value)
 
 
+@pinned
 @pytest.mark.parametrize("name", ["default", "cifar100_w2a2_tiny"])
-def test_runs_match_the_record_of_the_code_before_the_redesign(name, record, tmp_path):
-    train_and_evaluate(golden_configs()[name], str(tmp_path))
-    _assert_same(trajectory(str(tmp_path)), record["runs"][name], cpu_model() == record["cpu"])
+def test_runs_match_the_record(name, record, tmp_path):
+    run_pinned(name, str(tmp_path))
+    _assert_same(trajectory(str(tmp_path)), record["runs"][name])
 
 
+@pinned
 def test_a_checkpoint_written_before_the_redesign_resumes(record, tmp_path):
-    """The committed run stopped after step 3 of 6; resuming it gives the uninterrupted run's
-    steps 4 to 6 and final evaluation."""
-    workdir = tmp_path / "run"
-    shutil.copytree(os.path.join(HERE, "resume_run"), workdir)
-    result = train_and_evaluate(resume_config(), str(workdir))
-    assert result.status == "completed" and result.step == 6
-    want = record["runs"]["resume_uninterrupted"]
-    _assert_same(trajectory(str(workdir)), want, cpu_model() == record["cpu"])
+    """The committed run stopped after step 3 of 6; resuming it trains steps 4 to 6 and
+    evaluates, exactly as recorded."""
+    got = resume_committed(str(tmp_path / "run"))
+    assert [r["step"] for r in got["train"]] == [1, 2, 3, 4, 5, 6]  # 1 to 3: the committed run's
+    _assert_same(got, record["runs"]["resume_of_committed"])
 
 
 def test_a_config_recorded_before_stage_fields_were_typed_still_matches():
