@@ -45,9 +45,16 @@ from typing import Any
 from lbq.models import SMALL_INPUT_MODELS
 
 # The paper's methods (the default set, mirrored by benchmarks/torch_fakequant.py) and the
-# learned-range quantizers at W2A2: PACT activations, LSQ weights and activations.
+# learned-range quantizers at W2A2: PACT activations, LSQ weights and activations. A
+# "_conv_input" mode is the same with model.activation_placement='conv_input' (SPEC section 9).
 DEFAULT_MODES = ("fp", "w4a4", "w2a2", "w2a2_sp", "w2a2_kd")
-MODES = (*DEFAULT_MODES, "w2a2_pact", "w2a2_lsq")
+_CONV_INPUT = "_conv_input"
+MODES = (
+    *DEFAULT_MODES,
+    "w2a2_pact",
+    "w2a2_lsq",
+    *(f"{m}{_CONV_INPUT}" for m in ("w2a2", "w2a2_sp", "w2a2_kd", "w2a2_pact", "w2a2_lsq")),
+)
 MODELS = ("resnet20", "resnet18", "resnet50")
 # The paper's recipes: CIFAR-100 for the CIFAR ResNets (32 px), ImageNet for the others (224 px).
 # The stochastic-precision stage is made this long so that p(t) stays near its start value and
@@ -107,6 +114,9 @@ def mode_config(model: str, mode: str, batch: int, dtype: str = "auto"):
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     config = default.get_config()
+    if mode.endswith(_CONV_INPUT):
+        config.model.activation_placement = "conv_input"
+        mode = mode.removesuffix(_CONV_INPUT)
     config.model.name = model
     config.batch_size = batch
     config.compute_dtype = dtype

@@ -214,10 +214,11 @@ def changed_weight_bits(
 
 
 def _sown_records(tree: Mapping[str, Any], path: Path = ()) -> Iterator[tuple[Path, Mapping]]:
-    """(module path, its sown values) for every module that recorded calibration values."""
+    """(module path, its sown values) for every module that recorded calibration values,
+    submodules included (a conv with LSQ weights records its bit-width, and its
+    ``input_quantizer`` its input, with ``activation_placement='conv_input'``)."""
     if any(key in tree for key in (SOWN_INPUT, SOWN_WEIGHT_BITS)):
         yield path, tree
-        return
     for key, value in tree.items():
         if isinstance(value, Mapping):
             yield from _sown_records(value, (*path, key))

@@ -43,8 +43,10 @@ from typing import Any
 import numpy as np
 
 SOURCES = ("torchvision", "timm")
-MODELS = {"torchvision": ("resnet18", "resnet34", "resnet50", "alexnet"),
-          "timm": ("resnet18", "resnet34", "resnet50")}
+MODELS = {
+    "torchvision": ("resnet18", "resnet34", "resnet50", "alexnet"),
+    "timm": ("resnet18", "resnet34", "resnet50"),
+}
 # torchvision's and timm's ImageNet normalisation (0.485, 0.456, 0.406) and (0.229, 0.224,
 # 0.225), in lbq's 0..255 units.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -52,8 +54,13 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 BATCH_NORM_EPSILON = 1e-5  # PyTorch's default, and lbq's (`lbq.models.common`)
 _CHECKPOINT_KEYS = ("state_dict", "model")  # where training scripts keep the weights
 _PREFIXES = ("module.", "_orig_mod.")
-_RESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
-                  152: (3, 8, 36, 3)}
+_RESNET_STAGES = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
 
 
 class ConvertError(ValueError):
@@ -288,15 +295,16 @@ def alexnet_layout() -> list[Entry]:
         entries += _bias_as_bn(f"bn{i + 1}", f"features.{index}")
     for name, index in (("fc6", 1), ("fc7", 4)):
         fc = _alexnet_fc6 if name == "fc6" else _linear
-        entries.append(Entry(f"classifier.{index}.weight", "params", (name, "kernel"), fc,
-                             _linear_shape))
+        entries.append(
+            Entry(f"classifier.{index}.weight", "params", (name, "kernel"), fc, _linear_shape)
+        )
         entries += _bias_as_bn(f"{name}_bn", f"classifier.{index}")
     return entries + _classifier_entries("classifier.6")
 
 
 def layout(model: str) -> list[Entry]:
     """The keys of ``model`` ('resnet18', 'resnet34', 'resnet50', 'alexnet')."""
-    return alexnet_layout() if model == "alexnet" else resnet_layout(int(model[len("resnet"):]))
+    return alexnet_layout() if model == "alexnet" else resnet_layout(int(model[len("resnet") :]))
 
 
 def identify(state: Mapping[str, np.ndarray]) -> tuple[str | None, str | None]:
@@ -530,8 +538,14 @@ def _write_run(out: str, config: Any, variables: dict[str, Any], record: dict[st
     checkpoints = Checkpoints(out, plan.checkpoint.keep)
     try:
         stage = plan.stages[0].name
-        meta = {"stage": 0, "stage_name": stage, "epoch": 0.0, "stage_results": {},
-                "skipped_steps": {}, "converted_from": record}
+        meta = {
+            "stage": 0,
+            "stage_name": stage,
+            "epoch": 0.0,
+            "stage_results": {},
+            "skipped_steps": {},
+            "converted_from": record,
+        }
         checkpoints.save(state, meta)
     finally:
         checkpoints.close()
@@ -551,9 +565,7 @@ def _three(text: str) -> tuple[float, ...]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m lbq.convert", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m lbq.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--from", dest="source", required=True, choices=SOURCES)
     p.add_argument("--model", required=True, choices=MODELS["torchvision"])
     p.add_argument("--weights", required=True, help=".pth/.pt (torch.save) or .safetensors")
@@ -563,10 +575,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--train_split", default="train", help="its training split")
     p.add_argument("--eval_split", default="validation", help="its evaluation split")
     p.add_argument("--image_size", type=int, default=224, help="input size (default 224)")
-    p.add_argument("--mean", type=_three, default=IMAGENET_MEAN,
-                   help="input mean R,G,B in 0..255 units (default ImageNet's)")
-    p.add_argument("--std", type=_three, default=IMAGENET_STD,
-                   help="input std R,G,B in 0..255 units (default ImageNet's)")
+    p.add_argument(
+        "--mean",
+        type=_three,
+        default=IMAGENET_MEAN,
+        help="input mean R,G,B in 0..255 units (default ImageNet's)",
+    )
+    p.add_argument(
+        "--std",
+        type=_three,
+        default=IMAGENET_STD,
+        help="input std R,G,B in 0..255 units (default ImageNet's)",
+    )
     return p.parse_args(argv)
 
 
@@ -574,9 +594,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         done = convert(
-            args.source, args.model, args.weights, args.out, data=args.data,
-            data_dir=args.data_dir, train_split=args.train_split, eval_split=args.eval_split,
-            image_size=args.image_size, mean=args.mean, std=args.std,
+            args.source,
+            args.model,
+            args.weights,
+            args.out,
+            data=args.data,
+            data_dir=args.data_dir,
+            train_split=args.train_split,
+            eval_split=args.eval_split,
+            image_size=args.image_size,
+            mean=args.mean,
+            std=args.std,
         )
     except ConvertError as error:
         print(f"lbq.convert: error: {error}", file=sys.stderr)

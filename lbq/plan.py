@@ -19,6 +19,7 @@ from lbq.data.config import AUGMENTATIONS, Settings, read_settings
 from lbq.data.config import steps_per_epoch as data_steps_per_epoch
 from lbq.data.errors import DataError
 from lbq.models import CIFAR_MODELS, MODEL_NAMES, get_model
+from lbq.models.common import ACTIVATION_PLACEMENTS, BLOCK_OUTPUT
 from lbq.quant.layers import ACTIVATION_QUANTIZERS, DEFAULT_QUANTIZER, WEIGHT_QUANTIZERS
 from lbq.quant.precision import make_precision
 from lbq.quant.quantizers import check_lsq_weight_bits
@@ -56,6 +57,7 @@ class ModelSpec:
     weight_quantizer: str = DEFAULT_QUANTIZER
     activation_quantizer: str = DEFAULT_QUANTIZER
     pact_init_clip: float = 10.0
+    activation_placement: str = BLOCK_OUTPUT
 
     @property
     def learned_ranges(self) -> bool:
@@ -76,6 +78,8 @@ class ModelSpec:
         if self.activation_quantizer != DEFAULT_QUANTIZER:
             kwargs["activation_quantizer"] = self.activation_quantizer
             kwargs["init_range"] = self.pact_init_clip
+        if self.activation_placement != BLOCK_OUTPUT:
+            kwargs["activation_placement"] = self.activation_placement
         return kwargs
 
 
@@ -264,8 +268,15 @@ def _model(config: Any) -> ModelSpec:
     init_clip = check_type(config, "quant.pact_init_clip", "number")
     if init_clip <= 0:
         raise ConfigError(f"quant.pact_init_clip={init_clip!r} must be > 0 (a clip value)")
+    placement = check_choice(config, "model.activation_placement", ACTIVATION_PLACEMENTS)
     return ModelSpec(
-        name, *flags, shortcut, weight_quantizer, activation_quantizer, float(init_clip)
+        name,
+        *flags,
+        shortcut,
+        weight_quantizer,
+        activation_quantizer,
+        float(init_clip),
+        placement,
     )
 
 

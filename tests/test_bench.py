@@ -120,3 +120,9 @@ def test_modes_build_the_intended_networks():
     assert (pact.weight_quantizer, pact.activation_quantizer) == ("dorefa", "pact")
     lsq = parse_config(bench.mode_config("resnet20", "w2a2_lsq", 8)).model
     assert (lsq.weight_quantizer, lsq.activation_quantizer) == ("lsq", "lsq")
+    assert (pact.activation_placement, lsq.activation_placement) == ("block_output",) * 2
+    lsq_conv = parse_config(bench.mode_config("resnet20", "w2a2_lsq_conv_input", 8)).model
+    assert (lsq_conv.weight_quantizer, lsq_conv.activation_quantizer) == ("lsq", "lsq")
+    assert lsq_conv.activation_placement == "conv_input"
+    sp_conv = parse_config(bench.mode_config("resnet20", "w2a2_sp_conv_input", 8))
+    assert sp_conv.stochastic.enabled and sp_conv.model.activation_placement == "conv_input"

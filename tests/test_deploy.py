@@ -58,6 +58,21 @@ NETWORKS = {
         "resnet20",
         {"weight_quantizer": "lsq", "activation_quantizer": "lsq", "per_channel": True},
     ),
+    # Each conv quantizing its own input (SPEC section 9), with every quantizer.
+    "resnet20_lsq_conv_input": (
+        "resnet20",
+        {
+            "weight_quantizer": "lsq",
+            "activation_quantizer": "lsq",
+            "shortcut": "B",
+            "activation_placement": "conv_input",
+        },
+    ),
+    "alexnet_cifar_pact_conv_input": (
+        "alexnet_cifar",
+        {"activation_quantizer": "pact", "activation_placement": "conv_input"},
+    ),
+    "resnet18_conv_input": ("resnet18", {"activation_placement": "conv_input"}),
 }
 BITS = (2, 4, 8)
 FLOAT64_RTOL = 1e-6  # the fake-quantized logits are cast to float32 at the end (~6e-8)

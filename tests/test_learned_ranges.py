@@ -436,6 +436,47 @@ def test_calibration_from_a_trained_run_sets_every_range_from_its_tensors(lsq_pa
         np.testing.assert_array_equal(ours, want)  # only the ranges changed
 
 
+@pytest.mark.parametrize("quantizer, rule", [("lsq", "lsq"), ("pact", "percentile")])
+def test_conv_input_calibration_sets_each_convs_input_range_from_its_input(quantizer, rule):
+    """activation_placement='conv_input': each quantized conv's own input quantizer is
+    calibrated from that conv's input in the start model (the ReLU output before it), by the
+    rule asked for; the LSQ weight ranges as with block outputs."""
+    config = tiny_config()
+    config.model.activation_placement = "conv_input"
+    config.quant.weight_quantizer, config.quant.activation_quantizer = "lsq", quantizer
+    config.quant.activation_calibration = rule
+    config.quant.calibration_batches = 2
+    config.quant.calibration_percentile = 99.0
+    config.stages = [default.stage("a", steps=1, w_bits=4, a_bits=2)]
+    config.init_from = GOLDEN_RUN
+    plan = parse_config(config)
+    trainer = build_trainer(plan, get_info(plan.data), data_mesh(1), donate=False)
+    loaded = load_into(trainer.init_state(), GOLDEN_RUN, {"student": "student"}, "init_from")
+    state = calibrate.start_ranges(trainer, loaded, trainer.bits_per_stage())
+    params, stats = state.params["student"], state.batch_stats["student"]
+    info = trainer.info
+    # conv input -> the BatchNorm whose ReLU output it reads in the start model
+    inputs = {"stage1_block0_conv1": "stem_bn", "stage2_block1_conv2": "stage2_block1_bn1"}
+    per_batch = [
+        _fp_outputs(params, stats, np.asarray(normalize(b["image"], info.mean, info.std)), names)
+        for b in calibrate.training_batches(trainer, 2)
+        for names in [tuple(inputs.values())]
+    ]
+    param = "range" if quantizer == "lsq" else "clip"
+    for conv, bn in inputs.items():
+        relu = [np.maximum(o[bn], 0) for o in per_batch]
+        if rule == "lsq":
+            want = 2 * np.mean([r.mean() for r in relu]) * math.sqrt(3)  # 2 bits: Q_P = 3
+        else:
+            want = np.mean([np.percentile(r, 99.0) for r in relu])
+        got = float(params[conv]["input_quantizer"][param])
+        assert got == pytest.approx(want, rel=1e-5), conv
+    assert not any(name.endswith("_act1") for name in params)  # every activation is a ReLU
+    kernel = np.asarray(params["stage1_block0_conv1"]["kernel"], np.float64)
+    want = 15 * 2 * np.mean(np.abs(kernel)) / math.sqrt(7)  # 4 bits: Q_P = 7
+    assert float(params["stage1_block0_conv1"]["weight_range"]) == pytest.approx(want, rel=1e-5)
+
+
 def test_probe_starts_each_quantizer_as_init_from_does_and_matches_evaluate(tmp_path):
     """lbq.experiments.probe: at the run's own quantizer and bits its top-1 is what
     lbq.evaluate gives for the same checkpoint; a PACT network is calibrated and evaluated."""

@@ -8,6 +8,7 @@ import pytest
 
 from lbq.models import get_model
 from lbq.quant import quantize_weight
+from lbq.quant.layers import QuantActivation, split_learned_ranges
 from lbq.quant.precision import make_precision, unit_index
 
 IMAGENET = {"resnet18", "resnet34", "resnet50", "alexnet"}
@@ -111,6 +112,48 @@ def test_block_activations_are_quantized():
     (_, features), _ = model.apply(variables, x, precision, train=True, mutable=["batch_stats"])
     values = np.unique(np.asarray(features["stage1"]))
     np.testing.assert_allclose(values, [0, 1 / 3, 2 / 3, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet20", "preresnet20", "resnet18", "resnet50", "alexnet_cifar"]
+)
+def test_conv_input_placement_quantizes_each_layers_input_and_nothing_else(name):
+    """activation_placement='conv_input' (SPEC section 9): every quantized conv and dense layer
+    reads 2-bit codes of its input through its own quantizer, block outputs stay ReLU outputs,
+    and with the quantize switch off (stochastic precision) LSQ's network is the plain-ReLU
+    network on the same weights."""
+    options = {"weight_quantizer": "lsq", "activation_quantizer": "lsq"}
+    model = get_model(name, num_classes=10, activation_placement="conv_input", **options)
+    names = model.layer_names()
+    x = jax.random.normal(jax.random.key(0), _input(name).shape)
+    precision = make_precision(names, 2, 2)
+    variables = model.init(jax.random.key(1), x, precision)
+    codes = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, QuantActivation) and context.method_name == "__call__":
+            codes[context.module.parent.name] = np.asarray(out)
+        return out
+
+    with nn.intercept_methods(record):
+        (_, features), _ = model.apply(variables, x, precision, train=True, mutable=["batch_stats"])
+    # the module of each layer: "stage1_block0/conv1" -> "stage1_block0_conv1", "fc6/dense" -> "fc6"
+    layers = {
+        n.split("/")[0] if n.endswith(("/conv", "/dense")) else n.replace("/", "_") for n in names
+    }
+    assert set(codes) == layers  # one input quantizer per quantized layer, nothing else
+    for layer, out in codes.items():
+        value_range = float(variables["params"][layer]["input_quantizer"]["range"])
+        levels = out * 3 / value_range
+        np.testing.assert_allclose(levels, np.round(levels), atol=1e-4, err_msg=layer)
+    for stage, value in features.items():  # block outputs are full precision, not on a grid
+        assert len(np.unique(np.asarray(value))) > 4, stage
+    off = model.apply(variables, x, make_precision(names, 2, 2, quantize=0.0))[0]
+    plain = get_model(name, num_classes=10, quantized=False)
+    rest, _ = split_learned_ranges(variables["params"])
+    fp = plain.apply({"params": rest, "batch_stats": variables["batch_stats"]}, x)[0]
+    np.testing.assert_allclose(off, fp, rtol=1e-5, atol=1e-6)
 
 
 def test_changing_precision_does_not_recompile():

@@ -57,6 +57,10 @@ def _model_fields() -> ml_collections.ConfigDict:
     f.per_channel = False  # per-output-channel weight scale instead of per tensor
     f.logit_scale = False  # learnable output scalar (init 0.01), as the authors' CIFAR code
     f.shortcut = "A"  # CIFAR ResNets: 'A' zero-pad identity, 'B' 1x1 conv (quantized)
+    # Where activations are quantized (SPEC section 9): 'block_output' (the authors' code:
+    # every block activation, so shortcuts carry k-bit values) or 'conv_input' (each quantized
+    # conv quantizes its own input; block outputs, shortcuts and additions stay full precision).
+    f.activation_placement = "block_output"
     return f
 
 

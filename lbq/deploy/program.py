@@ -34,6 +34,7 @@ from lbq.deploy.errors import DeployError
 from lbq.deploy.pack import MAX_BITS
 from lbq.deploy.quantizers import activation_case, weight_case
 from lbq.models.alexnet import AlexNet
+from lbq.models.common import BLOCK_OUTPUT, CONV_INPUT
 from lbq.models.resnet import CifarResNet, ImageNetResNet, _ResNetBase
 from lbq.quant.quantizers import FULL_PRECISION_BITS
 
@@ -70,8 +71,9 @@ class Program:
 class _Builder:
     """Appends operations while walking a network; tracks each tensor's channels and grid."""
 
-    def __init__(self, variables, w_bits, a_bits, layer_names, per_channel, quantizers):
+    def __init__(self, variables, w_bits, a_bits, layer_names, per_channel, quantizers, placement):
         self.params = variables["params"]
+        self.placement = placement
         self.stats = variables.get("batch_stats", {})
         self.bits = {
             name: (int(w), int(a)) for name, w, a in zip(layer_names, w_bits, a_bits, strict=True)
@@ -126,6 +128,10 @@ class _Builder:
         return self._weighted("dense", name, x, kernel, layer, {})
 
     def _weighted(self, kind, name, x, kernel, layer, geometry) -> str:
+        if layer is not None and self.placement == CONV_INPUT:
+            # QuantConv / QuantDense with quantize_input: the layer's own input quantizer.
+            quantizer = self.params[name].get("input_quantizer")
+            x = self._activation_quantizer(f"{name}_input", x, layer, quantizer)
         arrays = {}
         if "bias" in self.params[name]:
             arrays["bias"] = self._param(name, "bias")
@@ -175,13 +181,19 @@ class _Builder:
         return self._add("batch_norm", name, [x], self.channels[x], arrays, epsilon=BN_EPSILON)
 
     def activation(self, name: str, x: str, layer: str | None) -> str:
-        """lbq.quant.layers.activation: ReLU (None), clip(0, 1) at 32 bits, else quantize."""
-        if layer is None:
+        """QuantNetwork.act: ReLU (``layer`` None, or conv-input placement), else the
+        activation quantizer ``name`` at ``layer``'s a_bits."""
+        if layer is None or self.placement == CONV_INPUT:
             return self._add("relu", name, [x], self.channels[x])
+        return self._activation_quantizer(name, x, layer, self.params.get(name))
+
+    def _activation_quantizer(self, name: str, x: str, layer: str, params) -> str:
+        """lbq.quant.layers.quantized_activation (parameters ``params``, None for DoReFa):
+        clip(0, 1) at 32 bits, else quantize."""
         a_bits = self._layer_bits(layer)[1]
         if a_bits >= FULL_PRECISION_BITS:
-            return self._full_precision_activation(name, x, layer)
-        grid = self.activation_case(self.params.get(name), a_bits, f"layer {layer}")
+            return self._full_precision_activation(name, x, layer, params)
+        grid = self.activation_case(params, a_bits, f"layer {layer}")
         self.grid[name] = (a_bits, grid.clip_high)
         return self._add(
             "quantize",
@@ -194,7 +206,7 @@ class _Builder:
             clip_high=grid.clip_high,
         )
 
-    def _full_precision_activation(self, name: str, x: str, layer: str) -> str:
+    def _full_precision_activation(self, name: str, x: str, layer: str, params) -> str:
         """A quantizer at 32 bits (`lbq.quant.layers`): DoReFa clips to [0, 1], PACT to its
         learned clip, LSQ is a ReLU."""
         quantizer = self.quantizers[1]
@@ -202,7 +214,7 @@ class _Builder:
             return self._add("relu", name, [x], self.channels[x])
         high = 1.0
         if quantizer == "pact":
-            high = self.activation_case(self.params.get(name), 1, f"layer {layer}").clip_high
+            high = self.activation_case(params, 1, f"layer {layer}").clip_high
         return self._add("clip", name, [x], self.channels[x], low=0.0, high=high)
 
     def relu(self, name: str, x: str) -> str:
@@ -395,7 +407,8 @@ def build_program(
     names = model.layer_names()
     if len(w_bits) != len(names) or len(a_bits) != len(names):
         raise DeployError(f"{len(w_bits)} bit-widths given for {len(names)} quantized layers")
-    b = _Builder(variables, w_bits, a_bits, names, model.per_channel, quantizers)
+    placement = getattr(model, "activation_placement", BLOCK_OUTPUT)
+    b = _Builder(variables, w_bits, a_bits, names, model.per_channel, quantizers, placement)
     if isinstance(model, CifarResNet):
         _cifar_resnet(b, model)
     elif isinstance(model, ImageNetResNet):

@@ -103,6 +103,13 @@ def base_config(preset: str, args: argparse.Namespace) -> ml_collections.ConfigD
     c.quant.weight_quantizer = args.weight_quantizer
     c.quant.activation_quantizer = args.activation_quantizer
     c.quant.weight_range_at_bit_change = args.weight_range_at_bit_change
+    for field, value in (
+        ("model.activation_placement", args.activation_placement),
+        ("quant.activation_calibration", args.activation_calibration),
+    ):
+        if value is not None:  # else the default config's
+            section, name = field.split(".")
+            c[section][name] = value
     c.progress = False
     if preset == "tiny":
         c = default.tiny(c)
@@ -581,6 +588,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="quant.weight_range_at_bit_change (LSQ weights): keep the range at a bit-width "
         "change, or set it again by LSQ's rule",
     )
+    p.add_argument(
+        "--activation_placement",
+        default=None,
+        choices=("block_output", "conv_input"),
+        help="model.activation_placement (SPEC section 9; default: the default config's)",
+    )
+    p.add_argument(
+        "--activation_calibration",
+        default=None,
+        choices=("percentile", "lsq"),
+        help="quant.activation_calibration of PACT and LSQ ranges calibrated on a start model "
+        "(default: the default config's)",
+    )
     _add_start_arguments(p)
     p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
     p.add_argument(
@@ -616,7 +636,8 @@ def _describe_study(
         f"trained on {base.data.train_split} ({info.num_train} images). Equal training budget: "
         f"every run trains {total_steps} steps of batch {base.batch_size} ({epochs:.2f} epochs), "
         f"split between its stages. Mean ± sample std over n seeds. Quantizers: weights "
-        f"{base.quant.weight_quantizer}, activations {base.quant.activation_quantizer}"
+        f"{base.quant.weight_quantizer}, activations {base.quant.activation_quantizer} at "
+        f"{base.model.activation_placement} (calibration: {base.quant.activation_calibration})"
         f"{_range_rule_note(base)}.\n"
     )
     if args.start_from:

@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from lbq.models.alexnet import AlexNet
-from lbq.models.common import QuantNetwork
+from lbq.models.common import ACTIVATION_PLACEMENTS, QuantNetwork
 from lbq.models.resnet import CifarResNet, ImageNetResNet
 from lbq.quant.layers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
 
@@ -47,16 +47,18 @@ def get_model(
       dtype: compute dtype (bfloat16 on accelerators, float32 on CPU).
       **kwargs: architecture options (per_channel, logit_scale, shortcut, hidden) and the
         quantizers (weight_quantizer: 'dorefa' or 'lsq'; activation_quantizer: 'dorefa',
-        'pact' or 'lsq'; init_range: the initial PACT clip or LSQ activation range, > 0).
+        'pact' or 'lsq'; init_range: the initial PACT clip or LSQ activation range, > 0;
+        activation_placement: 'block_output' or 'conv_input', SPEC section 9).
 
     Raises:
-      ValueError: for an unknown name or quantizer, or a non-positive init_range.
+      ValueError: for an unknown name, quantizer or placement, or a non-positive init_range.
     """
     if name not in _REGISTRY:
         raise ValueError(f"model.name={name!r} is not a known network; choose one of {MODEL_NAMES}")
     for field, known in (
         ("weight_quantizer", WEIGHT_QUANTIZERS),
         ("activation_quantizer", ACTIVATION_QUANTIZERS),
+        ("activation_placement", ACTIVATION_PLACEMENTS),
     ):
         if kwargs.get(field, known[0]) not in known:
             raise ValueError(f"{field}={kwargs[field]!r} is not one of {known}")
@@ -66,4 +68,12 @@ def get_model(
     return cls(num_classes=num_classes, quantized=quantized, dtype=dtype, **{**defaults, **kwargs})
 
 
-__all__ = ["MODEL_NAMES", "AlexNet", "CifarResNet", "ImageNetResNet", "QuantNetwork", "get_model"]
+__all__ = [
+    "ACTIVATION_PLACEMENTS",
+    "MODEL_NAMES",
+    "AlexNet",
+    "CifarResNet",
+    "ImageNetResNet",
+    "QuantNetwork",
+    "get_model",
+]

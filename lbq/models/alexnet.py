@@ -3,7 +3,9 @@
 Each conv and hidden dense layer is followed by BatchNorm (so it has no bias) and the
 activation. The first conv and the classifier are full precision; the activation after the
 last hidden layer, which feeds the classifier, stays a plain ReLU. For AlexNet the units of
-stochastic precision are single layers: each quantized layer is its own block.
+stochastic precision are single layers: each quantized layer is its own block. With
+``activation_placement='conv_input'`` (SPEC section 9) every activation is a ReLU and each
+quantized layer quantizes its own input instead.
 """
 
 from __future__ import annotations
@@ -80,10 +82,8 @@ class AlexNet(QuantNetwork):
                 (spec.kernel,) * 2,
                 (spec.stride,) * 2,
                 pad,
-                per_channel=self.per_channel,
-                weight_quantizer=self.weight_quantizer,
-                dtype=self.dtype,
                 name=f"conv{i + 1}",
+                **self.layer_options(),
             )
             x = self.batch_norm(train, f"bn{i + 1}")(conv(x, layer))
             # The activation after the full-precision first conv takes conv2's precision.
@@ -104,10 +104,8 @@ class AlexNet(QuantNetwork):
             dense = QuantDense(
                 self.hidden,
                 use_bias=False,
-                per_channel=self.per_channel,
-                weight_quantizer=self.weight_quantizer,
-                dtype=self.dtype,
                 name=name,
+                **self.layer_options(),
             )
             x = self.batch_norm(train, f"{name}_bn")(dense(x, layer))
             x = self.act(x, None if name == "fc7" else layer, f"{name}_act")

@@ -19,6 +19,14 @@ from lbq.quant.precision import Precision
 
 Dtype = Any
 
+# Where a quantized network quantizes its activations (SPEC section 9): 'block_output' (the
+# authors' code: each block activation is quantized in place of its ReLU, so shortcuts and the
+# next block read k-bit values) or 'conv_input' (each quantized conv or dense layer quantizes its
+# own input; block outputs, shortcuts and residual additions stay full precision, as LSQ, APoT
+# and Brevitas do).
+BLOCK_OUTPUT, CONV_INPUT = "block_output", "conv_input"
+ACTIVATION_PLACEMENTS = (BLOCK_OUTPUT, CONV_INPUT)
+
 # BatchNorm's running-average momentum (Flax convention; PyTorch's 0.1), which
 # `lbq.calibrate` also needs to recover a batch's statistics.
 BATCH_NORM_MOMENTUM = 0.9
@@ -34,6 +42,11 @@ class QuantNetwork(nn.Module):
     Quantizers (static; `lbq.quant.layers`): ``weight_quantizer`` ('dorefa', 'lsq') for every
     quantized conv and dense layer, ``activation_quantizer`` ('dorefa', 'pact', 'lsq') for every
     quantized activation, ``init_range`` the initial PACT clip / LSQ activation range.
+    ``activation_placement`` (static): ``'block_output'`` or ``'conv_input'`` (SPEC section 9;
+    see `ACTIVATION_PLACEMENTS`). With ``'conv_input'`` every activation of the network is a
+    plain ReLU and each quantized layer quantizes its own input with its layer's ``a_bits``
+    (`lbq.quant.layers.QuantConv`'s ``quantize_input``; the quantizer is its submodule
+    ``input_quantizer``).
     """
 
     num_classes: int = 10
@@ -43,6 +56,7 @@ class QuantNetwork(nn.Module):
     weight_quantizer: str = DEFAULT_QUANTIZER
     activation_quantizer: str = DEFAULT_QUANTIZER
     init_range: float = PACT_INITIAL_CLIP
+    activation_placement: str = BLOCK_OUTPUT
     dtype: Dtype = jnp.float32
 
     def layer_names(self) -> tuple[str, ...]:
@@ -82,21 +96,35 @@ class QuantNetwork(nn.Module):
                 )
 
     def act(self, x: jax.Array, precision, name: str) -> jax.Array:
-        """The nonlinearity at one place of the network: ReLU for ``precision=None``, else
-        the network's activation quantizer (a submodule called ``name`` for PACT and LSQ)."""
+        """The nonlinearity at one place of the network: ReLU for ``precision=None`` or with
+        ``activation_placement='conv_input'``, else the network's activation quantizer (a
+        submodule called ``name`` for PACT and LSQ)."""
+        if self.activation_placement == CONV_INPUT:
+            return nn.relu(x)
         return quantized_activation(x, precision, self.activation_quantizer, self.init_range, name)
 
+    def layer_options(self) -> dict[str, Any]:
+        """The keyword arguments that every quantized `QuantConv` / `QuantDense` of this
+        network takes: weight quantizer, per-channel flag, dtype and, with
+        ``activation_placement='conv_input'``, its input quantizer."""
+        return {
+            "per_channel": self.per_channel,
+            "weight_quantizer": self.weight_quantizer,
+            "quantize_input": self.activation_placement == CONV_INPUT,
+            "activation_quantizer": self.activation_quantizer,
+            "init_range": self.init_range,
+            "dtype": self.dtype,
+        }
+
     def quant_conv(self, features: int, kernel: int, stride: int, padding: int, name: str):
-        """A quantized conv with this network's weight quantizer, per-channel flag and dtype."""
+        """A quantized conv with this network's `layer_options`."""
         return QuantConv(
             features,
             (kernel, kernel),
             (stride, stride),
             padding=[(padding, padding)] * 2,
-            per_channel=self.per_channel,
-            weight_quantizer=self.weight_quantizer,
-            dtype=self.dtype,
             name=name,
+            **self.layer_options(),
         )
 
     def classify(self, x: jax.Array) -> jax.Array:

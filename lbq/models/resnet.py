@@ -6,6 +6,12 @@ downsample convs included, and so is every block activation, except the activati
 last block's residual add, which stays a plain ReLU so that the pooled feature feeding the
 classifier is full precision.
 
+Where activations are quantized is the network's ``activation_placement`` (SPEC section 9,
+`lbq.models.common.QuantNetwork`). The rest of this docstring describes ``'block_output'``, the
+authors' design; with ``'conv_input'`` every activation is a ReLU and each quantized conv (the
+1x1 projection shortcuts included) quantizes its own input at its layer's ``a_bits``, so block
+outputs, shortcuts and residual additions stay full precision.
+
 Layer precision: a layer's ``a_bits`` quantizes the activation that layer's output feeds
 inside its block (for a post-activation block, the ReLU after conv1 takes conv1's, the one
 after the residual add takes the last conv's). The activation after the full-precision stem

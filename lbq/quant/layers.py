@@ -293,9 +293,10 @@ class QuantConv(nn.Module):
       use_bias: add a full-precision bias.
       per_channel: scale weights per output channel instead of per tensor.
       weight_quantizer: 'dorefa' or 'lsq'.
-      quantize_input: also apply the activation quantizer to the input. The lbq networks
-        quantize activations where they are produced (in place of ReLU), so they leave
-        this off; it is there for models that want AQT-style input quantization.
+      quantize_input: also apply the activation quantizer to the input (a submodule
+        ``input_quantizer`` for PACT and LSQ) at the layer's ``a_bits``. The lbq networks set
+        it with ``activation_placement='conv_input'`` (SPEC section 9); with
+        ``'block_output'`` they quantize activations where they are produced instead.
       activation_quantizer, init_range: the input's quantizer (`QuantActivation`).
       dtype: compute dtype.
     """
