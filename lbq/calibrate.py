@@ -17,8 +17,11 @@
   ``quant.weight_range_at_bit_change='lsq_rule'``, the LSQ weight ranges whose bit-width
   changes are instead set again by LSQ's rule at the new bit-width, from the weights as
   trained, in a pass of their own after the first-use one (`changed_weight_bits`; why:
-  docs/learned_ranges.md). Activation ranges always carry over: they describe the data,
-  which a bit-width change does not alter.
+  docs/learned_ranges.md). With ``quant.activation_range_at_bit_change='calibrate'``, the
+  PACT clips and LSQ activation ranges whose bit-width changes are set again too, by
+  ``quant.activation_calibration`` at the new bit-width, in a last pass
+  (`changed_activation_bits`): the network runs at the new stage's precision, the marked
+  activations at full precision while their inputs are recorded.
 
 Rules. LSQ weights: ``s = 2 mean|w| / sqrt(Q_P)`` per tensor or output channel. Activations
 (PACT clip, LSQ range): ``quant.activation_calibration`` = ``'percentile'``, the
@@ -207,6 +210,27 @@ def changed_weight_bits(
         if marked.any():
             w_bits = np.where(marked, FULL_PRECISION_BITS, previous[name][0])
             out[name] = (calibration_bits(w_bits, now, marked), np.asarray(previous[name][1]))
+    return out or None
+
+
+def changed_activation_bits(
+    bits_per_stage: Sequence[Bits], index: int, model: ModelSpec
+) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """{student: (w_bits, a_bits)} of the pass that sets PACT/LSQ activation ranges again at
+    the start of stage ``index`` > 0 (``quant.activation_range_at_bit_change='calibrate'``):
+    the activations whose bit-width differs from the one they were last quantized at are
+    marked (and run at full precision, so their inputs are recorded); everything else runs at
+    stage ``index``'s own precision, as the stage will train it. None when none is marked."""
+    if model.activation_quantizer not in ("pact", "lsq"):
+        return None
+    out = {}
+    for name, (w_now, a_now) in bits_per_stage[index].items():
+        a_now = np.asarray(a_now)
+        last = _last_quantized(bits_per_stage[:index], name, 1)
+        marked = (last < FULL_PRECISION_BITS) & (a_now < FULL_PRECISION_BITS) & (last != a_now)
+        if marked.any():
+            current = np.where(marked, FULL_PRECISION_BITS, a_now)
+            out[name] = (np.asarray(w_now), calibration_bits(current, a_now, marked))
     return out or None
 
 
@@ -517,7 +541,9 @@ def stage_ranges(
     """The state at the start of stage ``index``: the LSQ ranges of the layers that the stage
     quantizes for the first time calibrated on the network as trained so far and, with
     ``quant.weight_range_at_bit_change='lsq_rule'``, the LSQ weight ranges whose bit-width
-    changes set again by LSQ's rule (`changed_weight_bits`)."""
+    changes set again by LSQ's rule (`changed_weight_bits`) and, with
+    ``quant.activation_range_at_bit_change='calibrate'``, the activation ranges whose
+    bit-width changes set again by ``quant.activation_calibration`` (`changed_activation_bits`)."""
     plan = trainer.plan
     if index == 0 or not plan.model.learned_ranges:
         return state
@@ -532,9 +558,9 @@ def stage_ranges(
             lift_clips=False,
             source=f"the network at the start of stage {index + 1}",
         )
-    if plan.calibration.weight_range_at_bit_change != "lsq_rule":
-        return state
-    changed = changed_weight_bits(bits_per_stage, index, plan.model)
+    changed = None
+    if plan.calibration.weight_range_at_bit_change == "lsq_rule":
+        changed = changed_weight_bits(bits_per_stage, index, plan.model)
     if changed is not None:
         state = calibrate_ranges(
             trainer,
@@ -544,6 +570,19 @@ def stage_ranges(
             num_batches=1,  # only the kernels are read
             lift_clips=False,
             source=f"the weights at stage {index + 1}'s new bit-widths",
+        )
+    changed = None
+    if plan.calibration.activation_range_at_bit_change == "calibrate":
+        changed = changed_activation_bits(bits_per_stage, index, plan.model)
+    if changed is not None:
+        state = calibrate_ranges(
+            trainer,
+            state,
+            changed,
+            rule=plan.calibration.activation_rule,
+            num_batches=plan.calibration.batches,
+            lift_clips=False,
+            source=f"the network at stage {index + 1}'s new bit-widths",
         )
     return state
 

@@ -43,6 +43,7 @@ TEACHER_MODES = ("joint", "frozen")
 STOCHASTIC_UNITS = ("block", "layer")
 ACTIVATION_CALIBRATIONS = ("percentile", "lsq")
 WEIGHT_RANGE_AT_BIT_CHANGE = ("keep", "lsq_rule")
+ACTIVATION_RANGE_AT_BIT_CHANGE = ("keep", "calibrate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,9 @@ class CalibrationSpec:
       weight_range_at_bit_change: 'keep' (SPEC section 7: an LSQ weight range keeps its
         clipped interval when a stage changes its bit-width) or 'lsq_rule' (set again by LSQ's
         rule at the new bit-width; `lbq.calibrate.changed_weight_bits`).
+      activation_range_at_bit_change: 'keep' (SPEC section 7) or 'calibrate' (a PACT clip or
+        LSQ activation range whose bit-width a stage changes is set again by
+        ``activation_rule`` at the new bit-width; `lbq.calibrate.changed_activation_bits`).
     """
 
     batches: int = 4
@@ -104,6 +108,7 @@ class CalibrationSpec:
     activation_rule: str = "percentile"
     recalibrate_bn_batches: int = 0
     weight_range_at_bit_change: str = "keep"
+    activation_range_at_bit_change: str = "keep"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +295,9 @@ def _calibration(config: Any) -> CalibrationSpec:
         check_choice(config, "quant.activation_calibration", ACTIVATION_CALIBRATIONS),
         check_type(config, "eval.recalibrate_bn_batches", "int", low=0),
         check_choice(config, "quant.weight_range_at_bit_change", WEIGHT_RANGE_AT_BIT_CHANGE),
+        check_choice(
+            config, "quant.activation_range_at_bit_change", ACTIVATION_RANGE_AT_BIT_CHANGE
+        ),
     )
 
 
@@ -515,6 +523,16 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
             f"quant.weight_range_at_bit_change={calibration.weight_range_at_bit_change!r} "
             f"applies to LSQ weights only; quant.weight_quantizer is "
             f"{model.weight_quantizer!r}"
+        )
+    if calibration.activation_range_at_bit_change != "keep" and model.activation_quantizer not in (
+        "pact",
+        "lsq",
+    ):
+        raise ConfigError(
+            f"quant.activation_range_at_bit_change="
+            f"{calibration.activation_range_at_bit_change!r} applies to learned activation "
+            f"ranges (PACT, LSQ) only; quant.activation_quantizer is "
+            f"{model.activation_quantizer!r}"
         )
     init_from = check_path(config, "init_from")
     checkpoint = CheckpointPolicy(

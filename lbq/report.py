@@ -66,8 +66,12 @@ def quantizers_text(plan: RunPlan) -> str:
     weights, activations = quantizer_names(plan)
     scale = "per channel" if plan.model.per_channel else "per tensor"
     text = f"weights {weights} ({scale}), activations {activations}"
+    if plan.model.quantized and plan.model.activation_placement != "block_output":
+        text += f" at {plan.model.activation_placement}"
     rule = weight_range_rule(plan)
-    return text + (f"; LSQ weight ranges at a bit-width change: {rule}" if rule else "")
+    text += f"; LSQ weight ranges at a bit-width change: {rule}" if rule else ""
+    rule = plan.calibration.activation_range_at_bit_change
+    return text + (f"; activation ranges at a bit-width change: {rule}" if rule != "keep" else "")
 
 
 def weight_range_rule(plan: RunPlan) -> str | None:

@@ -342,6 +342,18 @@ def calibrate_free_activation(quantizer, x, p):
             {"quant.weight_quantizer": "lsq", "quant.w_bits": 1},
             "quant.w_bits=1 is too few bits for LSQ weights",
         ),
+        (
+            {"quant.activation_range_at_bit_change": "lsq_rule"},
+            "quant.activation_range_at_bit_change='lsq_rule' is not one of",
+        ),
+        (
+            {"quant.activation_range_at_bit_change": "calibrate"},
+            "quant.activation_range_at_bit_change='calibrate' applies to learned activation",
+        ),
+        (
+            {"model.activation_placement": "conv_output"},
+            "model.activation_placement='conv_output' is not one of",
+        ),
     ],
 )
 def test_bad_quantizer_fields_name_the_field(change, message):
@@ -605,6 +617,75 @@ def test_a_bit_width_drop_keeps_lsq_weight_ranges_or_sets_them_by_lsqs_rule():
             weights += 1
     assert weights == 18  # ResNet-20's quantized convs and dense layers
     assert activations == 18  # and their input activations, first quantized by stage w2a2
+
+
+def _activation_inputs(model, variables, images, precision) -> dict:
+    """The input of every `QuantActivation` call, by its parent module's name and its own
+    (Flax intercept)."""
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, QuantActivation) and context.method_name == "__call__":
+            seen[context.module.name] = np.asarray(args[0], np.float64)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply(variables, images, precision)
+    return seen
+
+
+@pytest.mark.parametrize("quantizer", ["lsq", "pact"])
+def test_a_bit_width_drop_calibrates_activation_ranges_again_when_asked(quantizer):
+    """Stages w4a4 -> w2a2 with quant.activation_range_at_bit_change: 'keep' leaves every
+    activation range as stage 1 ended it; 'calibrate' sets each to LSQ's rule at 2 bits,
+    2 sqrt(3) mean(relu(x)), on its input x in the network at w2 with the activations at full
+    precision (averaged over the calibration batches); weights and everything else are kept."""
+    after, start = {}, {}
+    for rule in ("keep", "calibrate"):
+        config = tiny_config()
+        config.quant.weight_quantizer, config.quant.activation_quantizer = "lsq", quantizer
+        config.quant.activation_calibration = "lsq"
+        config.quant.activation_range_at_bit_change = rule
+        config.quant.calibration_batches = 2
+        config.stages = [
+            default.stage("w4a4", steps=2, w_bits=4, a_bits=4),
+            default.stage("w2a2", steps=2, w_bits=2, a_bits=2),
+        ]
+        plan = parse_config(config)
+        trainer = build_trainer(plan, get_info(plan.data), data_mesh(1), donate=False)
+        stages = lay_out(plan.stages, plan.steps_per_epoch(trainer.info.num_train))
+        start[rule] = trainer.load_start_weights(trainer.init_state())
+        after[rule] = trainer.start_stage(start[rule], stages[1])
+    _assert_same_leaves(after["keep"].params, start["keep"].params)  # keep: nothing changes
+    params, stats = start["calibrate"].params["student"], start["calibrate"].batch_stats["student"]
+    model = trainer.networks[0].model
+    names = model.layer_names()
+    fp_activations = Precision(
+        jnp.full((len(names),), 2.0), jnp.full((len(names),), 32.0), jnp.ones((len(names),))
+    )
+    info = trainer.info
+    per_batch = [
+        _activation_inputs(
+            model,
+            {"params": params, "batch_stats": stats},
+            normalize(b["image"], info.mean, info.std),
+            fp_activations,
+        )
+        for b in calibrate.training_batches(trainer, 2)
+    ]
+    param = "range" if quantizer == "lsq" else "clip"
+    rest_before, _ = split_learned_ranges(params)
+    rest, ranges = split_learned_ranges(after["calibrate"].params["student"])
+    _assert_same_leaves(rest, rest_before)
+    checked = 0
+    for module, values in ranges.items():
+        if param not in values:
+            np.testing.assert_array_equal(values["weight_range"], params[module]["weight_range"])
+            continue
+        mean = np.mean([np.maximum(batch[module], 0).mean() for batch in per_batch])
+        assert float(values[param]) == pytest.approx(2 * math.sqrt(3) * mean, rel=1e-5), module
+        checked += 1
+    assert checked == 18  # the stem's and the blocks' activations, all at a new bit-width
 
 
 # -------------------------------------------------------------- BatchNorm re-estimation

@@ -99,6 +99,10 @@ def _quant_fields() -> ml_collections.ConfigDict:
     # LSQ weight ranges when a stage changes their bit-width: 'keep' the clipped range (SPEC
     # section 7) or 'lsq_rule': set again by LSQ's rule at the new bit-width.
     f.weight_range_at_bit_change = "keep"
+    # PACT/LSQ activation ranges when a stage changes their bit-width: 'keep' the range (SPEC
+    # section 7) or 'calibrate': set again by quant.activation_calibration at the new bit-width,
+    # on the network as trained (docs/learned_ranges.md).
+    f.activation_range_at_bit_change = "keep"
     return f
 
 

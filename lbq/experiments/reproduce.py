@@ -106,6 +106,7 @@ def base_config(preset: str, args: argparse.Namespace) -> ml_collections.ConfigD
     for field, value in (
         ("model.activation_placement", args.activation_placement),
         ("quant.activation_calibration", args.activation_calibration),
+        ("quant.activation_range_at_bit_change", args.activation_range_at_bit_change),
     ):
         if value is not None:  # else the default config's
             section, name = field.split(".")
@@ -525,6 +526,13 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
             f"--weight_range_at_bit_change={args.weight_range_at_bit_change} needs "
             "--weight_quantizer=lsq"
         )
+    if args.activation_range_at_bit_change == "calibrate" and args.activation_quantizer not in (
+        "pact",
+        "lsq",
+    ):
+        p.error(
+            "--activation_range_at_bit_change=calibrate needs --activation_quantizer=pact or lsq"
+        )
     for flag in ("start_from", "teacher_start_from"):
         path = getattr(args, flag)
         if path:
@@ -601,6 +609,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="quant.activation_calibration of PACT and LSQ ranges calibrated on a start model "
         "(default: the default config's)",
     )
+    p.add_argument(
+        "--activation_range_at_bit_change",
+        default=None,
+        choices=("keep", "calibrate"),
+        help="quant.activation_range_at_bit_change (PACT, LSQ): keep the range at a bit-width "
+        "change, or calibrate it again (default: the default config's)",
+    )
     _add_start_arguments(p)
     p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
     p.add_argument(
@@ -622,8 +637,15 @@ def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: a
 
 
 def _range_rule_note(base: ml_collections.ConfigDict) -> str:
-    rule = base.quant.weight_range_at_bit_change
-    return "" if rule == "keep" else f" (LSQ weight ranges at a bit-width change: {rule})"
+    notes = [
+        f"{what} ranges at a bit-width change: {rule}"
+        for what, rule in (
+            ("LSQ weight", base.quant.weight_range_at_bit_change),
+            ("activation", base.quant.activation_range_at_bit_change),
+        )
+        if rule != "keep"
+    ]
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _describe_study(
