@@ -106,6 +106,17 @@ def test_pretrained_plans_drop_the_32_bit_stage():
     ]
 
 
+def test_last_stage_share_gives_the_target_bit_width_its_fraction():
+    plan = reproduce.stage_plan("pq", 2, 0.02, pretrained=True, last_stage_share=0.8)
+    assert [w for w, *_ in plan] == [8, 4, 2]
+    assert [f for *_, f, _ in plan] == pytest.approx([0.1, 0.1, 0.8])
+    scratch = reproduce.stage_plan("best", 2, last_stage_share=0.5)  # 32 -> 4 -> 2 = 40/30/30
+    assert [f for *_, f, _ in scratch] == pytest.approx([0.5 * 4 / 7, 0.5 * 3 / 7, 0.5])
+    assert reproduce.stage_plan("direct", 2, last_stage_share=0.8) == [(2, 2, 1.0, None)]
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--outdir=x", "--last_stage_share=1.0"])
+
+
 @pytest.fixture(scope="module")
 def fp_and_kd_studies(tmp_path_factory):
     """Two tiny studies: a full-precision run, and a kd run started from it at lr 0 (so its

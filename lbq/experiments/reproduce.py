@@ -53,6 +53,7 @@ from typing import Any
 import ml_collections
 
 from lbq.configs.recipes import METHODS
+from lbq.io import write_json
 
 METHOD_NOTES = {
     "fp": "full precision, plain ReLU",
@@ -134,7 +135,11 @@ def base_config(preset: str, args: argparse.Namespace) -> ml_collections.ConfigD
 
 
 def stage_plan(
-    method: str, bits: int, fine_tune_lr: float = FINE_TUNE_LR, pretrained: bool = False
+    method: str,
+    bits: int,
+    fine_tune_lr: float = FINE_TUNE_LR,
+    pretrained: bool = False,
+    last_stage_share: float | None = None,
 ) -> list[tuple[int, int, float, float | None]]:
     """The stages of a method: (w_bits, a_bits, fraction of the budget, lr or None).
 
@@ -142,13 +147,21 @@ def stage_plan(
     stage's weights. ``pretrained``: the run starts from a trained full-precision model (the
     paper's ImageNet protocol), which stands in for the 32-bit stage of pq and best; the
     remaining stages share the budget in the same proportions, all at ``fine_tune_lr``.
+    ``last_stage_share``: the fraction of the budget of a multi-stage plan's last stage (the
+    target bit-width); the earlier stages share the rest in their proportions.
     """
     plan = _scratch_plan(method, bits, fine_tune_lr)
-    if not pretrained:
+    if pretrained:
+        kept = [(w, a, f) for w, a, f, _ in plan if (w, a) != (32, 32) or method == "fp"]
+        total = sum(f for _, _, f in kept)
+        plan = [(w, a, f / total, fine_tune_lr) for w, a, f in kept]
+    if last_stage_share is None or len(plan) == 1:
         return plan
-    kept = [(w, a, f) for w, a, f, _ in plan if (w, a) != (32, 32) or method == "fp"]
-    total = sum(f for _, _, f in kept)
-    return [(w, a, f / total, fine_tune_lr) for w, a, f in kept]
+    earlier = sum(f for _, _, f, _ in plan[:-1])
+    scale = (1.0 - last_stage_share) / earlier
+    return [(w, a, f * scale, lr) for w, a, f, lr in plan[:-1]] + [
+        (*plan[-1][:2], last_stage_share, plan[-1][3])
+    ]
 
 
 def _scratch_plan(
@@ -192,13 +205,15 @@ def run_config(
     start_from: str = "",
     teacher_lr_scale: float = 1.0,
     teacher_start_from: str = "",
+    last_stage_share: float | None = None,
 ) -> ml_collections.ConfigDict:
     """The full config of one run.
 
     ``start_from``: a trained full-precision run that every network starts from (the student
     through ``init_from``, the teacher through ``distill.teacher_init``, unless
     ``teacher_start_from`` names another run for the teacher). ``teacher_lr_scale``:
-    the teacher's lr relative to the student's in every stage.
+    the teacher's lr relative to the student's in every stage. ``last_stage_share``: see
+    `stage_plan`.
     """
     from lbq.configs import default, recipes
 
@@ -209,7 +224,9 @@ def run_config(
     recipes.apply_method(c, run.method, run.bits, epochs=1.0, fine_tune_lr=fine_tune_lr)
     if run.method == "fp":
         c.quant.w_bits = c.quant.a_bits = 32
-    plan = stage_plan(run.method, run.bits, fine_tune_lr, pretrained=bool(start_from))
+    plan = stage_plan(
+        run.method, run.bits, fine_tune_lr, bool(start_from), last_stage_share=last_stage_share
+    )
     lengths = split_steps(total_steps, [f for _, _, f, _ in plan])
     stages = []
     for (w, a, _, lr), steps in zip(plan, lengths, strict=True):
@@ -285,10 +302,7 @@ def execute(
         "images_per_second": result.images_per_second,
         "seconds": time.time() - start,
     }
-    tmp = os.path.join(workdir, "result.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "result.json"))  # atomic: a result is whole or absent
+    write_json(os.path.join(workdir, "result.json"), record)  # atomic: whole or absent
     return record
 
 
@@ -533,6 +547,8 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
         p.error(
             "--activation_range_at_bit_change=calibrate needs --activation_quantizer=pact or lsq"
         )
+    if args.last_stage_share is not None and not 0 < args.last_stage_share < 1:
+        p.error(f"--last_stage_share={args.last_stage_share} must be in (0, 1)")
     for flag in ("start_from", "teacher_start_from"):
         path = getattr(args, flag)
         if path:
@@ -610,6 +626,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "(default: the default config's)",
     )
     p.add_argument(
+        "--last_stage_share",
+        type=float,
+        default=None,
+        help="fraction (0, 1) of a multi-stage method's budget for its last stage, the target "
+        "bit-width (default: the method's ladder; see stage_plan)",
+    )
+    p.add_argument(
         "--activation_range_at_bit_change",
         default=None,
         choices=("keep", "calibrate"),
@@ -633,6 +656,7 @@ def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: a
         args.start_from,
         args.teacher_lr_scale,
         args.teacher_start_from,
+        args.last_stage_share,
     )
 
 
