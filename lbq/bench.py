@@ -42,6 +42,7 @@ import sys
 import time
 from typing import Any
 
+from lbq.io import write_json
 from lbq.models import SMALL_INPUT_MODELS
 
 # The paper's methods (the default set, mirrored by benchmarks/torch_fakequant.py) and the
@@ -544,8 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json == "-":
         print(json.dumps(report))
     elif args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
     return 0
 
 

@@ -19,7 +19,8 @@ import re
 import sys
 
 from lbq.deploy.cli import run_command
-from lbq.deploy.errors import DeployError, write_json
+from lbq.deploy.errors import DeployError
+from lbq.io import write_json
 from lbq.quant.quantizers import check_bits
 
 

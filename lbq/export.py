@@ -30,8 +30,9 @@ from typing import Any
 
 from lbq.deploy import package
 from lbq.deploy.cli import run_command
-from lbq.deploy.errors import DeployError, write_json
+from lbq.deploy.errors import DeployError
 from lbq.deploy.verify import CHECK_MAX_REL_DIFF, CHECK_MIN_AGREEMENT
+from lbq.io import write_json
 from lbq.workdir import LOCK_FILE, WorkdirError, WorkdirLock
 
 DEFAULT_CHECK_IMAGES = 64

@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from lbq.io import atomic_open, jsonl_lines
+
 
 class MetricsWriter:
     """Writes ``metrics.jsonl`` and TensorBoard events (tensorboardX, no TensorFlow needed)."""
@@ -68,24 +70,19 @@ def drop_records_after(path: str, step: int) -> int:
     without a line cut short by a hard kill. Returns how many lines were dropped."""
     if not os.path.exists(path):
         return 0
-    with open(path) as f:
-        lines = f.readlines()
-    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    lines = list(jsonl_lines(path))
+    kept = [line for _, line, record in lines if _step_of(record, step + 1) <= step]
     if len(kept) < len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_open(path) as f:  # a kill now leaves the old file or the new one
             f.writelines(kept)
-        os.replace(tmp, path)  # atomic: a kill now leaves the old file or the new one
     return len(lines) - len(kept)
 
 
-def _step_of(line: str) -> int | None:
-    if not line.endswith("\n"):
-        return None  # cut short
+def _step_of(record: Any, otherwise: int) -> int:
     try:
-        return int(json.loads(line)["step"])
+        return int(record["step"])  # record is None for a line cut short or not JSON
     except (ValueError, KeyError, TypeError):
-        return None
+        return otherwise
 
 
 def _plain(value: Any) -> Any:

@@ -16,7 +16,6 @@ without pyplot); this module only reads the records and lays them out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -24,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from matplotlib.figure import Figure
+
+from lbq.io import jsonl_lines
 
 METRICS_FILE = "metrics.jsonl"
 # (record kind, metric suffix after "NETWORK/", y-axis label)
@@ -71,20 +72,13 @@ def read_records(workdir: str) -> list[dict]:
     if not os.path.isfile(path):
         raise PlotError(f"no {METRICS_FILE} in '{workdir}': no run has logged there yet")
     try:
-        with open(path) as f:
-            lines = f.readlines()
+        lines = list(jsonl_lines(path))
     except (OSError, UnicodeDecodeError) as error:
         raise PlotError(f"cannot read '{path}': {error}") from None
-    if lines and not lines[-1].endswith("\n"):
-        lines = lines[:-1]
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
+    for number, line, record in lines:
+        if not line.strip() or not line.endswith("\n"):
+            continue  # blank, or the last line cut short by a kill
         if not (
             isinstance(record, dict)
             and isinstance(record.get("step"), int)

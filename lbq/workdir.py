@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lbq.io import write_json
 from lbq.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 from lbq.validate import ConfigError
 
@@ -366,10 +367,6 @@ def write_record(workdir: str, record: Mapping[str, Any]) -> None:
     path = os.path.join(workdir, "config.json")
     try:
         os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json(path, record)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
         raise WorkdirError(f"could not write {path}: {_os_reason(error)}") from None

@@ -1,5 +1,5 @@
 """The one error type of lbq.deploy (a run, model folder or file that cannot be used), and the
-JSON files it reads and writes."""
+JSON files it reads (written through `lbq.io.write_json`)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,3 @@ def read_json(path: str, missing: str) -> Any:
             return json.load(f)
     except (OSError, ValueError) as error:
         raise DeployError(f"{path} is unreadable: {error}") from None
-
-
-def write_json(path: str, document: Any, indent: int = 2) -> None:
-    """Writes ``document`` as JSON to ``path`` through a temporary file and `os.replace`, so a
-    kill leaves the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as f:
-        f.write(json.dumps(document, indent=indent) + "\n")
-    os.replace(path + ".tmp", path)

@@ -20,7 +20,6 @@ versions as JSON. Performance is printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 
 from lbq.bench import cpu_model
 from lbq.deploy.cli import run_command
+from lbq.io import write_json
 
 
 def machine() -> dict[str, Any]:
@@ -236,8 +236,7 @@ def measure_command(args: argparse.Namespace) -> int:
             record["networks"][net.name] = result
             print(report(net.name, result), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+        write_json(args.json, record, indent=1)
     return 0
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from lbq.deploy.errors import DeployError, read_json
 from lbq.deploy.pack import pack_codes, packed_size, unpack_codes
 from lbq.deploy.program import Program
+from lbq.io import atomic_open
 
 FORMAT = "lbq-deploy"
 VERSION = 1
@@ -125,10 +126,8 @@ def array_index(stored: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
 
 def write_packed(path: str, stored: Mapping[str, np.ndarray]) -> None:
     """Writes the arrays uncompressed (the codes are already dense), via a temporary file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, **stored)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -16,7 +16,6 @@ Top-1 is the final student's, in percent, on the split the runs evaluated.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 from lbq.configs.recipes import METHODS
 from lbq.experiments.reproduce import load_results, summarize
+from lbq.io import write_json
 
 Column = tuple[str, int]  # (method, bits)
 
@@ -232,8 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_markdown(result)
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(table)
-    with open(os.path.join(args.out, "comparison.json"), "w") as f:
-        json.dump(_without_nan(result), f, indent=1)
+    write_json(os.path.join(args.out, "comparison.json"), _without_nan(result), indent=1)
     plot(result, os.path.join(args.out, "comparison.png"), args.gaps, args.title)
     print(table, end="")
     print(f"wrote comparison.md, comparison.json and comparison.png in {args.out}")

@@ -19,9 +19,10 @@ Top-1 values are fractions; the JSON holds ``{label: {'top1', 'top1_bn_reestimat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
+
+from lbq.io import write_json
 
 PAIRS = ("dorefa/dorefa", "dorefa/pact", "lsq/lsq")
 
@@ -98,8 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[label] = probe_one(config)
         text = ", ".join(f"{k} {100 * v:.2f} %" for k, v in results[label].items())
         print(f"{label}: {text}", flush=True)
-        with open(args.out, "w") as f:  # partial results survive an interrupted probe
-            json.dump(results, f, indent=1)
+        write_json(args.out, results, indent=1)  # partial results survive an interrupted probe
     return 0
 
 
