@@ -57,16 +57,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _override_error(argv: list[str], error: BaseException) -> str:
-    import difflib
-
     from lbq.configs import default
+    from lbq.validate import did_you_mean
 
     known = sorted(_dotted(default.get_config().to_dict()))
     for field in overridden_fields(argv):
         base = field.split("[")[0]
         if base.split(".")[0] != "stages" and base not in known:
-            close = difflib.get_close_matches(base, known, n=1)
-            hint = f"; did you mean --config.{close[0]}?" if close else ""
+            hint = did_you_mean(base, known, "--config.")
             return f"--config.{field} is not a config field{hint}"
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"could not load the config: {type(error).__name__}: {message}"

@@ -10,7 +10,6 @@ before anything is written or compiled.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +32,7 @@ from lbq.validate import (
     check_choice,
     check_path,
     check_type,
+    did_you_mean,
     get_field,
     is_number,
 )
@@ -224,9 +224,7 @@ def _schema() -> tuple[dict[str, Any], set[str]]:
 
 
 def _unknown(name: str, known: Any, path: str) -> ConfigError:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f"; did you mean {path}{close[0]}?" if close else ""
-    return ConfigError(f"{path}{name} is not a config field{hint}")
+    return ConfigError(f"{path}{name} is not a config field{did_you_mean(name, known, path)}")
 
 
 def check_known_fields(config: Any) -> None:

@@ -5,9 +5,11 @@ Every error is a `ConfigError` whose message starts with the dotted name of the 
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from lbq.quant.quantizers import check_bits
@@ -15,6 +17,14 @@ from lbq.quant.quantizers import check_bits
 
 class ConfigError(ValueError):
     """A config field has a bad value; the message names the field."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str], prefix: str = "", n: int = 1) -> str:
+    """``"; did you mean PREFIX+X?"`` for the (at most ``n``, comma-separated) candidates closest
+    to ``name`` (`difflib.get_close_matches`), or "" when none is close: the one hint of every
+    "not a config field" and "unknown dataset" error."""
+    close = difflib.get_close_matches(name, list(candidates), n=n)
+    return f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
 
 
 def get_field(config: Any, field: str) -> Any:

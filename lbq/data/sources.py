@@ -9,7 +9,6 @@ NumPy decoder always decodes at full size and leaves CMYK or RGBA files 4-channe
 
 from __future__ import annotations
 
-import difflib
 import glob
 import logging
 import os
@@ -22,6 +21,7 @@ from lbq.data import digits
 from lbq.data.config import DEFAULT_IMAGE_SIZE, Settings, known_stats
 from lbq.data.errors import DataError, DatasetNotFoundError, UnknownDatasetError
 from lbq.data.stats import PixelStats
+from lbq.validate import did_you_mean
 
 PREPARE_HINT = "python -m lbq.data.prepare --root=ROOT --data_dir=DIR --name=NAME"
 STATS_SAMPLE = 512  # images decoded to estimate mean/std when nothing better is known
@@ -296,8 +296,7 @@ def _prepared_names(data_dir: str | None) -> list[str]:
 def _unknown(name: str, data_dir: str | None, registered: list[str]) -> UnknownDatasetError:
     prepared = _prepared_names(data_dir)
     candidates = [digits.NAME, *prepared, *registered]
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = did_you_mean(name, candidates, n=5)
     where = (
         f" (datasets prepared in {data_dir}: {', '.join(prepared) or 'none'})" if data_dir else ""
     )
