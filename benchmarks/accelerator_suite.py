@@ -890,6 +890,8 @@ def stop_group(proc: subprocess.Popen) -> None:
 def source_commit() -> str | None:
     """The checkout's commit ('+dirty' with local changes); on a copy without .git, the one
     that benchmarks/prepare_device_data.py recorded in DATA/source_commit.txt."""
+    # Not lbq.bench.git_commit: this driver runs on a bare device machine before the carried
+    # wheels are installed, where lbq's imports (jax) are not available.
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

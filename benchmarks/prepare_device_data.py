@@ -93,16 +93,9 @@ def copy_archive(source: str) -> str:
 
 
 def record_commit() -> str:
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    commit = head + ("+dirty" if dirty else "")
+    from lbq.bench import git_commit
+
+    commit = git_commit(ROOT) or ""
     with open(os.path.join(ROOT, "DATA", "source_commit.txt"), "w") as f:
         f.write(commit + "\n")
     return commit

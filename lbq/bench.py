@@ -414,14 +414,16 @@ def _environment() -> dict[str, Any]:
         "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
 
-def _git_commit() -> str | None:
-    """The checkout's short commit (with '+dirty' for local changes), or None outside git."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def git_commit(root: str | None = None) -> str | None:
+    """The checkout's short commit (with '+dirty' for local changes), or None outside git: the
+    one capture of the source commit, for the bench's reports and benchmarks/ (``root``: the
+    checkout, by default the one lbq is imported from)."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
