@@ -621,12 +621,6 @@ class Checkpoints:
         self._unreadable = [step for step, _ in restored.failures]
         return restored
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-        """`restore`, then `set_aside`: (state, meta), or None when there is no checkpoint."""
-        restored = self.restore(abstract_state)
-        self.set_aside()
-        return None if restored is None else (restored.state, restored.meta)
-
     def set_aside(self) -> None:
         """Moves the unreadable steps that `restore` found out of Orbax's folder, and removes
         the interrupted saves.
