@@ -9,6 +9,7 @@ batches in, metrics, evaluations and checkpoints out.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Sequence
@@ -264,6 +265,21 @@ class _Loop:
             self.writer.close()
 
 
+# XLA compilations by jitted function ('jit(train_step)'), counted from JAX's public monitoring
+# events (each compilation reports one, persistent-cache hits included): the public way to see
+# how often the train step compiled, where `jax.jit`'s `_cache_size` is private.
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compilations: collections.Counter[str] = collections.Counter()
+
+
+def _count_compilation(event: str, duration: float, **kwargs: Any) -> None:
+    if event == _BACKEND_COMPILE_EVENT:
+        _compilations[kwargs.get("fun_name", "")] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+
+
 def train_plan(plan: RunPlan, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
     """Trains and evaluates ``plan``, resuming from ``workdir`` (see `train_and_evaluate`)."""
     info = lbq_data.get_info(plan.data)
@@ -275,6 +291,8 @@ def train_plan(plan: RunPlan, workdir: str, *, stop_at_step: int | None = None) 
         watcher.raise_if_requested("nothing was written")
         decision = inspect_workdir(workdir, plan.record, plan.on_config_change)
         trainer = build_trainer(plan, info)
+        compiled = f"jit({trainer.train_step.__name__})"  # as JAX names it in its events
+        compilations_before = _compilations[compiled]
         check_networks_build(trainer)
         if jax.process_index() == 0:
             print(report.run_header(trainer, stages, workdir), flush=True)
@@ -310,7 +328,7 @@ def train_plan(plan: RunPlan, workdir: str, *, stop_at_step: int | None = None) 
         loop.stage_results,
         final,
         rate,
-        trainer.train_step._cache_size(),
+        _compilations[compiled] - compilations_before,
         dict(loop.skipped),
         {stage.name: stage.num_steps for stage in stages},
     )
