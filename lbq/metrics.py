@@ -103,6 +103,10 @@ def mean_of(records: list[Mapping[str, jax.Array]]) -> dict[str, float]:
 class Progress:
     """A one-line progress bar with images/s and ETA, for the console of host 0."""
 
+    # Our own, not tqdm's or rich's: both would change what the bar prints (tqdm writes '\r'
+    # lines to a log file too, and its ETA drops the hours under one hour; rich prints nothing
+    # until the end off a terminal), and this is 25 lines.
+
     def __init__(self, total: int, start: int, enabled: bool, stream=None):
         self.total, self.start = total, start
         self.enabled = enabled

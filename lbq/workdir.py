@@ -99,6 +99,11 @@ class WorkdirLock:
     and runs without one.
     """
 
+    # Our own flock, not the filelock package: filelock is not a dependency of lbq (only of torch
+    # and huggingface_hub); its 4.x Unix lock falls back to a soft lock where the filesystem has
+    # no flock (this lock warns and runs), leaves the lock file after a release (this one
+    # removes it, and the workdir it created), and the holder's host, pid and start for the
+    # refusal would still be ours to write and read.
     def __init__(self, workdir: str):
         self.workdir = os.path.abspath(workdir)
         self.path = os.path.join(self.workdir, LOCK_FILE)

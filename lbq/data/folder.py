@@ -443,6 +443,9 @@ def _scan_chunk(
 class _Progress:
     """Progress lines of one phase of one split: at most one per PROGRESS_SECONDS, and the last."""
 
+    # Not a progress-bar library: these are rate-limited lines handed to a callback (a logger,
+    # print, a test's list), which tqdm and rich do not produce.
+
     def __init__(self, label: str, total: int, emit: Callable[[str], None]):
         self._label, self._total, self._emit = label, total, emit
         self._t0 = self._last = time.monotonic()
