@@ -95,19 +95,21 @@ class CalibrationSpec:
       activation_rule: 'percentile' or 'lsq' (LSQ's ``s = 2 mean|x| / sqrt(Q_P)``).
       recalibrate_bn_batches: before each evaluation, recompute the evaluated networks'
         BatchNorm statistics over this many training batches (0: off).
-      weight_range_at_bit_change: 'keep' (SPEC section 7: an LSQ weight range keeps its
-        clipped interval when a stage changes its bit-width) or 'lsq_rule' (set again by LSQ's
-        rule at the new bit-width; `lbq.calibrate.changed_weight_bits`).
+      weight_range_at_bit_change: 'lsq_rule' (an LSQ weight range whose bit-width a stage
+        changes is set again by LSQ's rule at the new bit-width;
+        `lbq.calibrate.changed_weight_bits`) or 'keep' (SPEC section 7: it keeps its clipped
+        interval). No effect on DoReFa weights.
       activation_range_at_bit_change: 'keep' (SPEC section 7) or 'calibrate' (a PACT clip or
-        LSQ activation range whose bit-width a stage changes is set again by
-        ``activation_rule`` at the new bit-width; `lbq.calibrate.changed_activation_bits`).
+        LSQ activation range whose bit-width a stage changes is set again by ``activation_rule``
+        at the new bit-width; `lbq.calibrate.changed_activation_bits`). No effect on DoReFa
+        activations.
     """
 
     batches: int = 4
     percentile: float = 99.99
-    activation_rule: str = "percentile"
+    activation_rule: str = "lsq"
     recalibrate_bn_batches: int = 0
-    weight_range_at_bit_change: str = "keep"
+    weight_range_at_bit_change: str = "lsq_rule"
     activation_range_at_bit_change: str = "keep"
 
 
@@ -516,22 +518,6 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
     _check_block_bits(model, stages)
     _check_lsq_weight_bits(model, stages, distill)
     calibration = _calibration(config)
-    if calibration.weight_range_at_bit_change != "keep" and model.weight_quantizer != "lsq":
-        raise ConfigError(
-            f"quant.weight_range_at_bit_change={calibration.weight_range_at_bit_change!r} "
-            f"applies to LSQ weights only; quant.weight_quantizer is "
-            f"{model.weight_quantizer!r}"
-        )
-    if calibration.activation_range_at_bit_change != "keep" and model.activation_quantizer not in (
-        "pact",
-        "lsq",
-    ):
-        raise ConfigError(
-            f"quant.activation_range_at_bit_change="
-            f"{calibration.activation_range_at_bit_change!r} applies to learned activation "
-            f"ranges (PACT, LSQ) only; quant.activation_quantizer is "
-            f"{model.activation_quantizer!r}"
-        )
     init_from = check_path(config, "init_from")
     checkpoint = CheckpointPolicy(
         check_type(config, "checkpoint_every_steps", "int", low=1),

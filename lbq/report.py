@@ -70,8 +70,10 @@ def quantizers_text(plan: RunPlan) -> str:
         text += f" at {plan.model.activation_placement}"
     rule = weight_range_rule(plan)
     text += f"; LSQ weight ranges at a bit-width change: {rule}" if rule else ""
-    rule = plan.calibration.activation_range_at_bit_change
-    return text + (f"; activation ranges at a bit-width change: {rule}" if rule != "keep" else "")
+    if activations in ("pact", "lsq"):
+        rule = plan.calibration.activation_range_at_bit_change
+        text += f"; activation ranges at a bit-width change: {rule}"
+    return text
 
 
 def weight_range_rule(plan: RunPlan) -> str | None:

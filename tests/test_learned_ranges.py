@@ -335,20 +335,12 @@ def calibrate_free_activation(quantizer, x, p):
             "quant.weight_range_at_bit_change='lsq' is not one of",
         ),
         (
-            {"quant.weight_range_at_bit_change": "lsq_rule"},
-            "quant.weight_range_at_bit_change='lsq_rule' applies to LSQ weights only",
-        ),
-        (
             {"quant.weight_quantizer": "lsq", "quant.w_bits": 1},
             "quant.w_bits=1 is too few bits for LSQ weights",
         ),
         (
             {"quant.activation_range_at_bit_change": "lsq_rule"},
             "quant.activation_range_at_bit_change='lsq_rule' is not one of",
-        ),
-        (
-            {"quant.activation_range_at_bit_change": "calibrate"},
-            "quant.activation_range_at_bit_change='calibrate' applies to learned activation",
         ),
         (
             {"model.activation_placement": "conv_output"},
@@ -393,6 +385,7 @@ def lsq_pact():
     config = tiny_config()
     config.quant.weight_quantizer, config.quant.activation_quantizer = "lsq", "pact"
     config.quant.calibration_batches = 2
+    config.quant.activation_calibration = "percentile"
     config.quant.calibration_percentile = 99.0
     config.eval.recalibrate_bn_batches = 2
     config.stages = [default.stage("a", steps=1, w_bits=4, a_bits=2)]
@@ -645,6 +638,7 @@ def test_a_bit_width_drop_calibrates_activation_ranges_again_when_asked(quantize
         config = tiny_config()
         config.quant.weight_quantizer, config.quant.activation_quantizer = "lsq", quantizer
         config.quant.activation_calibration = "lsq"
+        config.quant.weight_range_at_bit_change = "keep"  # only the activations' rule acts
         config.quant.activation_range_at_bit_change = rule
         config.quant.calibration_batches = 2
         config.stages = [

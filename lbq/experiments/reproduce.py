@@ -103,8 +103,8 @@ def base_config(preset: str, args: argparse.Namespace) -> ml_collections.ConfigD
     c.schedule.lr_schedule = args.lr_schedule
     c.quant.weight_quantizer = args.weight_quantizer
     c.quant.activation_quantizer = args.activation_quantizer
-    c.quant.weight_range_at_bit_change = args.weight_range_at_bit_change
     for field, value in (
+        ("quant.weight_range_at_bit_change", args.weight_range_at_bit_change),
         ("model.activation_placement", args.activation_placement),
         ("quant.activation_calibration", args.activation_calibration),
         ("quant.activation_range_at_bit_change", args.activation_range_at_bit_change),
@@ -535,17 +535,18 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
         args.teacher_lr_scale = 0.2 if args.start_from else 1.0
     if args.teacher_start_from and not args.start_from:
         p.error("--teacher_start_from needs --start_from")
-    if args.weight_range_at_bit_change != "keep" and args.weight_quantizer != "lsq":
+    if args.weight_range_at_bit_change is not None and args.weight_quantizer != "lsq":
         p.error(
             f"--weight_range_at_bit_change={args.weight_range_at_bit_change} needs "
             "--weight_quantizer=lsq"
         )
-    if args.activation_range_at_bit_change == "calibrate" and args.activation_quantizer not in (
+    if args.activation_range_at_bit_change is not None and args.activation_quantizer not in (
         "pact",
         "lsq",
     ):
         p.error(
-            "--activation_range_at_bit_change=calibrate needs --activation_quantizer=pact or lsq"
+            f"--activation_range_at_bit_change={args.activation_range_at_bit_change} needs "
+            "--activation_quantizer=pact or lsq"
         )
     if args.last_stage_share is not None and not 0 < args.last_stage_share < 1:
         p.error(f"--last_stage_share={args.last_stage_share} must be in (0, 1)")
@@ -607,10 +608,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--weight_range_at_bit_change",
-        default="keep",
+        default=None,
         choices=("keep", "lsq_rule"),
         help="quant.weight_range_at_bit_change (LSQ weights): keep the range at a bit-width "
-        "change, or set it again by LSQ's rule",
+        "change, or set it again by LSQ's rule (default: the default config's)",
     )
     p.add_argument(
         "--activation_placement",
@@ -661,14 +662,13 @@ def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: a
 
 
 def _range_rule_note(base: ml_collections.ConfigDict) -> str:
-    notes = [
-        f"{what} ranges at a bit-width change: {rule}"
-        for what, rule in (
-            ("LSQ weight", base.quant.weight_range_at_bit_change),
-            ("activation", base.quant.activation_range_at_bit_change),
-        )
-        if rule != "keep"
-    ]
+    """The range rules at a bit-width change, for the learned ranges the study has."""
+    q = base.quant
+    notes = []
+    if q.weight_quantizer == "lsq":
+        notes.append(f"LSQ weight ranges at a bit-width change: {q.weight_range_at_bit_change}")
+    if q.activation_quantizer in ("pact", "lsq"):
+        notes.append(f"activation ranges at a bit-width change: {q.activation_range_at_bit_change}")
     return f" ({'; '.join(notes)})" if notes else ""
 
 
