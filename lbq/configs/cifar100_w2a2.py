@@ -7,6 +7,10 @@ so it is left out where explicit stages already provide it (turn it on with
 --config.stochastic.enabled=True to combine all three). Epochs: 80 at 32 bits (lr 0.1), then 60
 at W4A4 and 60 at W2A2 (lr 0.01): 200 in all, as the baseline.
 
+Quantizers: the paper's DoReFa ones, so that this config reproduces the paper. They learn no
+range, so the calibration and range rules measured best for PACT and LSQ (docs/learned_ranges.md)
+do not apply; `cifar100_w2a2_lsq.py` is this recipe with LSQ, the quantizers that measured best.
+
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2.py --workdir=WORKDIR

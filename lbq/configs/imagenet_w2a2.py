@@ -15,6 +15,10 @@ download its weights on a machine with network, convert them, and start both net
     python -m lbq.main --config=configs/imagenet_w2a2.py --workdir=runs/r18_w2a2 \\
         --config.init_from=runs/r18_tv --config.distill.teacher_init=runs/r18_tv
 
+Quantizers: the paper's DoReFa ones, so that this config reproduces the paper. They learn no
+range, so the calibration and range rules measured best for PACT and LSQ (docs/learned_ranges.md)
+do not apply; `imagenet_w2a2_lsq.py` is this recipe with LSQ, the quantizers that measured best.
+
 Run:
 
     python -m lbq.main --config=configs/imagenet_w2a2.py --workdir=WORKDIR
