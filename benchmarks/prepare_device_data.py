@@ -67,7 +67,7 @@ PLATFORMS = (
 
 
 def sha256(path: str) -> str:
-    # lbq.deploy.package.sha256 is the same; this script stays standard-library only so that it
+    # lbq.io.sha256 is the same; this script stays standard-library only so that it
     # runs under any python3 before lbq and its dependencies are installed.
     digest = hashlib.sha256()
     with open(path, "rb") as f:

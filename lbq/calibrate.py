@@ -547,43 +547,39 @@ def stage_ranges(
     plan = trainer.plan
     if index == 0 or not plan.model.learned_ranges:
         return state
-    first_use = stage_calibration_bits(bits_per_stage, index, plan.model)
-    if first_use is not None:
-        state = calibrate_ranges(
-            trainer,
-            state,
-            first_use,
-            rule=plan.calibration.activation_rule,
-            num_batches=plan.calibration.batches,
-            lift_clips=False,
-            source=f"the network at the start of stage {index + 1}",
-        )
-    changed = None
-    if plan.calibration.weight_range_at_bit_change == "lsq_rule":
-        changed = changed_weight_bits(bits_per_stage, index, plan.model)
-    if changed is not None:
-        state = calibrate_ranges(
-            trainer,
-            state,
-            changed,
-            rule=plan.calibration.activation_rule,  # unused: no activation is marked
-            num_batches=1,  # only the kernels are read
-            lift_clips=False,
-            source=f"the weights at stage {index + 1}'s new bit-widths",
-        )
-    changed = None
-    if plan.calibration.activation_range_at_bit_change == "calibrate":
-        changed = changed_activation_bits(bits_per_stage, index, plan.model)
-    if changed is not None:
-        state = calibrate_ranges(
-            trainer,
-            state,
-            changed,
-            rule=plan.calibration.activation_rule,
-            num_batches=plan.calibration.batches,
-            lift_clips=False,
-            source=f"the network at stage {index + 1}'s new bit-widths",
-        )
+    calibration = plan.calibration
+    passes = (  # (wanted, the pass's bit-widths, batches, what is read), in this order
+        (
+            True,
+            stage_calibration_bits,
+            calibration.batches,
+            f"the network at the start of stage {index + 1}",
+        ),
+        (
+            calibration.weight_range_at_bit_change == "lsq_rule",
+            changed_weight_bits,
+            1,  # only the kernels are read
+            f"the weights at stage {index + 1}'s new bit-widths",
+        ),
+        (
+            calibration.activation_range_at_bit_change == "calibrate",
+            changed_activation_bits,
+            calibration.batches,
+            f"the network at stage {index + 1}'s new bit-widths",
+        ),
+    )
+    for wanted, marked_bits, num_batches, source in passes:
+        changed = marked_bits(bits_per_stage, index, plan.model) if wanted else None
+        if changed is not None:
+            state = calibrate_ranges(
+                trainer,
+                state,
+                changed,
+                rule=calibration.activation_rule,
+                num_batches=num_batches,
+                lift_clips=False,
+                source=source,
+            )
     return state
 
 

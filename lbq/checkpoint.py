@@ -389,6 +389,20 @@ class Restored:
     failures: tuple[tuple[int, str], ...] = ()
 
 
+def _note_unreadable(
+    directory: str, step: int, error: BaseException, failures: list[tuple[int, str]]
+) -> None:
+    """Logs that the checkpoint at ``step`` cannot be read and appends (step, reason)."""
+    reason = _reason(error)
+    log.warning(
+        "checkpoint at step %d in %s is unreadable (%s); trying an older one",
+        step,
+        directory,
+        reason,
+    )
+    failures.append((step, reason))
+
+
 def _restore_newest(
     manager: ocp.CheckpointManager,
     directory: str,
@@ -411,17 +425,6 @@ def _restore_newest(
       CheckpointError: when none of ``steps`` can be read (failures named in the message).
     """
     failures: list[tuple[int, str]] = []
-
-    def unreadable(step: int, error: BaseException) -> None:
-        reason = _reason(error)
-        log.warning(
-            "checkpoint at step %d in %s is unreadable (%s); trying an older one",
-            step,
-            directory,
-            reason,
-        )
-        failures.append((step, reason))
-
     with _quiet_failed_reads() as failed:
         for step in sorted(steps, reverse=True):
             try:
@@ -435,7 +438,7 @@ def _restore_newest(
                 if abstract_state is not None:
                     mismatch = _structure_mismatch(manager, step, abstract_state)
                 if mismatch is None:
-                    unreadable(step, error)
+                    _note_unreadable(directory, step, error, failures)
                     continue
             part, where = mismatch
             if part == "weights" or not allow_new_optimizer:
@@ -443,7 +446,7 @@ def _restore_newest(
             try:
                 state, meta = _restore_step(manager, step, None)
             except Exception as error:  # noqa: BLE001 - any failure means "unreadable"
-                unreadable(step, error)
+                _note_unreadable(directory, step, error, failures)
                 continue
             return Restored(step, state, meta, False, tuple(failures))
     raise CheckpointError(
@@ -751,14 +754,7 @@ def _read_snapshots(directory: str, steps: list[int]) -> Restored:
                     failed.append(step)
                     if _vanished(os.path.join(directory, str(step))):
                         raise _StepDeleted(step) from None
-                    reason = _reason(error)
-                    log.warning(
-                        "checkpoint at step %d in %s is unreadable (%s); trying an older one",
-                        step,
-                        directory,
-                        reason,
-                    )
-                    failures.append((step, reason))
+                    _note_unreadable(directory, step, error, failures)
                 finally:
                     manager.close()
     raise CheckpointError(

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import re
 import sys
@@ -41,6 +40,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from lbq.io import sha256
 
 SOURCES = ("torchvision", "timm")
 MODELS = {
@@ -452,14 +453,6 @@ def run_config(
     return c
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert(
     source: str,
     model: str,
@@ -498,7 +491,7 @@ def convert(
         "source": source,
         "model": model,
         "weights": os.path.abspath(weights),
-        "sha256": _sha256(weights),
+        "sha256": sha256(weights),
         "num_classes": num_classes,
     }
     _write_run(out, run_config(model, **config_fields), variables, record)

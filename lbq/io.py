@@ -10,6 +10,7 @@ would be a new dependency for eight lines.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -63,3 +64,16 @@ def read_jsonl(path: str) -> list[Any]:
     if not os.path.exists(path):
         return []
     return [record for _, _, record in jsonl_lines(path) if record is not None]
+
+
+def sha256(path: str) -> str:
+    """The hex SHA-256 of the file at ``path``, read in 1 MiB blocks (hashlib).
+
+    Raises:
+      OSError: when the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

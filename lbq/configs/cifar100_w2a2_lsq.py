@@ -6,14 +6,8 @@ quantized conv and activation. At 32 bits LSQ is the identity (weights) or a ReL
 (activations), so the ranges are calibrated on the trained network when the W4A4 stage starts
 (`lbq.calibrate`) and carry over, range kept, to W2A2.
 
-Ranges: the defaults measured best on CIFAR-10 fine-tuning (docs/learned_ranges.md,
-docs/results/w2a2/): activation ranges by LSQ's rule (quant.activation_calibration='lsq'), and
-at a bit-width change LSQ weight ranges set again by LSQ's rule for the new bit-width
-(quant.weight_range_at_bit_change='lsq_rule'; activation ranges may be too, with
-quant.activation_range_at_bit_change='calibrate', not yet measured on its own).
-Activations stay quantized at block outputs (the authors' design); each conv quantizing its own
-input (--config.model.activation_placement=conv_input) measured within a point of it at W2A2
-there (one seed), not enough to change the recipe.
+Ranges: the defaults measured best (docs/learned_ranges.md): activation ranges by LSQ's rule,
+LSQ weight ranges set again by it at each bit-width drop.
 
 Run:
 

@@ -6,14 +6,7 @@ full-precision teacher), with every quantized activation a PACT activation (Choi
 ``quant.pact_init_clip`` = 10 from scratch and is learned from the first stage on (at 32 bits
 only the clip remains). Weights stay DoReFa's, as in the PACT paper.
 
-Ranges: the defaults measured best on CIFAR-10 fine-tuning (docs/learned_ranges.md,
-docs/results/w2a2/): activation ranges by LSQ's rule (quant.activation_calibration='lsq'), and
-at a bit-width change LSQ weight ranges set again by LSQ's rule for the new bit-width
-(quant.weight_range_at_bit_change='lsq_rule'; activation ranges may be too, with
-quant.activation_range_at_bit_change='calibrate', not yet measured on its own).
-Activations stay quantized at block outputs (the authors' design); each conv quantizing its own
-input (--config.model.activation_placement=conv_input) measured within a point of it at W2A2
-there (one seed), not enough to change the recipe.
+Clips: calibrated by LSQ's rule, the default measured best (docs/learned_ranges.md).
 
 Run:
 

@@ -17,7 +17,6 @@ array (``<op>/<field>``) is float32. The integer forward needs only the manifest
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import zipfile
 from collections.abc import Mapping
@@ -28,21 +27,13 @@ import numpy as np
 from lbq.deploy.errors import DeployError, read_json
 from lbq.deploy.pack import pack_codes, packed_size, unpack_codes
 from lbq.deploy.program import Program
-from lbq.io import atomic_open
+from lbq.io import atomic_open, sha256
 
 FORMAT = "lbq-deploy"
 VERSION = 1
 MANIFEST = "manifest.json"
 PACKED = "packed.npz"
 QONNX = "model.qonnx.onnx"
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 CODES = "quantized/codes"  # every quantized layer's packed codes, one after another
