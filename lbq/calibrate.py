@@ -188,6 +188,17 @@ def stage_calibration_bits(
     return out or None
 
 
+def _changed_bits(
+    bits_per_stage: Sequence[Bits], index: int, name: str, which: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(stage ``index``'s bit-widths [L], whether each is quantized at a bit-width other than
+    the one it was last quantized at) of student ``name``'s weights (``which`` 0) or
+    activations (1)."""
+    now = np.asarray(bits_per_stage[index][name][which])
+    last = _last_quantized(bits_per_stage[:index], name, which)
+    return now, (last < FULL_PRECISION_BITS) & (now < FULL_PRECISION_BITS) & (last != now)
+
+
 def changed_weight_bits(
     bits_per_stage: Sequence[Bits], index: int, model: ModelSpec
 ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
@@ -201,12 +212,10 @@ def changed_weight_bits(
     values, which the full-precision marked layers change, set nothing."""
     if model.weight_quantizer != "lsq":
         return None
-    previous, current = bits_per_stage[index - 1], bits_per_stage[index]
+    previous = bits_per_stage[index - 1]
     out = {}
-    for name in current:
-        now = np.asarray(current[name][0])
-        last = _last_quantized(bits_per_stage[:index], name, 0)
-        marked = (last < FULL_PRECISION_BITS) & (now < FULL_PRECISION_BITS) & (last != now)
+    for name in bits_per_stage[index]:
+        now, marked = _changed_bits(bits_per_stage, index, name, 0)
         if marked.any():
             w_bits = np.where(marked, FULL_PRECISION_BITS, previous[name][0])
             out[name] = (calibration_bits(w_bits, now, marked), np.asarray(previous[name][1]))
@@ -224,10 +233,8 @@ def changed_activation_bits(
     if model.activation_quantizer not in ("pact", "lsq"):
         return None
     out = {}
-    for name, (w_now, a_now) in bits_per_stage[index].items():
-        a_now = np.asarray(a_now)
-        last = _last_quantized(bits_per_stage[:index], name, 1)
-        marked = (last < FULL_PRECISION_BITS) & (a_now < FULL_PRECISION_BITS) & (last != a_now)
+    for name, (w_now, _) in bits_per_stage[index].items():
+        a_now, marked = _changed_bits(bits_per_stage, index, name, 1)
         if marked.any():
             current = np.where(marked, FULL_PRECISION_BITS, a_now)
             out[name] = (np.asarray(w_now), calibration_bits(current, a_now, marked))
