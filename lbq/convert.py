@@ -17,8 +17,7 @@ computes torchvision's logits. lbq's ``alexnet`` is AlexNet-BN, the paper's netw
 torchvision's AlexNet has no BatchNorm but biases: each bias is held by the BatchNorm after
 its layer, set to scale 1, running mean 0 and running variance ``1 - epsilon``, which is exact
 with running statistics (evaluation, export, the probe's first column) but not in training,
-where BatchNorm normalises by the batch's statistics (README, "Starting from torchvision or
-timm weights").
+where BatchNorm normalises by the batch's statistics (docs/convert.md, "AlexNet").
 
 Files: ``.pth``/``.pt``/``.bin`` (``torch.save``) are read with
 ``torch.load(weights_only=True)``, which never runs pickled code; ``.safetensors`` with the

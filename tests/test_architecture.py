@@ -1,5 +1,6 @@
-"""The README's Architecture table matches the code: every module of lbq has its row, and no
-module imports from a row below its own (lazy imports inside functions included)."""
+"""docs/architecture.md's module table matches the code: every module of lbq has its row, and
+no module imports from a row below its own (lazy imports inside functions included). The
+README's Architecture section links that page."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ PACKAGE = REPO / "lbq"
 
 
 def table_rows() -> list[list[str]]:
-    """The backticked paths of each row of the README's Architecture table, top to bottom."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("### Architecture", 1)[1].split("\n## ", 1)[0]
+    """The backticked paths of each row of docs/architecture.md's module table, top to bottom."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = text.split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
     rows = []
     for line in section.splitlines():
         if line.startswith("| `lbq/"):
@@ -81,5 +82,11 @@ def test_every_module_has_a_row_and_imports_only_from_rows_above_it():
             target_row = row_of(target, rows)
             if target_row is None or target_row > own:
                 backwards.append(f"{path} imports {target}")
-    assert not missing, f"modules without a row in the README's Architecture table: {missing}"
+    assert not missing, f"modules without a row in docs/architecture.md's table: {missing}"
     assert not backwards, f"imports from a row below (or from no row): {backwards}"
+
+
+def test_readme_architecture_section_links_the_module_table():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    assert "(docs/architecture.md)" in section

@@ -224,20 +224,29 @@ def test_tpu_bad_input_is_a_clear_error(no_gcloud, args, message):
     assert not _commands(proc.stdout) and not marker.exists()
 
 
-def test_tpu_readme_command_runs_and_placeholders_are_named(no_gcloud):
-    """The README's command, with real-looking names, passes; upper-case placeholders copied
+def _documented_tpu_command() -> list[str]:
+    """The first `launch/tpu_vm.sh` command of docs/launch.md's TPU recipe, its arguments
+    split as a shell would."""
+    with open(os.path.join(REPO, "docs", "launch.md")) as f:
+        text = f.read()
+    section = text.split("\n## Cloud TPU VM", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    line = next(ln for ln in block.splitlines() if ln.startswith("launch/tpu_vm.sh "))
+    return shlex.split(line)[1:]
+
+
+def test_tpu_documented_command_runs_and_placeholders_are_named(no_gcloud):
+    """docs/launch.md's command, with real-looking names, passes; upper-case placeholders copied
     from an example are named in a one-line error instead of a bare rejection."""
     env, marker = no_gcloud
-    readme = [
-        "--name=lbq",
-        "--zone=us-west4-a",
-        "--project=my-project",
-        "--accelerator-type=v5litepod-16",
-        "--config=configs/imagenet_w2a2.py",
-        "--workdir=gs://my-bucket/run",
-        "--dry-run",
-    ]
-    proc = _run(TPU, readme, env)
+    words = _documented_tpu_command()
+    cut = words.index("--") if "--" in words else len(words)
+    documented, passthrough = [*words[:cut], "--dry-run"], words[cut:]
+    flags = {w.split("=", 1)[0] for w in documented}
+    required = {"--name", "--zone", "--project", "--accelerator-type", "--config", "--workdir"}
+    assert required <= flags, documented
+    assert any(w.startswith("--workdir=gs://") for w in documented), documented
+    proc = _run(TPU, [*documented, *passthrough], env)
     assert proc.returncode == 0, proc.stderr
     assert any("lbq.main" in (_flag(c, "--command") or "") for c in _commands(proc.stdout))
     for placeholder, message in [
@@ -247,7 +256,7 @@ def test_tpu_readme_command_runs_and_placeholders_are_named(no_gcloud):
         ("--name=MY_TPU", "--name=MY_TPU is a placeholder"),
     ]:
         flag = placeholder.split("=", 1)[0]
-        args = [a for a in readme if not a.startswith(flag + "=")] + [placeholder]
+        args = [a for a in documented if not a.startswith(flag + "=")] + [placeholder]
         proc = _run(TPU, args, env)
         assert proc.returncode == 2
         assert proc.stderr.startswith(f"tpu_vm.sh: error: {message}"), proc.stderr

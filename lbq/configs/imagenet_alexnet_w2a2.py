@@ -4,8 +4,7 @@ Set --config.init_from=WORKDIR of a full-precision run (imagenet_fp.py with
 --config.model.name=alexnet).
 
 torchvision's AlexNet converts (`python -m lbq.convert --model=alexnet`), but it has no
-BatchNorm: the converted AlexNet-BN is exact in evaluation only (README, "Starting from
-torchvision or timm weights").
+BatchNorm: the converted AlexNet-BN is exact in evaluation only (docs/convert.md, "AlexNet").
 
 Run:
 
