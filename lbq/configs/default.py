@@ -1,11 +1,12 @@
 """Defaults of every lbq run: ResNet-20, W2A2, on the embedded digits data.
 
-Run (about 2 to 3 minutes on 2 CPU cores; measured in the README):
+Run (about 2 to 3 minutes on 2 CPU cores; measured in docs/data.md):
 
     python -m lbq.main --config=configs/default.py --workdir=/tmp/lbq_default
 
-Every other config starts from `get_config()` here and changes what it needs. Field meanings
-are listed in the README ("Config fields").
+Every other config starts from `get_config()` here and changes what it needs. The comments
+beside the fields are their reference; docs/config.md lists the config files and the
+command-line override syntax.
 """
 
 import ml_collections
@@ -52,7 +53,7 @@ def stage(name, *, w_bits=None, a_bits=None, epochs=None, steps=None, **kwargs):
 def _model_fields() -> ml_collections.ConfigDict:
     """The network: its name and how it is quantized."""
     f = ml_collections.ConfigDict()
-    f.name = "resnet20"
+    f.name = "resnet20"  # resnet20/32/56, preresnet20, resnet18/34/50, alexnet, alexnet_cifar
     f.quantized = True  # False: the full-precision network with plain ReLU
     f.per_channel = False  # per-output-channel weight scale instead of per tensor
     f.logit_scale = False  # learnable output scalar (init 0.01), as the authors' CIFAR code
@@ -68,10 +69,10 @@ def _data_fields() -> ml_collections.ConfigDict:
     """The dataset and its input pipeline."""
     f = ml_collections.ConfigDict()
     f.name = "digits"  # embedded; or a TFDS name: cifar10, cifar100, imagenet2012, ...
-    f.data_dir = ml_collections.config_dict.placeholder(str)
-    f.train_split = "train"
+    f.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data directory of `name`
+    f.train_split = "train"  # TFDS split names, slices allowed: "train[:5000]"
     f.eval_split = "test"
-    f.image_size = 32
+    f.image_size = 32  # the network's input size in pixels
     f.augment = "none"  # "cifar" (crop 32 pad 4 + flip), "imagenet", "none" (digits: no flips)
     f.on_device = False  # keep the whole split on the accelerators (CIFAR scale)
     f.workers = 4  # host threads for decoding and augmentation (0: none)
@@ -87,11 +88,13 @@ def _data_fields() -> ml_collections.ConfigDict:
 def _quant_fields() -> ml_collections.ConfigDict:
     """The student's default bit-widths and its quantizers (SPEC sections 1 and 7)."""
     f = ml_collections.ConfigDict()
-    f.w_bits = 2  # default weight bit-width of every stage
-    f.a_bits = 2  # default activation bit-width of every stage
-    f.weight_quantizer = "dorefa"  # 'dorefa' (the paper's) or 'lsq' (learned step size)
+    f.w_bits = 2  # default weight bit-width of every stage: 1 to 32, 32 = full precision
+    f.a_bits = 2  # default activation bit-width of every stage: 1 to 32
+    # 'dorefa' (the paper's) or 'lsq' (learned step size, >= 2 bits; per output channel with
+    # model.per_channel)
+    f.weight_quantizer = "dorefa"
     f.activation_quantizer = "dorefa"  # 'dorefa' clip(0, 1), 'pact' or 'lsq' (learned)
-    f.pact_init_clip = 10.0  # PACT's clip from scratch (PACT paper); LSQ: first batch
+    f.pact_init_clip = 10.0  # > 0: PACT's clip from scratch (PACT paper); LSQ: first batch
     # Learned ranges of a run started from init_from: calibrated on that model's own tensors.
     f.calibration_batches = 4  # training batches seen by the calibration
     # An activation's clip/range: 'lsq', LSQ's rule s = 2 mean|x| / sqrt(Q_P) at the layer's
@@ -141,13 +144,13 @@ def _distill_fields() -> ml_collections.ConfigDict:
 def get_config(variant: str = ""):
     """The default run; ``variant='tiny'`` (``--config=configs/default.py:tiny``) for tests."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # initialisation, data order, augmentation and stochastic-precision masks
 
     c.model = _model_fields()
     c.data = _data_fields()
     c.quant = _quant_fields()
-    c.batch_size = 128  # global batch, over all devices and hosts
-    c.compute_dtype = "auto"  # 'auto': bfloat16 on GPU/TPU, float32 on CPU
+    c.batch_size = 128  # global batch, over all devices and hosts (a multiple of the devices)
+    c.compute_dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # 'sgd' (momentum, Nesterov) or 'adam'
@@ -159,24 +162,28 @@ def get_config(variant: str = ""):
     c.schedule.lr = 0.1  # student's base learning rate
     c.schedule.teacher_lr = 0.1
     c.schedule.lr_schedule = "step"  # 'step', 'cosine', 'constant'
-    c.schedule.lr_boundaries = (0.4, 0.6)  # the CIFAR recipe: x0.1 at 80 and 120 of 200 epochs
+    # Fractions of each stage; the CIFAR recipe: x0.1 at 80 and 120 of 200 epochs
+    c.schedule.lr_boundaries = (0.4, 0.6)
     c.schedule.lr_decay = 0.1
     c.schedule.warmup_epochs = 0.0
 
+    # The run's stages in order: stage(name, w_bits=, a_bits=, epochs= or steps=, lr=,
+    # teacher_lr=, block_bits={block: (w_bits, a_bits)}, lr_schedule=, ...); see `stage`.
     c.stages = [stage("main", epochs=30)]
 
     c.stochastic = _stochastic_fields()
     c.distill = _distill_fields()
-    c.init_from = ml_collections.config_dict.placeholder(str)  # start from another run's weights
-    c.log_every_steps = 20
+    # Start every network from another run's workdir (e.g. a full-precision model)
+    c.init_from = ml_collections.config_dict.placeholder(str)
+    c.log_every_steps = 20  # train metrics every this many steps
     c.eval_every_epochs = 4.0  # and always at the end of each stage
-    c.eval_batch_size = 500
+    c.eval_batch_size = 500  # global, like batch_size
     c.eval = ml_collections.ConfigDict()
     # Recompute BatchNorm statistics over this many training batches before each evaluation
     # (0: off); the train state keeps its own statistics.
     c.eval.recalibrate_bn_batches = 0
-    c.checkpoint_every_steps = 200
-    c.keep_checkpoints = 3
+    c.checkpoint_every_steps = 200  # and at the end of each stage
+    c.keep_checkpoints = 3  # the newest checkpoints kept in WORKDIR/checkpoints
     c.on_nonfinite = "stop"  # 'stop' or 'skip'
     c.on_config_change = (
         "refuse"  # resuming a workdir with another config: 'refuse', 'continue', 'overwrite'
