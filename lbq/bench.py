@@ -5,7 +5,7 @@ Run from the repository root, for example (one GPU, the issue's ResNet-18 target
     python -m lbq.bench --model resnet18 --batch 256 --json /tmp/bench.json
 
 The step is the trainer's own: networks, optimizer, state and stage bit-widths are built with
-`lbq.build.build_trainer` from lbq's default config (`lbq/configs/default.py`) with the
+`lbq.trainer.build_trainer` from lbq's default config (`lbq/configs/default.py`) with the
 mode's bits and methods, exactly as the trainer builds them: the same jitted step, shardings
 (replicated state, batch sharded over a ('data',) mesh) and donation. The data is one
 synthetic batch that already lives on the device, so the figures are the step's alone, not
@@ -223,10 +223,10 @@ def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> Ste
     import jax
     import numpy as np
 
-    from lbq.build import build_trainer
     from lbq.data.config import DatasetInfo, known_stats
     from lbq.plan import parse_config
     from lbq.stages import lay_out
+    from lbq.trainer import build_trainer
 
     config = mode_config(model, mode, batch, dtype)
     cifar = model in SMALL_INPUT_MODELS

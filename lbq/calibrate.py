@@ -101,7 +101,7 @@ def first_quantized_bits(bits_per_stage: Sequence[Bits]) -> dict[str, tuple[np.n
     stages (32 where a layer is never quantized).
 
     Args:
-      bits_per_stage: for each stage, `lbq.build.stage_bits`.
+      bits_per_stage: for each stage, `lbq.trainer.stage_bits`.
     """
     return {
         name: tuple(
@@ -481,7 +481,7 @@ def calibrate_ranges(
     what was set, by which rule, and ``source``.
 
     Args:
-      trainer: the `lbq.build.Trainer`.
+      trainer: the `lbq.trainer.Trainer`.
       bits: {student: (w_bits, a_bits)} from `start_calibration_bits` or
         `stage_calibration_bits`.
     """
@@ -517,8 +517,8 @@ def start_ranges(trainer, state: TrainState, bits_per_stage: Sequence[Bits]) -> 
     (module docstring): on ``init_from``'s model, or LSQ's first-batch rule from scratch.
 
     Args:
-      trainer: the `lbq.build.Trainer`; state: after the start weights were loaded.
-      bits_per_stage: `lbq.build.stage_bits` of every stage of the run.
+      trainer: the `lbq.trainer.Trainer`; state: after the start weights were loaded.
+      bits_per_stage: `lbq.trainer.stage_bits` of every stage of the run.
     """
     plan = trainer.plan
     if not plan.model.learned_ranges:

@@ -7,7 +7,6 @@ a distillation run's losses are shown per network.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,33 +16,6 @@ import jax.numpy as jnp
 
 from lbq.plan import RunPlan
 from lbq.stages import Stage, bits_label
-
-
-@dataclasses.dataclass
-class RunResult:
-    """What `train_and_evaluate` returns.
-
-    Attributes:
-      status: 'completed' or 'preempted'.
-      step: the global step reached.
-      stages: per stage, {'name', 'w_bits', 'a_bits', 'bits', 'steps', 'eval': {network:
-        metrics}}.
-      final: the last evaluation, {network: {'top1', 'top5', 'loss'}}.
-      images_per_second: mean training throughput of this invocation, evaluation excluded.
-      train_step_compilations: how many times the train step was compiled (1 when bit-widths,
-        stages and masks all flowed through as data).
-      skipped_steps: {stage name: steps skipped as non-finite} (on_nonfinite='skip').
-      stage_lengths: {stage name: its length in steps}, for the summary.
-    """
-
-    status: str
-    step: int
-    stages: list[dict[str, Any]]
-    final: dict[str, dict[str, float]]
-    images_per_second: float
-    train_step_compilations: int = 0
-    skipped_steps: dict[str, int] = dataclasses.field(default_factory=dict)
-    stage_lengths: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def network_bits(plan: RunPlan, stage: Stage) -> str:

@@ -1,10 +1,11 @@
 """Start-up: the state a run starts or resumes from, and the first writes to its workdir.
 
-`restore` reads the workdir's newest checkpoint (or builds a fresh state with the configured
-start weights) without writing anything; `commit` then writes, once everything that can fail
-before the first step has passed. `check_continuation` refuses a changed config that
+`resume_or_start` reads the workdir's newest checkpoint (or builds a fresh state with the
+configured start weights) without writing anything; `commit` then writes, once everything that
+can fail before the first step has passed. `check_continuation` refuses a changed config that
 ``config.json`` could no longer describe (on_config_change='continue'); `rate_changes` names
-every learning rate that such a change moves at the resumed step, which `restore` warns about.
+every learning rate that such a change moves at the resumed step, which `resume_or_start`
+warns about.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from lbq import report
-from lbq.build import Trainer
 from lbq.checkpoint import CheckpointMismatch, Checkpoints
 from lbq.plan import RunPlan, parse_config
 from lbq.stages import Stage, lay_out, stage_at
+from lbq.trainer import Trainer
 from lbq.validate import ConfigError
 from lbq.workdir import WorkdirDecision, clear_run_outputs, write_record
 
-__all__ = ["check_continuation", "commit", "rate_changes", "recorded_stages", "restore"]
+__all__ = ["check_continuation", "commit", "rate_changes", "recorded_stages", "resume_or_start"]
 
 log = logging.getLogger("lbq")
 
@@ -182,7 +183,7 @@ def _mismatch_message(error: CheckpointMismatch, decision: WorkdirDecision) -> s
     return f"{error}; was it written by another version of lbq? Use another --workdir"
 
 
-def restore(
+def resume_or_start(
     trainer: Trainer, stages: Sequence[Stage], decision: WorkdirDecision
 ) -> tuple[Checkpoints | None, Any, dict[str, Any]]:
     """(checkpoints, state, meta): the workdir's newest checkpoint, or a fresh state with the

@@ -1,8 +1,8 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
 One global step counter runs through the stages of the run plan. The parts come from
-`lbq.build.build_trainer` (networks, optimizer, compiled steps); the batches and the
-evaluation pass from `lbq.batches`; the start or resumed state from `lbq.resume`; the workdir
+`lbq.trainer.build_trainer` (networks, optimizer, compiled steps, the batches and the
+evaluation pass); the start or resumed state from `lbq.resume`; the workdir
 decisions from `lbq.workdir`; the devices from `lbq.mesh`. This module only drives them:
 batches in, metrics, evaluations and checkpoints out.
 """
@@ -10,6 +10,7 @@ batches in, metrics, evaluations and checkpoints out.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -21,13 +22,11 @@ import numpy as np
 from lbq import calibrate, report
 from lbq import data as lbq_data
 from lbq import metrics as lbq_metrics
-from lbq.batches import evaluate, train_batches
-from lbq.build import build_trainer, check_networks_build
 from lbq.mesh import maybe_initialize_distributed
 from lbq.plan import RunPlan, parse_config, shadowed_overrides
-from lbq.report import RunResult
-from lbq.resume import commit, restore
+from lbq.resume import commit, resume_or_start
 from lbq.stages import Stage, lay_out, stage_at
+from lbq.trainer import build_trainer, check_networks_build, evaluate_split, train_batches
 from lbq.validate import ConfigError, check_type
 from lbq.workdir import (
     PREEMPTED_EXIT_CODE,
@@ -46,6 +45,33 @@ __all__ = [
 ]
 
 log = logging.getLogger("lbq")
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What `train_and_evaluate` returns.
+
+    Attributes:
+      status: 'completed' or 'preempted'.
+      step: the global step reached.
+      stages: per stage, {'name', 'w_bits', 'a_bits', 'bits', 'steps', 'eval': {network:
+        metrics}}.
+      final: the last evaluation, {network: {'top1', 'top5', 'loss'}}.
+      images_per_second: mean training throughput of this invocation, evaluation excluded.
+      train_step_compilations: how many times the train step was compiled (1 when bit-widths,
+        stages and masks all flowed through as data).
+      skipped_steps: {stage name: steps skipped as non-finite} (on_nonfinite='skip').
+      stage_lengths: {stage name: its length in steps}, for the summary.
+    """
+
+    status: str
+    step: int
+    stages: list[dict[str, Any]]
+    final: dict[str, dict[str, float]]
+    images_per_second: float
+    train_step_compilations: int = 0
+    skipped_steps: dict[str, int] = dataclasses.field(default_factory=dict)
+    stage_lengths: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class NonFiniteError(RuntimeError):
@@ -176,7 +202,7 @@ class _Loop:
             log.info("evaluating at step %d on %d images", self.step, self.trainer.info.num_eval)
         # eval.recalibrate_bn_batches: re-estimated BatchNorm statistics, for this evaluation only
         evaluated = calibrate.evaluation_state(self.trainer, self.state, bits)
-        self.final = evaluate(self.trainer, evaluated, bits)
+        self.final = evaluate_split(self.trainer, evaluated, bits)
         self.eval_seconds += time.time() - start
         if self.is_host0:
             log.info("eval at step %d: %s", self.step, report.eval_text(self.final))
@@ -296,7 +322,7 @@ def train_plan(plan: RunPlan, workdir: str, *, stop_at_step: int | None = None) 
         check_networks_build(trainer)
         if jax.process_index() == 0:
             print(report.run_header(trainer, stages, workdir), flush=True)
-        checkpoints, state, meta = restore(trainer, stages, decision)
+        checkpoints, state, meta = resume_or_start(trainer, stages, decision)
         try:
             watcher.raise_if_requested("nothing was written")
         except Preempted:

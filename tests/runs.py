@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 
-from lbq.build import stage_bits
 from lbq.configs import default
 from lbq.stages import lay_out
+from lbq.trainer import stage_bits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,15 +51,15 @@ def leaves(tree) -> list[np.ndarray]:
 
 class StepRig:
     """The trainer's real networks, optimizer, state and jitted steps (built by
-    `lbq.build.build_trainer`) on random 16x16 data, with one constant-rate stage."""
+    `lbq.trainer.build_trainer`) on random 16x16 data, with one constant-rate stage."""
 
     def __init__(self, config, batch: int = 8, size: int = 16, stage_steps: int = 100):
         import jax.numpy as jnp
 
-        from lbq.build import build_trainer
         from lbq.data import DatasetInfo
         from lbq.mesh import data_mesh
         from lbq.plan import parse_config
+        from lbq.trainer import build_trainer
 
         config = config.copy_and_resolve_references()
         config.stages = [default.stage("s", steps=stage_steps, lr_schedule="constant")]

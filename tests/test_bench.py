@@ -87,7 +87,7 @@ def test_without_tfds_the_bench_builds_the_step():
         "for name in ('tensorflow_datasets', 'grain'):\n"
         "    sys.modules[name] = None  # makes any import of them fail\n"
         "from lbq import bench\n"
-        "from lbq.build import build_networks\n"
+        "from lbq.trainer import build_networks\n"
         "from lbq.plan import parse_config\n"
         "plan = parse_config(bench.mode_config('resnet20', 'w2a2_kd', 4))\n"
         "nets = build_networks(plan, 10)\n"

@@ -26,7 +26,6 @@ import pytest
 from runs import REPO, tiny_config
 
 from lbq import calibrate, resume
-from lbq.build import build_trainer, load_into
 from lbq.configs import default
 from lbq.data import get_info
 from lbq.mesh import data_mesh
@@ -45,6 +44,7 @@ from lbq.quant.precision import Precision, make_precision
 from lbq.quant.quantizers import lsq_gradient_scale, lsq_quantize, lsq_rescale_step
 from lbq.stages import lay_out
 from lbq.steps import normalize
+from lbq.trainer import build_trainer, load_into
 from lbq.validate import ConfigError
 
 BITS = (2, 4, 8, 32)

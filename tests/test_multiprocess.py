@@ -101,8 +101,8 @@ WORKER = textwrap.dedent("""
     sys.path[:0] = [{repo!r}, {tests!r}]
     from runs import tiny_config
     from lbq import data as lbq_data
-    from lbq.batches import train_batches
-    from lbq.build import build_trainer
+    from lbq.trainer import train_batches
+    from lbq.trainer import build_trainer
     from lbq.mesh import maybe_initialize_distributed
     from lbq.plan import parse_config
 

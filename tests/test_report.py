@@ -7,13 +7,13 @@ import json
 from runs import read_metrics, run_main, tiny_config
 
 from lbq import report
-from lbq.build import build_trainer
 from lbq.configs import default
 from lbq.data import DatasetInfo
 from lbq.mesh import data_mesh
 from lbq.plan import parse_config
 from lbq.stages import lay_out
 from lbq.train import RunResult
+from lbq.trainer import build_trainer
 
 INFO = DatasetInfo("digits", 10, (32, 32, 3), 1437, 360, (0.0,) * 3, (1.0,) * 3)
 

@@ -1,7 +1,7 @@
 """Load a run: its config, networks, bit-widths and trained variables, from the workdir.
 
 This is the one module of lbq.deploy that uses the trainer's building blocks (lbq.plan,
-lbq.build, lbq.stages, lbq.train); everything else in lbq.deploy works from what it returns.
+lbq.trainer, lbq.stages, lbq.train); everything else in lbq.deploy works from what it returns.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import ml_collections
 import numpy as np
 
 from lbq import data as lbq_data
-from lbq.batches import evaluate as evaluate_split
-from lbq.build import Trainer, build_trainer, stage_bits
 from lbq.calibrate import evaluation_state
 from lbq.checkpoint import CheckpointError, load_saved_variables, partial_saves
 from lbq.deploy.errors import DeployError, read_json
@@ -27,6 +25,7 @@ from lbq.plan import parse_config
 from lbq.quant.precision import make_precision
 from lbq.stages import Stage, lay_out, stage_at
 from lbq.steps import Network, TrainState
+from lbq.trainer import Trainer, build_trainer, evaluate_split, stage_bits
 from lbq.validate import ConfigError
 
 log = logging.getLogger("lbq")
@@ -46,7 +45,7 @@ class Run:
       config: the run's config (from ``config.json``, with any data overrides).
       plan: the config, parsed (`lbq.plan.RunPlan`).
       info: its dataset's description (classes, image shape, mean/std).
-      trainer: its networks and compiled eval step (`lbq.build.Trainer`).
+      trainer: its networks and compiled eval step (`lbq.trainer.Trainer`).
       stage: the stage the checkpoint was trained in (its bit-widths are the run's).
       variables: {network: {'params', 'batch_stats'}} as NumPy arrays.
     """

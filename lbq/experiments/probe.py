@@ -65,10 +65,9 @@ def probe_one(config) -> dict[str, float]:
     BatchNorm statistics (no training step)."""
     from lbq import calibrate
     from lbq import data as lbq_data
-    from lbq.batches import evaluate
-    from lbq.build import build_trainer
     from lbq.plan import parse_config
     from lbq.stages import lay_out
+    from lbq.trainer import build_trainer, evaluate_split
 
     plan = parse_config(config)
     info = lbq_data.get_info(plan.data)
@@ -76,10 +75,12 @@ def probe_one(config) -> dict[str, float]:
     state = trainer.load_start_weights(trainer.init_state())
     stage = lay_out(plan.stages, plan.steps_per_epoch(info.num_train))[0]
     bits = trainer.stage_bits(stage)
-    result = {"top1": evaluate(trainer, state, bits)["student"]["top1"]}
+    result = {"top1": evaluate_split(trainer, state, bits)["student"]["top1"]}
     if plan.calibration.recalibrate_bn_batches:
         reestimated = calibrate.evaluation_state(trainer, state, bits)
-        result["top1_bn_reestimated"] = evaluate(trainer, reestimated, bits)["student"]["top1"]
+        result["top1_bn_reestimated"] = evaluate_split(trainer, reestimated, bits)["student"][
+            "top1"
+        ]
     return result
 
 
