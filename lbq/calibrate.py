@@ -40,16 +40,19 @@ precision (`lbq.quant.quantizers`), as the layer was until now, and its quantize
 ``32 + b``, from which ``b`` is read (`calibration_bits`).
 
 **BatchNorm re-estimation** (``eval.recalibrate_bn_batches`` = N > 0). Before each evaluation,
-`evaluation_state` recomputes the BatchNorm statistics of every evaluated network (students
-fully quantized at the stage's bit-widths, as the eval step runs them) as the plain average of
-the per-batch means and (biased) variances over the run's first N training batches, as
-PyTorch's cumulative average (``momentum=None``) does. Only the evaluation sees them: the train
-state keeps its own parameters and statistics.
+`lbq.trainer.Trainer.evaluation_state` recomputes (by `reestimate_batch_stats`) the BatchNorm
+statistics of every evaluated network (students fully quantized at the stage's bit-widths, as
+the eval step runs them) as the plain average of the per-batch means and (biased) variances
+over the run's first N training batches, as PyTorch's cumulative average (``momentum=None``)
+does. Only the evaluation sees them: the train state keeps its own parameters and statistics.
+
+Every function here takes networks, a state and batches, never the trainer: the trainer
+(`lbq.trainer.Trainer`) calls `start_ranges`, `stage_ranges` and `reestimate_batch_stats` with
+its own first training batches.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,10 +62,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lbq import data as lbq_data
 from lbq.models import QuantNetwork
 from lbq.models.common import BATCH_NORM_MOMENTUM
-from lbq.plan import ModelSpec
+from lbq.plan import ModelSpec, RunPlan
 from lbq.quant.layers import (
     CALIBRATION_COLLECTION,
     SOWN_BITS,
@@ -440,66 +442,48 @@ def reestimate_batch_stats(step: Callable, state: TrainState, batches: Sequence,
     return jax.tree.map(lambda s: s / len(batches), total)
 
 
-# ------------------------------------------------------------------------ trainer level
+# --------------------------------------------------------------------------------- run level
+# Networks, a state and batches in, a state out: the trainer supplies the run's first training
+# batches (`lbq.trainer.Trainer.first_batches`) and these functions never see it.
 
-
-def training_batches(trainer, count: int) -> list[dict[str, jax.Array]]:
-    """The run's first ``count`` training batches (steps 0.. of the data order, with the
-    training augmentation), global and sharded like the train step's."""
-    plan = trainer.plan
-    iterator = lbq_data.train_iterator(
-        plan.data,
-        seed=plan.seed,
-        global_batch=plan.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    try:
-        return [
-            {
-                k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
-                for k, v in local.items()
-            }
-            for local in itertools.islice(iterator, count)
-        ]
-    finally:
-        iterator.close()
+FirstBatches = Callable[[int], Sequence[Mapping[str, jax.Array]]]
 
 
 def calibrate_ranges(
-    trainer,
+    networks: Sequence[Network],
     state: TrainState,
     bits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    batches: Sequence[Mapping[str, jax.Array]],
+    mean: Sequence[float],
+    std: Sequence[float],
     *,
     rule: str,
-    num_batches: int,
+    percentile: float,
     lift_clips: bool,
     source: str,
 ) -> TrainState:
-    """The state with its students' marked ranges calibrated on the run's first
-    ``num_batches`` training batches (`make_range_statistics`, `calibrated_ranges`); logs
-    what was set, by which rule, and ``source``.
+    """The state with its students' marked ranges calibrated on ``batches``
+    (`make_range_statistics`, `calibrated_ranges`); logs what was set, by which rule, and
+    ``source``.
 
     Args:
-      trainer: the `lbq.trainer.Trainer`.
+      networks: the run's networks; only those named in ``bits`` are calibrated.
       bits: {student: (w_bits, a_bits)} from `start_calibration_bits` or
         `stage_calibration_bits`.
+      batches: training batches ``{'image': (B, H, W, C) float32 in 0..255, ...}``.
+      mean, std: the input normalisation (per channel, 0..255 units).
     """
-    plan = trainer.plan
-    batches = training_batches(trainer, num_batches)
     params = dict(state.params)
-    for net in trainer.networks:
+    for net in networks:
         if net.name not in bits:
             continue
-        statistics = jax.jit(
-            make_range_statistics(net.model, plan.calibration.percentile, lift_clips)
-        )
+        statistics = jax.jit(make_range_statistics(net.model, percentile, lift_clips))
         w_bits, a_bits = (jnp.asarray(b) for b in bits[net.name])
         per_batch = [
             statistics(
                 params[net.name],
                 state.batch_stats[net.name],
-                normalize(batch["image"], trainer.info.mean, trainer.info.std),
+                normalize(batch["image"], mean, std),
                 w_bits,
                 a_bits,
             )
@@ -508,19 +492,28 @@ def calibrate_ranges(
         params[net.name], counts = calibrated_ranges(
             params[net.name], average_statistics(per_batch), rule
         )
-        log.info("%s", _describe(net.name, plan, counts, rule, num_batches, source))
+        log.info("%s", _describe(net.name, percentile, counts, rule, len(batches), source))
     return state.replace(params=params)
 
 
-def start_ranges(trainer, state: TrainState, bits_per_stage: Sequence[Bits]) -> TrainState:
+def start_ranges(
+    plan: RunPlan,
+    networks: Sequence[Network],
+    state: TrainState,
+    bits_per_stage: Sequence[Bits],
+    first_batches: FirstBatches,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> TrainState:
     """A new run's state with the learned ranges that its first stage uses calibrated
     (module docstring): on ``init_from``'s model, or LSQ's first-batch rule from scratch.
 
     Args:
-      trainer: the `lbq.trainer.Trainer`; state: after the start weights were loaded.
+      plan: the run plan (its model, calibration and ``init_from``).
+      state: after the start weights were loaded.
       bits_per_stage: `lbq.trainer.stage_bits` of every stage of the run.
+      first_batches: ``count -> the run's first count training batches``.
     """
-    plan = trainer.plan
     if not plan.model.learned_ranges:
         return state
     from_model = plan.init_from is not None
@@ -530,28 +523,41 @@ def start_ranges(trainer, state: TrainState, bits_per_stage: Sequence[Bits]) -> 
     if bits is None:
         return state
     if from_model:
-        rule, count, source = (
-            plan.calibration.activation_rule,
-            plan.calibration.batches,
-            "init_from",
-        )
+        calibration = plan.calibration
+        rule, count, source = calibration.activation_rule, calibration.batches, "init_from"
     else:
         rule, count, source = LSQ_RULE, 1, "the initial weights"
     return calibrate_ranges(
-        trainer, state, bits, rule=rule, num_batches=count, lift_clips=True, source=source
+        networks,
+        state,
+        bits,
+        first_batches(count),
+        mean,
+        std,
+        rule=rule,
+        percentile=plan.calibration.percentile,
+        lift_clips=True,
+        source=source,
     )
 
 
 def stage_ranges(
-    trainer, state: TrainState, bits_per_stage: Sequence[Bits], index: int
+    plan: RunPlan,
+    networks: Sequence[Network],
+    state: TrainState,
+    bits_per_stage: Sequence[Bits],
+    index: int,
+    first_batches: FirstBatches,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> TrainState:
     """The state at the start of stage ``index``: the LSQ ranges of the layers that the stage
     quantizes for the first time calibrated on the network as trained so far and, with
     ``quant.weight_range_at_bit_change='lsq_rule'``, the LSQ weight ranges whose bit-width
     changes set again by LSQ's rule (`changed_weight_bits`) and, with
     ``quant.activation_range_at_bit_change='calibrate'``, the activation ranges whose
-    bit-width changes set again by ``quant.activation_calibration`` (`changed_activation_bits`)."""
-    plan = trainer.plan
+    bit-width changes set again by ``quant.activation_calibration`` (`changed_activation_bits`).
+    The arguments are those of `start_ranges`."""
     if index == 0 or not plan.model.learned_ranges:
         return state
     calibration = plan.calibration
@@ -579,20 +585,25 @@ def stage_ranges(
         changed = marked_bits(bits_per_stage, index, plan.model) if wanted else None
         if changed is not None:
             state = calibrate_ranges(
-                trainer,
+                networks,
                 state,
                 changed,
+                first_batches(num_batches),
+                mean,
+                std,
                 rule=calibration.activation_rule,
-                num_batches=num_batches,
+                percentile=calibration.percentile,
                 lift_clips=False,
                 source=source,
             )
     return state
 
 
-def _describe(name: str, plan, counts: Mapping[str, int], rule: str, count: int, source: str):
+def _describe(
+    name: str, percentile: float, counts: Mapping[str, int], rule: str, count: int, source: str
+) -> str:
     if rule == PERCENTILE_RULE:
-        rule_text = f"the {plan.calibration.percentile:g}th percentile of the input after ReLU"
+        rule_text = f"the {percentile:g}th percentile of the input after ReLU"
     else:
         rule_text = "LSQ's rule 2 mean(relu(x)) / sqrt(Q_P)"
     parts = []
@@ -604,15 +615,3 @@ def _describe(name: str, plan, counts: Mapping[str, int], rule: str, count: int,
         parts.append(f"{counts['kept']} kept their value (no positive statistic)")
     batches = f"{count} training batch{'es' if count > 1 else ''}"
     return f"calibrated {name}'s learned ranges on {source} ({batches}): " + "; ".join(parts)
-
-
-def evaluation_state(trainer, state: TrainState, bits) -> TrainState:
-    """The state an evaluation uses: with ``eval.recalibrate_bn_batches`` = N > 0, its
-    BatchNorm statistics re-estimated over the run's first N training batches; else ``state``.
-    The train state itself is not changed."""
-    count = trainer.plan.calibration.recalibrate_bn_batches
-    if not count:
-        return state
-    batches = training_batches(trainer, count)
-    stats = reestimate_batch_stats(trainer.batch_stats_step, state, batches, bits)
-    return state.replace(batch_stats=stats)

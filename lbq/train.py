@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from lbq import calibrate, report
 from lbq import data as lbq_data
 from lbq import metrics as lbq_metrics
+from lbq import report
 from lbq.mesh import maybe_initialize_distributed
 from lbq.plan import RunPlan, parse_config, shadowed_overrides
 from lbq.resume import commit, resume_or_start
@@ -201,7 +201,7 @@ class _Loop:
         if self.is_host0:
             log.info("evaluating at step %d on %d images", self.step, self.trainer.info.num_eval)
         # eval.recalibrate_bn_batches: re-estimated BatchNorm statistics, for this evaluation only
-        evaluated = calibrate.evaluation_state(self.trainer, self.state, bits)
+        evaluated = self.trainer.evaluation_state(self.state, bits)
         self.final = evaluate_split(self.trainer, evaluated, bits)
         self.eval_seconds += time.time() - start
         if self.is_host0:

@@ -16,6 +16,7 @@ batches are sampled there (`lbq.data.device_train_batch`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator, Mapping
 
 import jax
@@ -251,7 +252,16 @@ class Trainer:
         or, by ``quant.weight_range_at_bit_change``, at a new bit-width are calibrated
         (`lbq.calibrate.stage_ranges`)."""
         if calibrate_ranges:
-            state = calibrate.stage_ranges(self, state, self.bits_per_stage(), stage.index)
+            state = calibrate.stage_ranges(
+                self.plan,
+                self.networks,
+                state,
+                self.bits_per_stage(),
+                stage.index,
+                self.first_batches,
+                self.info.mean,
+                self.info.std,
+            )
         trainable = {n.name: state.params[n.name] for n in self.networks if n.trainable}
         opt_state = self.optimizer.init(trainable)
         if self.plan.stochastic.enabled:
@@ -273,7 +283,37 @@ class Trainer:
         if distill.enabled and distill.teacher_init:
             mapping = {"teacher": "teacher"}
             state = load_into(state, distill.teacher_init, mapping, "distill.teacher_init")
-        return calibrate.start_ranges(self, state, self.bits_per_stage())
+        return calibrate.start_ranges(
+            self.plan,
+            self.networks,
+            state,
+            self.bits_per_stage(),
+            self.first_batches,
+            self.info.mean,
+            self.info.std,
+        )
+
+    def first_batches(self, count: int) -> list[dict[str, jax.Array]]:
+        """The run's first ``count`` training batches (steps 0.. of the data order, with the
+        training augmentation), global and sharded like the train step's: what calibration and
+        BatchNorm re-estimation read."""
+        local_batches = _host_train_batches(self.plan, start_step=0)
+        try:
+            return [_global(self, local) for local in itertools.islice(local_batches, count)]
+        finally:
+            local_batches.close()  # stops its decode threads
+
+    def evaluation_state(self, state: TrainState, bits) -> TrainState:
+        """The state an evaluation uses: with ``eval.recalibrate_bn_batches`` = N > 0, its
+        BatchNorm statistics re-estimated over the run's first N training batches
+        (`lbq.calibrate.reestimate_batch_stats`); else ``state``. The train state itself is
+        not changed."""
+        count = self.plan.calibration.recalibrate_bn_batches
+        if not count:
+            return state
+        batches = self.first_batches(count)
+        stats = calibrate.reestimate_batch_stats(self.batch_stats_step, state, batches, bits)
+        return state.replace(batch_stats=stats)
 
 
 def build_trainer(
@@ -381,16 +421,20 @@ def train_batches(trainer: Trainer, start_step: int, on_device: bool) -> Iterato
     if on_device:
         yield from _device_batches(trainer, start_step)
         return
-    plan = trainer.plan
-    for local in lbq_data.train_iterator(
+    for local in _host_train_batches(trainer.plan, start_step):
+        yield _global(trainer, local)
+
+
+def _host_train_batches(plan: RunPlan, start_step: int) -> Iterator[dict]:
+    """This process's share of every training batch from ``start_step`` on."""
+    return lbq_data.train_iterator(
         plan.data,
         seed=plan.seed,
         global_batch=plan.batch_size,
         start_step=start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-    ):
-        yield _global(trainer, local)
+    )
 
 
 def evaluate_split(trainer: Trainer, state, bits) -> dict[str, dict[str, float]]:

@@ -47,6 +47,8 @@ from lbq.steps import normalize
 from lbq.trainer import build_trainer, load_into
 from lbq.validate import ConfigError
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 BITS = (2, 4, 8, 32)
 RNG = np.random.default_rng(0)
 X = RNG.normal(0.5, 1.5, size=(4, 40)).astype(np.float32)  # activations, beyond every range
@@ -407,6 +409,19 @@ def _fp_outputs(params, batch_stats, images, names):
     return {n: np.asarray(state["intermediates"][n]["__call__"][0], np.float64) for n in names}
 
 
+def _start_ranges(trainer, state):
+    """`calibrate.start_ranges` with the trainer's plan, networks and first batches."""
+    return calibrate.start_ranges(
+        trainer.plan,
+        trainer.networks,
+        state,
+        trainer.bits_per_stage(),
+        trainer.first_batches,
+        trainer.info.mean,
+        trainer.info.std,
+    )
+
+
 def test_calibration_from_a_trained_run_sets_every_range_from_its_tensors(lsq_pact):
     """init_from the committed DoReFa run: weights and BatchNorm statistics are copied, the
     ranges are not (that run has none); then each PACT clip is the 99th percentile of its
@@ -420,13 +435,13 @@ def test_calibration_from_a_trained_run_sets_every_range_from_its_tensors(lsq_pa
     trainer = dataclasses.replace(
         trainer, plan=dataclasses.replace(trainer.plan, init_from=GOLDEN_RUN)
     )
-    state = calibrate.start_ranges(trainer, loaded, trainer.bits_per_stage())
+    state = _start_ranges(trainer, loaded)
     params, stats = state.params["student"], state.batch_stats["student"]
     info = trainer.info
     names = ("stem_bn", "stage2_block1_bn1")
     per_batch = [
         _fp_outputs(params, stats, np.asarray(normalize(b["image"], info.mean, info.std)), names)
-        for b in calibrate.training_batches(trainer, 2)
+        for b in trainer.first_batches(2)
     ]
     acts = {"stem_bn": "stem_act", "stage2_block1_bn1": "stage2_block1_act1"}
     for bn, act in acts.items():
@@ -457,14 +472,14 @@ def test_conv_input_calibration_sets_each_convs_input_range_from_its_input(quant
     plan = parse_config(config)
     trainer = build_trainer(plan, get_info(plan.data), data_mesh(1), donate=False)
     loaded = load_into(trainer.init_state(), GOLDEN_RUN, {"student": "student"}, "init_from")
-    state = calibrate.start_ranges(trainer, loaded, trainer.bits_per_stage())
+    state = _start_ranges(trainer, loaded)
     params, stats = state.params["student"], state.batch_stats["student"]
     info = trainer.info
     # conv input -> the BatchNorm whose ReLU output it reads in the start model
     inputs = {"stage1_block0_conv1": "stem_bn", "stage2_block1_conv2": "stage2_block1_bn1"}
     per_batch = [
         _fp_outputs(params, stats, np.asarray(normalize(b["image"], info.mean, info.std)), names)
-        for b in calibrate.training_batches(trainer, 2)
+        for b in trainer.first_batches(2)
         for names in [tuple(inputs.values())]
     ]
     param = "range" if quantizer == "lsq" else "clip"
@@ -665,7 +680,7 @@ def test_a_bit_width_drop_calibrates_activation_ranges_again_when_asked(quantize
             normalize(b["image"], info.mean, info.std),
             fp_activations,
         )
-        for b in calibrate.training_batches(trainer, 2)
+        for b in trainer.first_batches(2)
     ]
     param = "range" if quantizer == "lsq" else "clip"
     rest_before, _ = split_learned_ranges(params)
@@ -706,7 +721,7 @@ def test_batch_norm_reestimation_averages_each_batchs_statistics_and_changes_not
     stale = jax.tree.map(lambda s: s + 3.0, state.batch_stats)  # running stats from elsewhere
     state = state.replace(batch_stats=stale)
     bits = trainer.stage_bits(trainer.plan.stages[0])
-    evaluated = calibrate.evaluation_state(trainer, state, bits)
+    evaluated = trainer.evaluation_state(state, bits)
     assert evaluated.params is state.params and evaluated.opt_state is state.opt_state
     assert evaluated.step is state.step and state.batch_stats is stale
 
@@ -714,7 +729,7 @@ def test_batch_norm_reestimation_averages_each_batchs_statistics_and_changes_not
     w, a = bits["student"]
     p = Precision(w, a, jnp.ones_like(w))
     means, variances = {}, {}
-    for batch in calibrate.training_batches(trainer, 2):
+    for batch in trainer.first_batches(2):
         images = normalize(batch["image"], trainer.info.mean, trainer.info.std)
         variables = {"params": state.params["student"], "batch_stats": stale["student"]}
         for name, x in _bn_inputs(net.model, variables, images, p).items():

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 
 from lbq import data as lbq_data
-from lbq.calibrate import evaluation_state
 from lbq.checkpoint import CheckpointError, load_saved_variables, partial_saves
 from lbq.deploy.errors import DeployError, read_json
 from lbq.plan import parse_config
@@ -233,7 +232,7 @@ def evaluate(
       data_overrides: ``data.*`` fields to evaluate on instead (eval_split, name, data_dir);
         the images are normalised with the run's own mean/std.
       recalibrate_bn_batches: re-estimate the BatchNorm statistics over this many training
-        batches first (`lbq.calibrate.evaluation_state`); None keeps the run's own
+        batches first (`lbq.trainer.Trainer.evaluation_state`); None keeps the run's own
         ``eval.recalibrate_bn_batches``.
 
     Returns:
@@ -269,7 +268,7 @@ def evaluate(
     )
     state = jax.device_put(state, trainer.replicated)
     bits = jax.device_put(dict(bits), trainer.replicated)
-    state = evaluation_state(trainer, state, bits)  # BatchNorm re-estimation, when asked for
+    state = trainer.evaluation_state(state, bits)  # BatchNorm re-estimation, when asked for
     result = evaluate_split(trainer, state, bits)
     return result, {
         "name": plan.data.name,

@@ -10,7 +10,7 @@ loaded into the quantized network at wKaK exactly as a fine-tuning run with
 RUN's own weights and activations (`lbq.calibrate.start_ranges`, the run's
 ``quant.calibration_*`` fields). Each is then evaluated on RUN's eval split with its own
 BatchNorm statistics and, with ``--recalibrate_bn_batches=N``, again after re-estimating them
-over N training batches (`lbq.calibrate.evaluation_state`). The plain-ReLU network at 32 bits
+over N training batches (`lbq.trainer.Trainer.evaluation_state`). The plain-ReLU network at 32 bits
 is the reference: RUN's own accuracy.
 
 Top-1 values are fractions; the JSON holds ``{label: {'top1', 'top1_bn_reestimated'}}``.
@@ -63,7 +63,6 @@ def probe_config(run_config, start_from: str, pair: str | None, bits: int, bn_ba
 def probe_one(config) -> dict[str, float]:
     """Top-1 of the start model in ``config``'s network, with its own and with re-estimated
     BatchNorm statistics (no training step)."""
-    from lbq import calibrate
     from lbq import data as lbq_data
     from lbq.plan import parse_config
     from lbq.stages import lay_out
@@ -77,7 +76,7 @@ def probe_one(config) -> dict[str, float]:
     bits = trainer.stage_bits(stage)
     result = {"top1": evaluate_split(trainer, state, bits)["student"]["top1"]}
     if plan.calibration.recalibrate_bn_batches:
-        reestimated = calibrate.evaluation_state(trainer, state, bits)
+        reestimated = trainer.evaluation_state(state, bits)
         result["top1_bn_reestimated"] = evaluate_split(trainer, reestimated, bits)["student"][
             "top1"
         ]
