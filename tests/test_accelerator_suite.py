@@ -19,6 +19,8 @@ import tarfile
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHIVES = (
     os.path.join(ROOT, "DATA", "cifar10-jpeg.tar.gz"),

@@ -25,6 +25,8 @@ from lbq.resume import rate_changes, recorded_stages
 from lbq.stages import Stage
 from lbq.train import train_and_evaluate
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 

@@ -8,6 +8,10 @@ import ast
 import pathlib
 import re
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lbq"
 

@@ -9,6 +9,8 @@ import pytest
 
 from lbq import bench
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMBER_FIELDS = (
     "images_per_second",

@@ -28,6 +28,8 @@ from lbq.checkpoint import (
     partial_saves,
 )
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 
 @flax.struct.dataclass
 class State:

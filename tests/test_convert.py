@@ -22,6 +22,8 @@ from lbq import convert
 from lbq.convert import ConvertError
 from lbq.models import get_model
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -171,8 +173,15 @@ def converted(tmp_path_factory):
     weights = _save(model, str(root / "resnet18.pth"))
     out = str(root / "run")
     code = convert.main(
-        ["--from=torchvision", "--model=resnet18", f"--weights={weights}", f"--out={out}",
-         "--data=digits", "--eval_split=test", "--image_size=32"]
+        [
+            "--from=torchvision",
+            "--model=resnet18",
+            f"--weights={weights}",
+            f"--out={out}",
+            "--data=digits",
+            "--eval_split=test",
+            "--image_size=32",
+        ]
     )
     assert code == 0
     return out, model
@@ -260,8 +269,13 @@ def test_evaluate_export_and_probe_take_it(converted, tmp_path, capsys):
     assert export.main([f"--workdir={out}", f"--out={tmp_path / 'fp'}"]) != 0
     assert "model.quantized=False" in capsys.readouterr().err
     probed = str(tmp_path / "probe.json")
-    args = [f"--start_from={out}", f"--out={probed}", "--quantizers=dorefa/dorefa", "--bits=4",
-            "--recalibrate_bn_batches=0"]
+    args = [
+        f"--start_from={out}",
+        f"--out={probed}",
+        "--quantizers=dorefa/dorefa",
+        "--bits=4",
+        "--recalibrate_bn_batches=0",
+    ]
     assert probe.main(args) == 0
     with open(probed) as f:
         assert set(json.load(f)) == {"plain-ReLU network w32a32", "dorefa/dorefa w4a4"}

@@ -16,6 +16,8 @@ from runs import cifar_jpeg_source
 import lbq.data as data
 from lbq.data import transforms
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PER_CLASS = 20  # real CIFAR JPEGs per class and split copied for the folder tests
 CIFAR_CLASSES = 10

@@ -45,6 +45,8 @@ from lbq.deploy.verify import LOGIT_RTOL, compare, fake_quant_logits
 from lbq.models import get_model
 from lbq.quant.precision import make_precision
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # {case: (network, options)}. Each case also carries an option, so that every path of the
 # program is exercised, and every quantizer lbq has (DoReFa, PACT, LSQ) is covered.

@@ -27,6 +27,8 @@ from lbq.deploy.verify import CHECK_MAX_REL_DIFF, CHECK_MIN_AGREEMENT, check_ver
 from lbq.quant.quantizers import lsq_quantize, pact_activation, quantize_activation
 from lbq.workdir import WorkdirLock
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 F32 = np.float32
 BITS = (2, 3, 4, 8)

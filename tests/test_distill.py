@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from runs import StepRig, leaves, read_metrics, tiny_config
 
 from lbq import losses
@@ -95,6 +96,7 @@ def test_named_calls_label_each_network_in_the_compiled_step():
         assert (net.name, type(net.model).__name__) in scope_pairs, net.name
 
 
+@pytest.mark.slow
 def test_joint_run_lowers_both_losses_and_evaluates_every_network(tmp_path):
     config = _kd_config()
     config.stages[0].steps = 24
@@ -110,6 +112,7 @@ def test_joint_run_lowers_both_losses_and_evaluates_every_network(tmp_path):
     assert result.train_step_compilations == 1
 
 
+@pytest.mark.slow
 def test_frozen_teacher_from_checkpoint_stays_fixed(tmp_path):
     fp = tiny_config(steps=2)
     fp.model.quantized = False

@@ -21,6 +21,8 @@ from golden.record import (
     trajectory,
 )
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 
 pinned = pytest.mark.skipif(

@@ -20,6 +20,8 @@ from lbq.data.digits import split_arrays
 from lbq.data.stats import PixelStats
 from lbq.predict import read_image
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 

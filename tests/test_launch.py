@@ -20,7 +20,10 @@ TPU = os.path.join(REPO, "launch", "tpu_vm.sh")
 SLURM = os.path.join(REPO, "launch", "gpu_slurm.sh")
 LOCAL = os.path.join(REPO, "launch", "local.sh")
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="the launch scripts are bash")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("bash") is None, reason="the launch scripts are bash"),
+    pytest.mark.slow,  # the full tier: `python -m pytest -m "not slow"` skips it
+]
 
 
 @pytest.fixture

@@ -77,7 +77,9 @@ def _call_inputs(model, variables, x, precision, module_name):
     return seen
 
 
-@pytest.mark.parametrize("name", ["resnet20", "preresnet20", "alexnet_cifar"])
+@pytest.mark.parametrize(
+    "name", ["resnet20", "preresnet20", pytest.param("alexnet_cifar", marks=pytest.mark.slow)]
+)
 def test_first_conv_and_classifier_are_full_precision(name):
     model = get_model(name, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
@@ -115,7 +117,14 @@ def test_block_activations_are_quantized():
 
 
 @pytest.mark.parametrize(
-    "name", ["resnet20", "preresnet20", "resnet18", "resnet50", "alexnet_cifar"]
+    "name",
+    [
+        "resnet20",
+        "preresnet20",
+        pytest.param("resnet18", marks=pytest.mark.slow),
+        pytest.param("resnet50", marks=pytest.mark.slow),
+        "alexnet_cifar",
+    ],
 )
 def test_conv_input_placement_quantizes_each_layers_input_and_nothing_else(name):
     """activation_placement='conv_input' (SPEC section 9): every quantized conv and dense layer

@@ -26,9 +26,12 @@ from runs import REPO, read_metrics, run_main, tiny_config
 from lbq import data as lbq_data
 from lbq.data import digits
 
-pytestmark = pytest.mark.skipif(
-    sys.platform == "win32", reason="JAX multi-process CPU collectives need Linux or macOS"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        sys.platform == "win32", reason="JAX multi-process CPU collectives need Linux or macOS"
+    ),
+    pytest.mark.slow,  # the full tier: `python -m pytest -m "not slow"` skips it
+]
 
 FAST_XLA = "--xla_backend_optimization_level=0"
 GLOO = {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}  # the default in jax 0.10; said explicitly

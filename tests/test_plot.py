@@ -77,6 +77,7 @@ def _stage_lines(ax) -> list[tuple[float, str, str]]:
     ]
 
 
+@pytest.mark.slow
 def test_curves_hold_the_values_of_a_real_run(real_run):
     records = read_metrics(real_run)  # read independently of lbq.plot
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
@@ -94,6 +95,7 @@ def test_curves_hold_the_values_of_a_real_run(real_run):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["two_stage: student"]
 
 
+@pytest.mark.slow
 def test_runs_side_by_side_with_a_teacher_and_a_gap(real_run, kd_run):
     fig = plot_runs([Run("two_stage", read_records(real_run)), Run("kd", read_records(kd_run))])
     loss, accuracy, top1 = fig.axes
@@ -111,6 +113,7 @@ def test_runs_side_by_side_with_a_teacher_and_a_gap(real_run, kd_run):
     assert legend == ["two_stage: student", "kd: student", "kd: teacher"]
 
 
+@pytest.mark.slow
 def test_command_writes_a_png_of_the_curves(real_run, tmp_path):
     out = tmp_path / "curves.png"
     proc = subprocess.run(

@@ -20,6 +20,8 @@ import lbq.data as data
 from lbq.data import folder, prepare, transforms
 from lbq.data.stats import STD_FLOOR, PixelStats, floor_std
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 

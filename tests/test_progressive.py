@@ -78,6 +78,7 @@ def test_unknown_block_in_stage_is_a_config_error(tmp_path):
         train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_two_stage_run_reuses_the_step_and_reports_each_stage(tmp_path, capsys):
     config = tiny_config()
     config.stochastic.enabled = True  # its per-stage count shows the optimizer state reset

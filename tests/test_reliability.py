@@ -42,6 +42,8 @@ from lbq.workdir import (
     write_record,
 )
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 
 @pytest.fixture(scope="module", autouse=True)
 def cache_env(tmp_path_factory):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from runs import read_metrics, run_main, tiny_config
 
 from lbq import report
@@ -78,6 +79,7 @@ def test_header_names_data_model_parameters_bits_and_methods():
     assert "progressive (w4a4 -> w2a2)" in header and "joint distillation (joint teacher" in header
 
 
+@pytest.mark.slow
 def test_cli_shortens_a_stage_given_in_epochs(tmp_path):
     """The default config's stage is 30 epochs; ``stages[0].steps`` overrides it."""
     workdir = tmp_path / "run"

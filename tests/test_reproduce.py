@@ -9,6 +9,8 @@ import pytest
 
 from lbq.experiments import reproduce
 
+pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
+
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_every_method_gets_the_same_number_of_steps(bits):

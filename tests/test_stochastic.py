@@ -126,6 +126,7 @@ def test_layer_units_sample_each_layer():
     assert mask.shape == (len(rig.networks[0].model.layer_names()),)
 
 
+@pytest.mark.slow
 def test_p_one_equals_the_plain_quantized_step():
     plain = StepRig(tiny_config())
     always = StepRig(_sp_config(p_start=1.0))
@@ -137,6 +138,7 @@ def test_p_one_equals_the_plain_quantized_step():
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_p_zero_computes_the_full_precision_function():
     """Mask 0 everywhere: clip activations, no rounding: the same as 32-bit everywhere."""
     never = StepRig(_sp_config(p_start=0.0))
@@ -149,6 +151,7 @@ def test_p_zero_computes_the_full_precision_function():
     np.testing.assert_allclose(m0["loss"], m32["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluation_uses_the_fully_quantized_network():
     never = StepRig(_sp_config(p_start=0.0))
     plain = StepRig(tiny_config())

@@ -62,6 +62,7 @@ def _losses_on(devices: int, workdir: str, *overrides: str) -> list[float]:
     return [r["loss"] for r in read_metrics(workdir, "train")]
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_losses(tmp_path):
     """The same run on 1 CPU device and on 8 simulated devices (sharded batch, sync BN).
 
@@ -77,6 +78,7 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
     np.testing.assert_allclose(low[0], low[1], rtol=0.05)
 
 
+@pytest.mark.slow
 def test_resume_continues_and_init_from_loads_weights(tmp_path):
     config = tiny_config(steps=2)
     first = train_and_evaluate(config, str(tmp_path / "a"))
@@ -101,6 +103,7 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_on_device_data_trains(tmp_path):
     config = tiny_config(steps=3)
     config.data.on_device = True
@@ -143,6 +146,7 @@ def test_paper_configs_load_with_their_recipes(name):
 
 
 @pytest.mark.parametrize("name", ["cifar100_w2a2", "imagenet_w2a2", "cifar100_w2a2_ts_pq"])
+@pytest.mark.slow
 def test_flagship_tiny_variants_run(tmp_path, name):
     proc = run_main([f"--config=configs/{name}.py:tiny", f"--workdir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
