@@ -171,7 +171,7 @@ def _with_new_optimizer(trainer: Trainer, fresh, saved: dict, stage: Stage):
             jnp.int32(saved.get("first_nonfinite", -1)), trainer.replicated
         ),
     )
-    return trainer.start_stage(state, stage, calibrate_ranges=False)
+    return trainer.fresh_optimizer_state(state, stage)
 
 
 def _mismatch_message(error: CheckpointMismatch, decision: WorkdirDecision) -> str:

@@ -157,8 +157,7 @@ class _Loop:
         self.count_skipped(stage)  # nor one of a stage that has skipped most of its steps
         self.checkpoints.save(self.state, self.meta(stage))
 
-    def start_stage(self, stage: Stage) -> Any:
-        self.state = self.trainer.start_stage(self.state, stage)
+    def log_stage_start(self, stage: Stage) -> None:
         if self.is_host0:
             log.info(
                 "stage %d/%d '%s': %s, %d steps",
@@ -168,7 +167,6 @@ class _Loop:
                 report.network_bits(self.plan, stage),
                 stage.num_steps,
             )
-        return self.trainer.stage_bits(stage)
 
     def log_interval(self, stage: Stage) -> None:
         values = lbq_metrics.mean_of(self.pending)
@@ -256,7 +254,9 @@ class _Loop:
         while self.step < total:
             stage = stage_at(self.stages, self.step)
             if self.step == stage.start_step:
-                bits = self.start_stage(stage)
+                self.state = self.trainer.start_stage(self.state, stage)
+                bits = self.trainer.stage_bits(stage)
+                self.log_stage_start(stage)
             lr = {name: np.float32(stage.learning_rate(self.step, name)) for name in stage.lr}
             self.state, metrics = self.trainer.train_step(
                 self.state, next(batches), {"lr": lr, "bits": bits}

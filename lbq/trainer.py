@@ -35,7 +35,7 @@ from lbq.models import get_model
 from lbq.plan import RunPlan
 from lbq.quant.layers import merge_learned_ranges, split_learned_ranges
 from lbq.quant.precision import make_precision, unit_index
-from lbq.quant.stochastic import start_stage, stochastic_precision
+from lbq.quant.stochastic import reset_for_stage, stochastic_precision
 from lbq.stages import Stage
 from lbq.steps import Network, TrainState, make_eval_step, make_train_step
 from lbq.validate import ConfigError
@@ -242,31 +242,36 @@ class Trainer:
         """`stage_bits` of every stage of the plan, in order."""
         return [stage_bits(stage, self.networks) for stage in self.plan.stages]
 
-    def start_stage(
-        self, state: TrainState, stage: Stage, calibrate_ranges: bool = True
-    ) -> TrainState:
-        """The state with a fresh optimizer state for ``stage`` (a per-stage key for stochastic
-        precision), placed like the rest of the state so the compiled step sees the same input
-        types. From the second stage on, with ``calibrate_ranges`` (at the stage's first step;
-        not for a resume inside it), the LSQ ranges that the stage quantizes for the first time
-        or, by ``quant.weight_range_at_bit_change``, at a new bit-width are calibrated
-        (`lbq.calibrate.stage_ranges`)."""
-        if calibrate_ranges:
-            state = calibrate.stage_ranges(
-                self.plan,
-                self.networks,
-                state,
-                self.bits_per_stage(),
-                stage.index,
-                self.first_batches,
-                self.info.mean,
-                self.info.std,
-            )
+    def start_stage(self, state: TrainState, stage: Stage) -> TrainState:
+        """The state at the first step of ``stage``, the one place a stage starts: from the
+        second stage on, the LSQ ranges that the stage quantizes for the first time or, by
+        ``quant.weight_range_at_bit_change`` / ``activation_range_at_bit_change``, at a new
+        bit-width are calibrated (`lbq.calibrate.stage_ranges`); then the optimizer state
+        starts afresh (`fresh_optimizer_state`)."""
+        state = calibrate.stage_ranges(
+            self.plan,
+            self.networks,
+            state,
+            self.bits_per_stage(),
+            stage.index,
+            self.first_batches,
+            self.info.mean,
+            self.info.std,
+        )
+        return self.fresh_optimizer_state(state, stage)
+
+    def fresh_optimizer_state(self, state: TrainState, stage: Stage) -> TrainState:
+        """The state with the optimizer state that ``stage`` starts with (a per-stage key for
+        stochastic precision), placed like the rest of the state so the compiled step sees the
+        same input types. A resume inside a stage whose optimizer state no longer fits the
+        config uses it alone: ranges are calibrated only at a stage's first step."""
         trainable = {n.name: state.params[n.name] for n in self.networks if n.trainable}
         opt_state = self.optimizer.init(trainable)
         if self.plan.stochastic.enabled:
             key = jax.random.fold_in(jax.random.key(self.plan.seed + 1), stage.index)
-            opt_state = start_stage(opt_state, stage.num_steps, key, self.plan.stochastic.schedule)
+            opt_state = reset_for_stage(
+                opt_state, stage.num_steps, key, self.plan.stochastic.schedule
+            )
         return state.replace(opt_state=jax.device_put(opt_state, self.replicated))
 
     def stage_bits(self, stage: Stage):

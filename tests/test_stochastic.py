@@ -11,7 +11,7 @@ from lbq.quant.stochastic import (
     ProbabilitySchedule,
     StochasticPrecisionState,
     find_masks,
-    start_stage,
+    reset_for_stage,
     stochastic_precision,
 )
 
@@ -63,7 +63,7 @@ def test_probability_schedules(kind, fractions, want):
 
 def test_masks_follow_the_stage_horizon_and_reseed():
     tx = stochastic_precision(50, ProbabilitySchedule("linear", 0.0, 0.5))
-    state = start_stage(
+    state = reset_for_stage(
         tx.init({}),
         horizon=10,
         key=jax.random.key(0),
@@ -73,11 +73,12 @@ def test_masks_follow_the_stage_horizon_and_reseed():
     for _ in range(5):
         _, state = tx.update({}, state)
     assert float(jnp.mean(state.mask)) == 1.0  # half of the horizon: p = 1
-    again = start_stage(tx.init({}), 10, jax.random.key(0), ProbabilitySchedule("linear", 0.0, 0.5))
-    other = start_stage(tx.init({}), 10, jax.random.key(1), ProbabilitySchedule("linear", 0.0, 0.5))
+    linear = ProbabilitySchedule("linear", 0.0, 0.5)
+    again = reset_for_stage(tx.init({}), 10, jax.random.key(0), linear)
+    other = reset_for_stage(tx.init({}), 10, jax.random.key(1), linear)
     assert np.array_equal(
         again.key,
-        start_stage(
+        reset_for_stage(
             tx.init({}), 10, jax.random.key(0), ProbabilitySchedule("linear", 0.0, 0.5)
         ).key,
     )

@@ -8,7 +8,7 @@ optimizer state, and a checkpoint of the optimizer state makes the masks resume 
 
 ``p(t)`` is a function of the fraction of the stage done, ``count / horizon``. The horizon lives in
 the state, not in the Python closure, so the same transformation (and the same compiled step)
-serves stages of any length: `start_stage` sets it when a stage begins.
+serves stages of any length: `reset_for_stage` sets it when a stage begins.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def stochastic_precision(
     Args:
       num_units: how many independently sampled units (blocks or layers).
       schedule: ``p(t)`` over the stage.
-      seed: seed of the mask stream; `start_stage` reseeds it per stage.
-      horizon: the stage's length in steps; `start_stage` sets it per stage, so the trainer
+      seed: seed of the mask stream; `reset_for_stage` reseeds it per stage.
+      horizon: the stage's length in steps; `reset_for_stage` sets it per stage, so the trainer
         leaves the default.
 
     Returns:
@@ -129,7 +129,7 @@ def _is_state(node) -> bool:
     return isinstance(node, StochasticPrecisionState)
 
 
-def start_stage(
+def reset_for_stage(
     opt_state: optax.OptState, horizon: int, key: jax.Array, schedule: ProbabilitySchedule
 ) -> optax.OptState:
     """Sets the horizon and a fresh key in every stochastic-precision state of ``opt_state``.
