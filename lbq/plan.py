@@ -210,10 +210,6 @@ class RunPlan:
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
-    @property
-    def trainable_networks(self) -> tuple[str, ...]:
-        return tuple(n.name for n in self.networks if n.trainable)
-
 
 # ----------------------------------------------------------------------------- unknown fields
 

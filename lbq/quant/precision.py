@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lbq.quant.quantizers import check_bits
@@ -46,10 +45,6 @@ class Precision(NamedTuple):
     def layer(self, index: int) -> LayerPrecision:
         """The `LayerPrecision` of layer ``index``."""
         return LayerPrecision(self.w_bits[index], self.a_bits[index], self.quantize[index])
-
-    def with_mask(self, quantize: jax.Array) -> Precision:
-        """The same bit-widths with another quantize switch vector."""
-        return self._replace(quantize=jnp.asarray(quantize, jnp.float32))
 
 
 def block_of(layer_name: str) -> str:
