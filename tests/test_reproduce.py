@@ -119,6 +119,30 @@ def test_last_stage_share_gives_the_target_bit_width_its_fraction():
         reproduce.parse_args(["--outdir=x", "--last_stage_share=1.0"])
 
 
+def test_set_overrides_a_field_of_every_run_after_the_method(capsys):
+    from lbq.configs import default
+
+    args = reproduce.parse_args(
+        ["--outdir=x", "--set=distill.student_ce=0", "--set=distill.temperature=2.0"]
+    )
+    assert args.set == {"distill.student_ce": 0, "distill.temperature": 2.0}
+    run = reproduce.Run("kd", 2, 0)
+    config = reproduce.run_config(default.get_config(), run, 8, overrides=args.set)
+    assert config.distill.enabled  # the method's own setting stays
+    assert config.distill.student_ce == 0.0 and config.distill.temperature == 2.0
+    plain = reproduce.run_config(default.get_config(), run, 8)
+    assert plain.distill.student_ce == 0.7  # SPEC's weight, which kd sets
+    for flag, message in (
+        ("--set=distill.student_cee=0", "distill.student_cee is not a config field"),
+        ("--set=distill=0", "distill is not a config field"),
+        ("--set=distill.enabled='yes'", "distill.enabled='yes': a str, but the field holds a bool"),
+        ("--set=seed", "expected FIELD=VALUE"),
+    ):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(["--outdir=x", flag])
+        assert message in capsys.readouterr().err, flag
+
+
 @pytest.fixture(scope="module")
 def fp_and_kd_studies(tmp_path_factory):
     """Two tiny studies: a full-precision run, and a kd run started from it at lr 0 (so its

@@ -38,6 +38,7 @@ run, enough for the four stages of pq at W2A2): ``--preset=tiny``.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import functools
 import importlib.util
@@ -47,7 +48,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -206,6 +207,7 @@ def run_config(
     teacher_lr_scale: float = 1.0,
     teacher_start_from: str = "",
     last_stage_share: float | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """The full config of one run.
 
@@ -213,7 +215,8 @@ def run_config(
     through ``init_from``, the teacher through ``distill.teacher_init``, unless
     ``teacher_start_from`` names another run for the teacher). ``teacher_lr_scale``:
     the teacher's lr relative to the student's in every stage. ``last_stage_share``: see
-    `stage_plan`.
+    `stage_plan`. ``overrides``: {dotted field: value} set last, over the method's own
+    settings (``--set``).
     """
     from lbq.configs import default, recipes
 
@@ -245,7 +248,32 @@ def run_config(
     if c.distill.enabled:
         c.distill.teacher_init = teacher_start_from or start_from or None
     c.init_from = start_from or None
+    for field, value in (overrides or {}).items():
+        set_field(c, field, value)
     return c
+
+
+def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
+    """Sets dotted ``field`` of ``config`` to ``value``.
+
+    Raises:
+      ValueError: for a field the config lacks, or a value of another type than the field's.
+    """
+    *sections, name = field.split(".")
+    node = config
+    for section in sections:
+        if section not in node or not isinstance(node[section], ml_collections.ConfigDict):
+            raise ValueError(f"{field} is not a config field")
+        node = node[section]
+    if name not in node or isinstance(node[name], ml_collections.ConfigDict):
+        raise ValueError(f"{field} is not a config field")
+    try:
+        node[name] = value
+    except TypeError:
+        raise ValueError(
+            f"{field}={value!r}: a {type(value).__name__}, but the field holds a "
+            f"{type(node[name]).__name__}"
+        ) from None
 
 
 def plan_runs(
@@ -528,6 +556,27 @@ def _add_start_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _parsed_overrides(p: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Any]:
+    """{field: value} of the ``--set`` flags, each checked against the default config."""
+    from lbq.configs import default
+
+    overrides = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep or not field:
+            p.error(f"--set={item}: expected FIELD=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        try:
+            set_field(default.get_config(), field, value)
+        except ValueError as error:
+            p.error(f"--set: {error}")
+        overrides[field] = value
+    return overrides
+
+
 def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with the start-model defaults filled in and its run folders made absolute;
     exits through ``p.error`` for a flag that cannot be used."""
@@ -550,6 +599,7 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
         )
     if args.last_stage_share is not None and not 0 < args.last_stage_share < 1:
         p.error(f"--last_stage_share={args.last_stage_share} must be in (0, 1)")
+    args.set = _parsed_overrides(p, args.set)
     for flag in ("start_from", "teacher_start_from"):
         path = getattr(args, flag)
         if path:
@@ -641,6 +691,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "change, or calibrate it again (default: the default config's)",
     )
     _add_start_arguments(p)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a config field of every run, set after the method's own settings, e.g. "
+        "--set=distill.student_ce=0.0 (VALUE a Python literal, else a string); repeatable",
+    )
     p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
     p.add_argument(
         "--report", action="store_true", help="only rewrite the table and plot from finished runs"
@@ -658,6 +716,7 @@ def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: a
         args.teacher_lr_scale,
         args.teacher_start_from,
         args.last_stage_share,
+        args.set,
     )
 
 
@@ -695,6 +754,9 @@ def _describe_study(
         )
         if args.teacher_start_from:
             header += f"Teachers start from {args.teacher_start_from} instead.\n"
+    if args.set:
+        header += "Every run also sets " + ", ".join(f"{k}={v!r}" for k, v in args.set.items())
+        header += ".\n"
     notes = PRETRAINED_NOTES if args.start_from else METHOD_NOTES
     model = "ResNet-20 from a trained FP model" if args.start_from else "ResNet-20"
     title = f"{model}, {info.name} ({info.num_train} train images, {epochs:.2f} epochs)"
