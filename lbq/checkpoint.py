@@ -684,6 +684,8 @@ def load_variables(path: str) -> dict[str, Any]:
 # How long a reader keeps retrying when a running trainer's retention deletes the checkpoints it
 # reads (`load_saved_variables`).
 READ_RETRY_SECONDS = 120.0
+# Listings of a checkpoint folder that may meet a step being deleted (`_committed_steps`).
+LISTING_ATTEMPTS = 20
 
 
 class _StepDeleted(Exception):
@@ -765,12 +767,24 @@ def _read_snapshots(directory: str, steps: list[int]) -> Restored:
 
 
 def _committed_steps(directory: str) -> list[int]:
-    """The finished steps in ``directory`` (a fresh listing: a trainer may be saving)."""
-    manager = _manager(directory, create=False)
-    try:
-        return list(manager.all_steps())
-    finally:
-        manager.close()
+    """The finished steps in ``directory`` (a fresh listing: a trainer may be saving). Orbax
+    reads each step's metadata while it lists; a step that a running trainer's retention
+    deletes meanwhile raises FileNotFoundError there, and the folder is listed again."""
+    import time
+
+    def list_once() -> list[int]:
+        manager = _manager(directory, create=False)
+        try:
+            return list(manager.all_steps())
+        finally:
+            manager.close()
+
+    for _ in range(LISTING_ATTEMPTS - 1):
+        try:
+            return list_once()
+        except FileNotFoundError:
+            time.sleep(0.05)
+    return list_once()
 
 
 def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
@@ -815,29 +829,49 @@ def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
     }
 
 
+def _steps_or_saving(directory: str) -> tuple[list[int], bool]:
+    """(the committed steps, whether a save is in progress) of a folder a trainer may be saving
+    into. The save in progress is listed first, so one that commits between the two listings
+    is seen as a step; and "nothing at all" is believed only when a second round agrees,
+    because a save can start, have the old step deleted and commit between two listings."""
+    import time
+
+    for _ in range(2):
+        saving = bool(partial_saves(directory))
+        steps = _committed_steps(directory)
+        if steps or saving:
+            return steps, saving
+        time.sleep(0.05)
+    return [], False
+
+
 def _read_newest_while_saving(directory: str, path: str) -> Restored:
     """`_restore_newest` of ``directory``'s steps; when a step is deleted under the read, the
     newest again from a hard-linked copy (see `load_saved_variables`)."""
     import time
 
-    steps = _committed_steps(directory)
-    if not steps and not partial_saves(directory):
+    steps, saving = _steps_or_saving(directory)
+    if not steps and not saving:
         raise CheckpointError(f"no checkpoint found in {path}")
     if steps:
-        manager = _manager(directory, create=False)
         try:
-            return _restore_newest(manager, directory, steps, None, deleted_raises=True)
-        except _StepDeleted:
-            pass
-        finally:
-            manager.close()
+            manager = _manager(directory, create=False)
+        except FileNotFoundError:  # its listing met a step being deleted: read as below
+            manager = None
+        if manager is not None:
+            try:
+                return _restore_newest(manager, directory, steps, None, deleted_raises=True)
+            except _StepDeleted:
+                pass
+            finally:
+                manager.close()
     deadline = time.monotonic() + READ_RETRY_SECONDS
     deleted = 1
     while True:
         try:
-            steps = _committed_steps(directory)
+            steps, saving = _steps_or_saving(directory)
             if not steps:
-                if not partial_saves(directory):
+                if not saving:
                     raise CheckpointError(f"no checkpoint found in {path}")
                 raise _StepDeleted(directory)  # the old one deleted, the new one not committed
             return _read_snapshots(directory, steps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import threading
 from typing import Any
 
 import flax
@@ -24,6 +25,7 @@ from lbq.checkpoint import (
     CheckpointMismatch,
     Checkpoints,
     checksums,
+    load_saved_variables,
     load_variables,
     partial_saves,
 )
@@ -207,6 +209,26 @@ def test_load_variables_from_a_workdir_its_checkpoints_folder_or_one_step(tmp_pa
     assert_same_tree(load_variables(os.path.join(workdir, "checkpoints")), newest)
     one_step = load_variables(os.path.join(workdir, "checkpoints", "1"))
     assert_same_tree(one_step, variables_of(make_state(1)))
+
+
+def test_a_read_during_the_first_save_waits_for_its_commit(tmp_path):
+    """A reader that finds only a save in progress (Orbax's temporary folder) reads the step once
+    it is committed, however the two happen between the reader's listings; "no checkpoint" is
+    for a folder that holds none."""
+    workdir = str(tmp_path / "run")
+    save_steps(workdir, [3])
+    directory = os.path.join(workdir, "checkpoints")
+    committed = os.path.join(directory, "3")
+    in_progress = os.path.join(directory, "3.orbax-checkpoint-tmp-1")
+    os.rename(committed, in_progress)  # as Orbax leaves it until the save commits
+    commit = threading.Timer(0.5, os.rename, (in_progress, committed))
+    commit.start()
+    try:
+        step, variables = load_saved_variables(workdir)
+    finally:
+        commit.join()
+    assert step == 3
+    assert_same_tree(variables, variables_of(make_state(3)))
 
 
 def test_load_variables_refuses_a_folder_that_is_not_a_run(tmp_path):

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from lbq import data as lbq_data
-from lbq.checkpoint import CheckpointError, load_saved_variables, partial_saves
+from lbq.checkpoint import CheckpointError, load_saved_variables
 from lbq.deploy.errors import DeployError, read_json
 from lbq.plan import parse_config
 from lbq.quant.precision import make_precision
@@ -165,11 +165,11 @@ def load_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict[st
       DeployError: naming the workdir when it has no readable checkpoint (or not ``step``).
     """
     directory = os.path.join(workdir, "checkpoints")
-    saved = checkpoint_steps(workdir)
-    if not saved and not (step is None and partial_saves(directory)):  # a save in progress
-        raise DeployError(f"no checkpoint in {workdir} ({directory} holds no saved step)")
-    path = directory
+    if not os.path.isdir(directory):
+        raise DeployError(f"no checkpoint in {workdir} ({directory} does not exist)")
+    path = directory  # the newest: lbq.checkpoint lists what a running trainer saves meanwhile
     if step is not None:
+        saved = checkpoint_steps(workdir)
         if step not in saved:
             raise DeployError(f"{directory} has no checkpoint of step {step} (saved: {saved})")
         path = os.path.join(directory, str(step))
