@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -723,8 +724,6 @@ def _raise(error: OSError) -> None:
 def _vanished(path: str, wait: float = 2.0) -> bool:
     """Whether ``path`` is gone within ``wait`` seconds: a retention that deletes a step
     removes its files first and its folder last, while a damaged step stays."""
-    import time
-
     deadline = time.monotonic() + wait
     while os.path.isdir(path):
         if time.monotonic() > deadline:
@@ -770,7 +769,6 @@ def _committed_steps(directory: str) -> list[int]:
     """The finished steps in ``directory`` (a fresh listing: a trainer may be saving). Orbax
     reads each step's metadata while it lists; a step that a running trainer's retention
     deletes meanwhile raises FileNotFoundError there, and the folder is listed again."""
-    import time
 
     def list_once() -> list[int]:
         manager = _manager(directory, create=False)
@@ -834,8 +832,6 @@ def _steps_or_saving(directory: str) -> tuple[list[int], bool]:
     into. The save in progress is listed first, so one that commits between the two listings
     is seen as a step; and "nothing at all" is believed only when a second round agrees,
     because a save can start, have the old step deleted and commit between two listings."""
-    import time
-
     for _ in range(2):
         saving = bool(partial_saves(directory))
         steps = _committed_steps(directory)
@@ -845,26 +841,27 @@ def _steps_or_saving(directory: str) -> tuple[list[int], bool]:
     return [], False
 
 
+def _restore_newest_in(directory: str, steps: list[int]) -> Restored:
+    """`_restore_newest` with a manager of its own (whose listing, like any, may meet a step
+    being deleted: FileNotFoundError)."""
+    manager = _manager(directory, create=False)
+    try:
+        return _restore_newest(manager, directory, steps, None, deleted_raises=True)
+    finally:
+        manager.close()
+
+
 def _read_newest_while_saving(directory: str, path: str) -> Restored:
     """`_restore_newest` of ``directory``'s steps; when a step is deleted under the read, the
     newest again from a hard-linked copy (see `load_saved_variables`)."""
-    import time
-
     steps, saving = _steps_or_saving(directory)
     if not steps and not saving:
         raise CheckpointError(f"no checkpoint found in {path}")
     if steps:
         try:
-            manager = _manager(directory, create=False)
-        except FileNotFoundError:  # its listing met a step being deleted: read as below
-            manager = None
-        if manager is not None:
-            try:
-                return _restore_newest(manager, directory, steps, None, deleted_raises=True)
-            except _StepDeleted:
-                pass
-            finally:
-                manager.close()
+            return _restore_newest_in(directory, steps)
+        except (_StepDeleted, FileNotFoundError):  # deleted under the read: read as below
+            pass
     deadline = time.monotonic() + READ_RETRY_SECONDS
     deleted = 1
     while True:

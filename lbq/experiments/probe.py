@@ -10,8 +10,8 @@ loaded into the quantized network at wKaK exactly as a fine-tuning run with
 RUN's own weights and activations (`lbq.calibrate.start_ranges`, the run's
 ``quant.calibration_*`` fields). Each is then evaluated on RUN's eval split with its own
 BatchNorm statistics and, with ``--recalibrate_bn_batches=N``, again after re-estimating them
-over N training batches (`lbq.trainer.Trainer.evaluation_state`). The plain-ReLU network at 32 bits
-is the reference: RUN's own accuracy.
+over N training batches (`lbq.trainer.Trainer.evaluation_state`). The plain-ReLU network at 32
+bits is the reference: RUN's own accuracy.
 
 Top-1 values are fractions; the JSON holds ``{label: {'top1', 'top1_bn_reestimated'}}``.
 """
@@ -77,9 +77,8 @@ def probe_one(config) -> dict[str, float]:
     result = {"top1": evaluate_split(trainer, state, bits)["student"]["top1"]}
     if plan.calibration.recalibrate_bn_batches:
         reestimated = trainer.evaluation_state(state, bits)
-        result["top1_bn_reestimated"] = evaluate_split(trainer, reestimated, bits)["student"][
-            "top1"
-        ]
+        reestimated_top1 = evaluate_split(trainer, reestimated, bits)["student"]["top1"]
+        result["top1_bn_reestimated"] = reestimated_top1
     return result
 
 

@@ -259,13 +259,15 @@ def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None
     Raises:
       ValueError: for a field the config lacks, or a value of another type than the field's.
     """
-    *sections, name = field.split(".")
-    node = config
-    for section in sections:
-        if section not in node or not isinstance(node[section], ml_collections.ConfigDict):
-            raise ValueError(f"{field} is not a config field")
-        node = node[section]
-    if name not in node or isinstance(node[name], ml_collections.ConfigDict):
+    from lbq.validate import ConfigError, get_field
+
+    section, _, name = field.rpartition(".")
+    try:
+        node = get_field(config, section) if section else config
+    except ConfigError:
+        node = None
+    is_dict = isinstance(node, ml_collections.ConfigDict)
+    if not is_dict or name not in node or isinstance(node[name], ml_collections.ConfigDict):
         raise ValueError(f"{field} is not a config field")
     try:
         node[name] = value
@@ -560,7 +562,7 @@ def _parsed_overrides(p: argparse.ArgumentParser, items: Sequence[str]) -> dict[
     """{field: value} of the ``--set`` flags, each checked against the default config."""
     from lbq.configs import default
 
-    overrides = {}
+    overrides, defaults = {}, default.get_config()
     for item in items:
         field, sep, text = item.partition("=")
         if not sep or not field:
@@ -570,7 +572,7 @@ def _parsed_overrides(p: argparse.ArgumentParser, items: Sequence[str]) -> dict[
         except (ValueError, SyntaxError):
             value = text
         try:
-            set_field(default.get_config(), field, value)
+            set_field(defaults, field, value)
         except ValueError as error:
             p.error(f"--set: {error}")
         overrides[field] = value
