@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +78,10 @@ from lbq.quant.layers import (
 )
 from lbq.quant.precision import Precision
 from lbq.quant.quantizers import FULL_PRECISION_BITS
-from lbq.steps import Network, TrainState, normalize
+from lbq.steps import Network, normalize
+
+if TYPE_CHECKING:
+    from lbq.trainer import TrainState
 
 log = logging.getLogger("lbq")
 

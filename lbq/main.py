@@ -58,9 +58,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _override_error(argv: list[str], error: BaseException) -> str:
     from lbq.configs import default
-    from lbq.validate import did_you_mean
+    from lbq.validate import did_you_mean, flat_fields
 
-    known = sorted(_dotted(default.get_config().to_dict()))
+    fields = [f for f in flat_fields(default.get_config().to_dict()) if "[" not in f]
+    # every field and section ("quant"): the names a misspelt override is matched against
+    known = sorted(
+        {".".join(f.split(".")[: n + 1]) for f in fields for n in range(f.count(".") + 1)}
+    )
     for field in overridden_fields(argv):
         base = field.split("[")[0]
         if base.split(".")[0] != "stages" and base not in known:
@@ -70,29 +74,37 @@ def _override_error(argv: list[str], error: BaseException) -> str:
     return f"could not load the config: {type(error).__name__}: {message}"
 
 
-def _dotted(tree: dict, prefix: str = "") -> list[str]:
-    names = []
-    for key, value in tree.items():
-        names.append(prefix + key)
-        if isinstance(value, dict):
-            names += _dotted(value, f"{prefix}{key}.")
-    return names
-
-
 def _exit_with(message: str) -> None:
     print(f"lbq: error: {message}", file=sys.stderr)
     sys.exit(1)
 
 
-def _preempted_message(result) -> str:
+SECOND_INTERRUPT = (
+    "stopped at once by a second interrupt; the newest checkpoint is kept. Rerun the same "
+    "command to resume."
+)
+
+
+def stop_message(result=None, stop: BaseException | None = None) -> str:
+    """What a stopped run tells its user, for each way a run stops early.
+
+    Args:
+      result: the `RunResult` of a run that trained and saved before it stopped
+        (status 'preempted'), or None.
+      stop: `Preempted` (a stop request before the first training step; its message says what
+        the workdir holds) or KeyboardInterrupt (a second Ctrl-C), or None.
+    """
+    if isinstance(stop, KeyboardInterrupt):
+        return SECOND_INTERRUPT
+    if stop is not None:
+        return str(stop)
     if result.step == 0:
         return (
-            "lbq: stopped before the first training step; nothing to save yet. Rerun the same "
+            "stopped before the first training step; nothing to save yet. Rerun the same "
             "command to start the run."
         )
     return (
-        f"lbq: preempted at step {result.step}; a checkpoint is saved. Rerun the same command "
-        "to resume."
+        f"preempted at step {result.step}; a checkpoint is saved. Rerun the same command to resume."
     )
 
 
@@ -111,7 +123,7 @@ def main(argv) -> int:
         if FLAGS.workdir is None:
             print("lbq: error: --workdir is required", file=sys.stderr)
             return 2
-        try:
+        try:  # the outer try: a second Ctrl-C may come while the heavy imports run
             from lbq.checkpoint import CheckpointError
             from lbq.data import DataError
             from lbq.train import NonFiniteError, train_and_evaluate
@@ -121,9 +133,7 @@ def main(argv) -> int:
             errors = (ConfigError, DataError, CheckpointError, NonFiniteError, WorkdirError)
             try:
                 result = train_and_evaluate(
-                    FLAGS.config,
-                    FLAGS.workdir,
-                    overridden=overridden_fields(argv),
+                    FLAGS.config, FLAGS.workdir, overridden=overridden_fields(argv)
                 )
             except errors as error:
                 print(f"lbq: error: {error}", file=sys.stderr)
@@ -131,20 +141,14 @@ def main(argv) -> int:
             except OSError as error:  # a write to the workdir (metrics, events) failed
                 print(f"lbq: error: {_os_error_text(error)}", file=sys.stderr)
                 return 1
-        except Preempted as stop:
-            print(f"lbq: {stop}", file=sys.stderr)
-            return PREEMPTED_EXIT_CODE
-        except KeyboardInterrupt:
-            print(
-                "lbq: stopped at once by a second interrupt; the newest checkpoint is kept. "
-                "Rerun the same command to resume.",
-                file=sys.stderr,
-            )
-            return PREEMPTED_EXIT_CODE
-        if result.status == "preempted":
-            print(_preempted_message(result), file=sys.stderr)
-            return PREEMPTED_EXIT_CODE
-        return 0
+            if result.status == "completed":
+                return 0
+            message = stop_message(result)
+        except (Preempted, KeyboardInterrupt) as stop:
+            message = stop_message(stop=stop)
+        # The one exit of every early stop: status 75, and the same command resumes.
+        print(f"lbq: {message}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
 
 
 def _os_error_text(error: OSError) -> str:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,9 @@ from lbq import losses
 from lbq.models import QuantNetwork
 from lbq.quant.precision import Precision
 from lbq.quant.stochastic import find_masks
+
+if TYPE_CHECKING:
+    from lbq.trainer import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,25 +63,6 @@ class LossWeights:
     def field_names(cls) -> tuple[str, ...]:
         """The names of the weights, as the config's ``distill`` section spells them."""
         return tuple(f.name for f in dataclasses.fields(cls))
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a run needs to continue exactly: checkpointed as one pytree.
-
-    Attributes:
-      step: global step (across stages).
-      params: {network name: parameters}.
-      batch_stats: {network name: BatchNorm statistics}.
-      opt_state: optimizer state of the trainable networks (holds the stochastic masks).
-      first_nonfinite: the first step whose loss or gradient was not finite, or -1.
-    """
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    first_nonfinite: jax.Array
 
 
 def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
@@ -219,7 +202,13 @@ def make_train_step(
         finite = jnp.isfinite(loss) & _tree_all_finite(grads)
         first = jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite)
         apply = finite if skip_nonfinite else finite & (first < 0)
-        candidate = TrainState(state.step + 1, new_params, new_stats, new_opt_state, first)
+        candidate = state.replace(
+            step=state.step + 1,
+            params=new_params,
+            batch_stats=new_stats,
+            opt_state=new_opt_state,
+            first_nonfinite=first,
+        )
         held = state.replace(step=state.step + 1, first_nonfinite=first)
         new_state = jax.tree.map(lambda a, b: jnp.where(apply, a, b), candidate, held)
 

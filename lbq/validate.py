@@ -42,6 +42,26 @@ def get_field(config: Any, field: str) -> Any:
     return node
 
 
+def flat_fields(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as plain dicts and lists (``to_dict()`` or a recorded config.json) flattened to
+    {dotted field: value}: ``quant.w_bits``, and ``stages[0].w_bits`` for the stage list.
+
+    Tuples become lists (as JSON records them) and an empty section has no entry: the one walk
+    of the config's fields, for the record's comparison and the "did you mean" of overrides.
+    """
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(flat_fields(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, (list, tuple)) and tree and isinstance(tree[0], dict):
+        out = {}
+        for index, entry in enumerate(tree):
+            out.update(flat_fields(entry, f"{prefix[:-1]}[{index}]."))
+        return out
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
 def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from lbq.io import write_json
 from lbq.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
-from lbq.validate import ConfigError
+from lbq.validate import ConfigError, flat_fields
 
 __all__ = [
     "LOCK_FILE",
@@ -216,20 +216,6 @@ def _os_reason(error: OSError) -> str:
     return f"{reason} ({error.filename})" if error.filename else reason
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(tree, (list, tuple)) and tree and isinstance(tree[0], dict):
-        out = {}
-        for i, v in enumerate(tree):
-            out.update(_flatten(v, f"{prefix[:-1]}[{i}]."))  # stages[0].w_bits
-        return out
-    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
-
-
 def _as_float(value: Any) -> Any:
     """Numbers compared by value: a stage's ``epochs=80`` is recorded as 80.0 since its field
     became a typed float, and a run recorded before that must still resume."""
@@ -250,7 +236,7 @@ def _defaults() -> tuple[dict[str, Any], dict[str, Any]]:
     from lbq.configs import default
 
     def flat(config) -> dict[str, Any]:
-        return _flatten(json.loads(config.to_json_best_effort()))
+        return flat_fields(json.loads(config.to_json_best_effort()))
 
     return flat(default.get_config()), flat(default.stage("stage"))
 
@@ -273,7 +259,7 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     the field after the run was recorded, and a new field's default keeps the behaviour of
     the code that recorded it (tests/test_golden.py resumes such a run).
     """
-    a, b = _flatten(dict(old)), _flatten(dict(new))
+    a, b = flat_fields(dict(old)), flat_fields(dict(new))
     defaults = _defaults()
     diffs = []
     for key in sorted(set(a) | set(b)):

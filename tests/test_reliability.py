@@ -31,7 +31,13 @@ from lbq.checkpoint import UNREADABLE_DIR, CheckpointError, load_variables
 from lbq.configs import default
 from lbq.metrics import MetricsWriter
 from lbq.plan import parse_config
-from lbq.train import PREEMPTED_EXIT_CODE, NonFiniteError, RunResult, train_and_evaluate
+from lbq.train import (
+    PREEMPTED_EXIT_CODE,
+    NonFiniteError,
+    Preempted,
+    RunResult,
+    train_and_evaluate,
+)
 from lbq.validate import ConfigError
 from lbq.workdir import (
     LOCK_FILE,
@@ -336,6 +342,19 @@ def test_watcher_turns_signals_into_a_stop_request_and_a_second_ctrl_c_into_an_i
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)  # Ctrl-C after a request: stop at once
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_every_early_stop_has_its_own_message_and_one_exit_status():
+    """lbq.main's one exit for a stop: what the user reads for each of the three kinds."""
+    from lbq.main import SECOND_INTERRUPT, stop_message
+
+    before = Preempted("stopped by SIGTERM before the first training step; nothing was written")
+    assert stop_message(stop=before) == str(before)
+    assert stop_message(stop=KeyboardInterrupt()) == SECOND_INTERRUPT
+    saved = RunResult("preempted", 7, [], {}, 0.0)
+    assert stop_message(saved).startswith("preempted at step 7; a checkpoint is saved.")
+    unsaved = RunResult("preempted", 0, [], {}, 0.0)
+    assert stop_message(unsaved).startswith("stopped before the first training step")
 
 
 # ----------------------------------------------------------------------------- workdir mismatch
