@@ -684,8 +684,12 @@ def test_a_failed_save_stops_the_run_at_once_with_one_line(tmp_path, cache_env, 
     each). immutable: the checkpoint folder of a 2-step run is made immutable (``chattr +i``,
     which stops root too) and the run is continued to 4 steps. Either way the first save that
     fails ends the run with one line, exit status 1, within seconds (Orbax's threads once held
-    the process 300 s), and the checkpoints saved before it still restore."""
-    steps = 4
+    the process 300 s), and the checkpoints saved before it still restore.
+
+    The write fails on Orbax's background thread, so the step that notices it depends on how
+    busy the machine is: the run is long enough (10 steps) that a starved writer still fails
+    well before the end, and the check allows a few steps after the failed save."""
+    steps = 10
     if fault == "disk-full":
         if not _mount_small_tmpfs(tmp_path / "fs"):
             pytest.skip("mounting a tmpfs needs root")
@@ -727,7 +731,7 @@ def test_a_failed_save_stops_the_run_at_once_with_one_line(tmp_path, cache_env, 
         assert saved == list(range(1, failed)) and 1 < failed <= steps
         # Stopped at the step boundary after the background write failed, before evaluating.
         logged = {r["step"]: r["time"] for r in read_metrics(workdir, "train")}
-        assert failed <= max(logged) <= failed + 1
+        assert failed <= max(logged) <= failed + 3 < steps
         assert ended - logged[failed] < 60  # seconds, not Orbax's 300 s wait
         assert "evaluating" not in proc.stderr
         for step in saved:  # older checkpoints intact
