@@ -93,6 +93,10 @@ def _manager(directory: str, keep: int = 0, create: bool = True) -> ocp.Checkpoi
         # 0.12.8). Created by `save` itself, the failure is raised there at once.
         async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
     )
+    # Not Orbax's `cleanup_tmp_directories`: it deletes every unfinished save whenever a
+    # manager is created, and lbq creates managers to read a live run (evaluate, export,
+    # lbq.deploy) while its trainer saves. The run that holds the workdir lock reports each
+    # interrupted save by its step and removes it (`Checkpoints.set_aside`).
     # Naming the handlers lets the manager read a checkpoint's metadata before restoring it.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(

@@ -32,6 +32,10 @@ class PreemptionWatcher:
     or at the next step boundary (a checkpoint, then status 'preempted').
     """
 
+    # Our own handlers, not Orbax's `CheckpointManager.reached_preemption`: that asks JAX's
+    # coordination service, which exists only after `jax.distributed.initialize`, so in a
+    # single-process run it answers False even after a SIGTERM (orbax-checkpoint 0.12.8), and
+    # it never sees Ctrl-C.
     _installed: ClassVar[PreemptionWatcher | None] = None
 
     def __init__(self):
