@@ -25,8 +25,9 @@ def read_json(path: str) -> Any:
         return None
 
 
-# read_jsonl and write_json repeat lbq.io's on purpose: the suite's driver runs on a bare device
-# machine before its wheels are installed, where lbq (and its dependencies) cannot be imported.
+# read_jsonl and write_json repeat lbq.io's jsonl_lines and write_json on purpose: the suite's
+# driver runs on a bare device machine before its wheels are installed, where lbq (and its
+# dependencies) cannot be imported.
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []

@@ -58,14 +58,6 @@ def jsonl_lines(path: str) -> Iterator[tuple[int, str, Any]]:
             yield number, line, record
 
 
-def read_jsonl(path: str) -> list[Any]:
-    """The records of the JSON-lines file at ``path`` (`jsonl_lines`), leaving out the lines that
-    are not whole JSON; [] when there is no such file."""
-    if not os.path.exists(path):
-        return []
-    return [record for _, _, record in jsonl_lines(path) if record is not None]
-
-
 def sha256(path: str) -> str:
     """The hex SHA-256 of the file at ``path``, read in 1 MiB blocks (hashlib).
 
