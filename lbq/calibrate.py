@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,9 +79,7 @@ from lbq.quant.layers import (
 from lbq.quant.precision import Precision
 from lbq.quant.quantizers import FULL_PRECISION_BITS
 from lbq.steps import Network, normalize
-
-if TYPE_CHECKING:
-    from lbq.trainer import TrainState
+from lbq.train_state import TrainState
 
 log = logging.getLogger("lbq")
 

@@ -506,7 +506,8 @@ def _write_run(out: str, config: Any, variables: dict[str, Any], record: dict[st
 
     from lbq.checkpoint import Checkpoints
     from lbq.plan import parse_config
-    from lbq.trainer import TrainState, build_networks, build_optimizer
+    from lbq.train_state import TrainState
+    from lbq.trainer import build_networks, build_optimizer
     from lbq.validate import ConfigError
     from lbq.workdir import write_record
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,7 @@ from lbq import losses
 from lbq.models import QuantNetwork
 from lbq.quant.precision import Precision
 from lbq.quant.stochastic import find_masks
-
-if TYPE_CHECKING:
-    from lbq.trainer import TrainState
+from lbq.train_state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,13 +200,7 @@ def make_train_step(
         finite = jnp.isfinite(loss) & _tree_all_finite(grads)
         first = jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite)
         apply = finite if skip_nonfinite else finite & (first < 0)
-        candidate = state.replace(
-            step=state.step + 1,
-            params=new_params,
-            batch_stats=new_stats,
-            opt_state=new_opt_state,
-            first_nonfinite=first,
-        )
+        candidate = TrainState(state.step + 1, new_params, new_stats, new_opt_state, first)
         held = state.replace(step=state.step + 1, first_nonfinite=first)
         new_state = jax.tree.map(lambda a, b: jnp.where(apply, a, b), candidate, held)
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,26 +38,8 @@ from lbq.quant.precision import make_precision, unit_index
 from lbq.quant.stochastic import reset_for_stage, stochastic_precision
 from lbq.stages import Stage
 from lbq.steps import Network, make_eval_step, make_train_step
+from lbq.train_state import TrainState
 from lbq.validate import ConfigError
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a run needs to continue exactly: checkpointed as one pytree.
-
-    Attributes:
-      step: global step (across stages).
-      params: {network name: parameters}.
-      batch_stats: {network name: BatchNorm statistics}.
-      opt_state: optimizer state of the trainable networks (holds the stochastic masks).
-      first_nonfinite: the first step whose loss or gradient was not finite, or -1.
-    """
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    first_nonfinite: jax.Array
 
 
 def compute_dtype(name: str):

@@ -24,7 +24,8 @@ from lbq.plan import parse_config
 from lbq.quant.precision import make_precision
 from lbq.stages import Stage, lay_out, stage_at
 from lbq.steps import Network
-from lbq.trainer import Trainer, TrainState, build_trainer, evaluate_split, stage_bits
+from lbq.train_state import TrainState
+from lbq.trainer import Trainer, build_trainer, evaluate_split, stage_bits
 from lbq.validate import ConfigError
 
 log = logging.getLogger("lbq")
