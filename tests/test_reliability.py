@@ -682,9 +682,9 @@ def _chattr(flag: str, path: str) -> bool:
 def test_a_failed_save_stops_the_run_at_once_with_one_line(tmp_path, cache_env, fault):
     """disk-full: the run lives on a real 6 MB tmpfs and fills it with checkpoints (about 2 MB
     each). immutable: the checkpoint folder of a 2-step run is made immutable (``chattr +i``,
-    which stops root too) and the run is continued to 4 steps. Either way the first save that
-    fails ends the run with one line, exit status 1, within seconds (Orbax's threads once held
-    the process 300 s), and the checkpoints saved before it still restore.
+    which stops root too) and the run is continued to its full length. Either way the first
+    save that fails ends the run with one line, exit status 1, within seconds (Orbax's threads
+    once held the process 300 s), and the checkpoints saved before it still restore.
 
     The write fails on Orbax's background thread, so the step that notices it depends on how
     busy the machine is: the run is long enough (10 steps) that a starved writer still fails
