@@ -860,9 +860,8 @@ def test_quantizer_config_tiny_variants_train_with_their_quantizers(variant_runs
     assert {"student", "teacher"} <= set(run["final"])
     assert run["num_ranges"] > 0 and run["min_range"] > 0
     assert f"quantizers: weights {weights}, activations {activations}" in output
-    # The LSQ recipes quantize each conv's input, the placement that measured best with LSQ.
-    placement = "conv_input" if name.endswith("lsq") else "block_output"
-    assert variant_config(name).model.activation_placement == placement
+    # The learned-range recipes quantize each conv's input, the placement that measured best.
+    assert variant_config(name).model.activation_placement == "conv_input"
 
 
 def test_joint_stochastic_progressive_runs_resume_to_the_uninterrupted_result(variant_runs):

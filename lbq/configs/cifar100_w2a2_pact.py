@@ -8,6 +8,11 @@ only the clip remains). Weights stay DoReFa's, as in the PACT paper.
 
 Clips: calibrated by LSQ's rule, the default measured best (docs/learned_ranges.md).
 
+Placement: each quantized conv quantizes its own input (``model.activation_placement =
+'conv_input'``; block outputs, shortcuts and additions stay full precision). With PACT at
+W2A2 it measured above the authors' block-output placement (direct, two seeds each;
+docs/results/w2a2).
+
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2_pact.py --workdir=WORKDIR
@@ -23,4 +28,5 @@ from lbq.configs import cifar100_w2a2, recipes
 def get_config(variant: str = ""):
     c = cifar100_w2a2.get_config()
     c.quant.activation_quantizer = "pact"
+    c.model.activation_placement = "conv_input"
     return recipes.finish(c, variant)

@@ -20,7 +20,7 @@ range, so the calibration and range rules measured best for PACT and LSQ (docs/l
 do not apply; `imagenet_w2a2_lsq.py` is this recipe with LSQ, the quantizers that measured best.
 Placement: block outputs, the authors' design, for the same reason, though each conv
 quantizing its own input (``model.activation_placement='conv_input'``) measured better for
-DoReFa, PACT and LSQ alike at W2A2 (docs/results/w2a2); the LSQ recipe uses it.
+DoReFa, PACT and LSQ alike at W2A2 (docs/results/w2a2); the LSQ and PACT recipes use it.
 
 Run:
 

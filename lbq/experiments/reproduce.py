@@ -17,6 +17,11 @@ Methods:
   best    the flagship combination (configs/cifar100_w2a2.py): the ladder 32 -> 4 -> 2
           (40/30/30 %) for W2A2, 32 -> 4 (40/60 %) for W4A4, with a jointly trained teacher.
 
+Quantizers and placement default to the paper's (DoReFa, block outputs), since this is the
+paper's comparison. What measured best at W2A2 (docs/results/w2a2) is
+``--weight_quantizer=lsq --activation_quantizer=lsq --activation_placement=conv_input``; the
+calibration and range rules default to their measured best.
+
 Finished runs (a ``result.json`` in their workdir) are skipped; an interrupted run resumes from
 its checkpoint. After the runs, ``OUTDIR/results.md`` (table) and ``OUTDIR/accuracy_vs_bits.png``
 are written from every ``result.json`` found.
