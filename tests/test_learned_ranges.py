@@ -874,3 +874,6 @@ def test_joint_stochastic_progressive_runs_resume_to_the_uninterrupted_result(va
     assert lsq["final"] == lsq["uninterrupted_final"]
     # The LSQ ranges first used by the W4A4 stage were calibrated on the trained network.
     assert "calibrated student's learned ranges on the network at the start of stage 2" in output
+    # ... and, the recipe's rule at conv inputs, its activation ranges again at the 4 -> 2 drop.
+    again = "calibrated student's learned ranges on the network at stage 3's new bit-widths"
+    assert again in output

@@ -106,8 +106,8 @@ def _quant_fields() -> ml_collections.ConfigDict:
     # by LSQ's rule at the new bit-width, or 'keep' the clipped range (SPEC section 7).
     f.weight_range_at_bit_change = "lsq_rule"
     # PACT/LSQ activations: 'keep' the range (SPEC section 7), or 'calibrate': set again by
-    # quant.activation_calibration at the new bit-width on the network as trained (measured only
-    # together with 'lsq_rule' so far; docs/learned_ranges.md).
+    # quant.activation_calibration at the new bit-width on the network as trained. With LSQ,
+    # 'keep' measured best at block outputs, 'calibrate' at conv inputs (docs/learned_ranges.md).
     f.activation_range_at_bit_change = "keep"
     return f
 
