@@ -19,8 +19,9 @@ Methods:
 
 Quantizers and placement default to the paper's (DoReFa, block outputs), since this is the
 paper's comparison. What measured best at W2A2 (docs/results/w2a2) is
-``--weight_quantizer=lsq --activation_quantizer=lsq --activation_placement=conv_input``; the
-calibration and range rules default to their measured best.
+``--weight_quantizer=lsq --activation_quantizer=lsq --activation_placement=conv_input``, with
+``--activation_range_at_bit_change=calibrate`` for methods that drop the bit-width (the default
+``keep`` measured best at block outputs only).
 
 Finished runs (a ``result.json`` in their workdir) are skipped; an interrupted run resumes from
 its checkpoint. After the runs, ``OUTDIR/results.md`` (table) and ``OUTDIR/accuracy_vs_bits.png``
