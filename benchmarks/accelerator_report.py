@@ -14,6 +14,11 @@ import statistics
 import sys
 from typing import Any
 
+# lbq.io needs only the standard library, so the suite's driver can use it on a bare device
+# machine before its wheels are installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lbq.io import jsonl_lines  # noqa: E402
+
 
 def read_json(path: str) -> Any:
     if not os.path.exists(path):
@@ -25,26 +30,12 @@ def read_json(path: str) -> Any:
         return None
 
 
-# read_jsonl and write_json repeat lbq.io's jsonl_lines and write_json on purpose: the suite's
-# driver runs on a bare device machine before its wheels are installed, where lbq (and its
-# dependencies) cannot be imported.
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, without a line cut off by a stopped process; [] when
+    the file is missing."""
     if not os.path.exists(path):
         return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut off by a stopped process
-    return rows
-
-
-def write_json(path: str, value: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    return [record for _, _, record in jsonl_lines(path) if record is not None]
 
 
 def read_run_metrics(path: str) -> dict[str, Any]:

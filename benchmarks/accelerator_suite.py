@@ -57,8 +57,11 @@ from accelerator_report import (
     read_jsonl,
     read_run_metrics,
     summary_markdown,
-    write_json,
 )
+
+# Standard library only, so importable before the wheels are installed (accelerator_report put
+# the repository on the path).
+from lbq.io import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("setup", "correctness", "speed", "profile", "accuracy")
@@ -385,7 +388,7 @@ class Suite:
     def save(self) -> None:
         """Rewrites results.json and summary.md (after every part, so partial runs report)."""
         self.results["suite"]["elapsed_s"] = self.now()
-        write_json(os.path.join(self.out, "results.json"), self.results)
+        write_json(os.path.join(self.out, "results.json"), self.results, indent=1, default=str)
         with open(os.path.join(self.out, "summary.md"), "w") as f:
             f.write(summary_markdown(self.results))
 

@@ -10,7 +10,12 @@ Subcommands, each writing one JSON file (``--json``):
 - ``train_loss``: the trainer's step (``lbq.bench.build_step``, float32) for a few steps on the
   bench's synthetic batch; the losses, to compare between backends.
 - ``profile``: a ``jax.profiler`` trace of the trainer's step per mode, summarised by kind of
-  operation and by network (student, teacher, the rest: optimizer, normalisation, checks).
+  operation (every instruction of the optimized HLO sorted into convolution, dot, reduction,
+  copy/transpose or elementwise fusions, `categorize`) and by network (student, teacher, the
+  rest: optimizer, normalisation, checks); printed and written. On XLA:CPU times are summed
+  over XLA's threads. Where lbq's CPU step spends its time (benchmarks/RESULTS.md):
+  ``python benchmarks/accelerator_worker.py profile --model=resnet20 --modes=w2a2 --batch=128
+  --dtype=float32 --trace_dir=/tmp/trace --json=/tmp/profile.json``.
 
 Run from the repository root, e.g. ``python benchmarks/accelerator_worker.py quantizers --json
 /tmp/q.json``. It needs jax, flax, optax and numpy (and ml_dtypes, which jax installs).
@@ -233,6 +238,56 @@ def run_train_loss(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- profile
 
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_INSTRUCTION = re.compile(
+    r"\s+(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|[\w\[\]{},\d:]+) ([a-z\-]+)\("
+)
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+
+
+def categorize(hlo: str) -> dict[str, tuple[str, str]]:
+    """{instruction name: (category, HLO line)} for every instruction of the optimized HLO."""
+    computations: dict[str, list[str]] = {}
+    current = None
+    for line in hlo.splitlines():
+        match = _COMPUTATION.match(line)
+        if match and not line.startswith(" "):
+            current = computations.setdefault(match.group(1), [])
+        elif current is not None and line.startswith("  "):
+            current.append(line)
+
+    def ops(name: str, depth: int = 0) -> set[str]:
+        found: set[str] = set()
+        for line in computations.get(name, []):
+            match = _INSTRUCTION.match(line)
+            if match:
+                found.add(match.group(2))
+            if depth < 8:
+                for called in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
+                    found |= ops(called, depth + 1)
+        return found
+
+    out = {}
+    for lines in computations.values():
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if not match:
+                continue
+            name, op = match.groups()
+            inner = {op}
+            for called in re.findall(r"calls=%?([\w.\-]+)", line):
+                inner |= ops(called)
+            if "convolution" in inner:
+                category = "convolution"
+            elif "dot" in inner:
+                category = "dot"
+            elif inner & {"reduce", "reduce-window", "select-and-scatter"}:
+                category = "reduce"
+            elif inner & {"transpose", "copy"}:
+                category = "copy/transpose"
+            else:
+                category = "elementwise"
+            out[name] = (category, line.strip())
+    return out
 
 
 def network_of(hlo_line: str) -> str:
@@ -279,9 +334,6 @@ def run_profile(args: argparse.Namespace) -> dict:
     import jax
     from jax.profiler import ProfileData
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from profile_step import categorize
-
     from lbq.bench import build_step
 
     results = {}
@@ -320,6 +372,9 @@ def run_profile(args: argparse.Namespace) -> dict:
             "wall_ms_per_step": 1e3 * wall / steps,
             "op_ms_per_step": sum(per_op.values()) / 1e6 / steps,
             "categories_ms_per_step": dict(by_category),
+            "is_finite_ms_per_step": sum(ns for name, ns in per_op.items() if "is-finite" in name)
+            / 1e6
+            / steps,
             "networks_ms_per_step": dict(by_network),
             "unmatched_ms_per_step": unmatched,
             "top_ops": top,
@@ -329,6 +384,7 @@ def run_profile(args: argparse.Namespace) -> dict:
             ],
             "trace_files": [os.path.relpath(p, args.trace_dir) for p in paths],
         }
+        _print_profile(f"{args.model} {mode} batch {args.batch}", results[mode])
     device = jax.devices()[0]
     return {
         "backend": jax.default_backend(),
@@ -339,6 +395,21 @@ def run_profile(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "modes": results,
     }
+
+
+def _print_profile(title: str, result: dict) -> None:
+    """The time per kind of operation and the slowest operations, one line each."""
+    total = sum(result["categories_ms_per_step"].values()) or 1.0
+    print(
+        f"{title}: {result['wall_ms_per_step']:.0f} ms/step wall, "
+        f"{result['op_ms_per_step']:.0f} ms/step of operation time"
+    )
+    ranked = sorted(result["categories_ms_per_step"].items(), key=lambda item: -item[1])
+    for category, ms in ranked:
+        print(f"  {category:<16}{ms:>9.1f} ms/step {100 * ms / total:>6.1f}%")
+    print(f"  (of which is-finite reductions: {result['is_finite_ms_per_step']:.2f} ms/step)")
+    for op in result["top_ops"]:
+        print(f"{op['ms_per_step']:>8.2f} ms  {op['category']:<15}{op['hlo'][:150]}")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -6,14 +6,15 @@ rotating order, a few steps each, for several rounds: slow periods then hit all 
 and the per-round ratios to the first variant are reported next to the rates.
 
     python benchmarks/cpu_compare.py --rounds 8 --steps-per-round 3 \\
-        --variant lbq:w2a2 --variant torch:2 --variant lbq:fp --variant torch:0
+        --variant lbq:w2a2 --variant torch:w2a2 --variant lbq:fp --variant torch:fp
 
 Variant specs:
   lbq:MODE[+PATCH...][@XLA_FLAGS]  lbq's step (`lbq.bench.build_step`) for a bench mode, with
                                    optional experiment patches (see `PATCHES`) and XLA flags
                                    (comma-separated, e.g. @--xla_cpu_use_thunk_runtime=false).
-  torch:BITS[@THREADS]             benchmarks/torch_reference.py (BITS 0: full precision), run
-                                   with --torch-python (default /work/torchvenv/bin/python).
+  torch:MODE[@THREADS]             the same step in PyTorch eager, float32
+                                   (``benchmarks/torch_fakequant.py --serve``), run with
+                                   --torch-python (default: this Python).
 """
 
 from __future__ import annotations
@@ -195,18 +196,12 @@ def _command(spec: str, args: argparse.Namespace) -> tuple[list[str], dict[str, 
             cmd += ["--patch", p]
         return cmd, env
     if kind == "torch":
-        bits, _, threads = rest.partition("@")
-        cmd = [
-            args.torch_python,
-            os.path.join(ROOT, "benchmarks", "torch_reference.py"),
-            "--serve",
-            "--batch",
-            str(args.batch),
-            "--bits",
-            bits or "2",
-        ]
+        mode, _, threads = rest.partition("@")
+        cmd = [args.torch_python, os.path.join(ROOT, "benchmarks", "torch_fakequant.py")]
+        cmd += ["--serve", f"--model={args.model}", f"--batch={args.batch}"]
+        cmd += [f"--runs=eager:{mode or 'w2a2'}", "--dtype=float32", "--device=cpu"]
         if threads:
-            cmd += ["--threads", threads]
+            cmd += [f"--threads={threads}"]
         return cmd, env
     raise SystemExit(f"variant {spec!r} is neither lbq:... nor torch:...")
 
@@ -278,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps-per-round", type=int, default=3)
-    parser.add_argument("--torch-python", default="/work/torchvenv/bin/python")
+    parser.add_argument("--torch-python", default=sys.executable)
     parser.add_argument(
         "--cpus",
         default=None,

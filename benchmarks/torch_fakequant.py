@@ -28,6 +28,10 @@ Run (one JSON line per (backend, mode) on stdout, also appended to ``--jsonl``):
     python benchmarks/torch_fakequant.py --model resnet18 --batch 256 --modes w2a2,w2a2_kd \\
         --backends eager,compile --dtype bfloat16 --steps 20
 
+``--serve`` builds the first (backend, mode) only and answers ``run N`` lines on stdin with a
+JSON list of N step seconds (``quit`` ends it), so that ``benchmarks/cpu_compare.py`` can
+interleave it with lbq's steps on a shared machine.
+
 Needs only torch and numpy.
 """
 
@@ -450,6 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--jsonl", default=None, help="append one JSON line per result here")
+    parser.add_argument("--serve", action="store_true", help="answer 'run N' lines on stdin")
     args = parser.parse_args(argv)
     if args.runs:
         pairs = [r.split(":", 1) if ":" in r else ("", r) for r in args.runs.split(",")]
@@ -468,6 +473,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def serve(args: argparse.Namespace, device: str, batch: int) -> None:
+    """Answers ``run N`` with a JSON list of N step seconds, until ``quit`` or end of input."""
+    backend, mode = args.pairs[0]
+    bench = Bench(
+        args.model,
+        mode,
+        batch=batch,
+        image_size=args.image_size,
+        dtype=args.dtype,
+        device=device,
+        compile_mode=args.compile_mode if backend == "compile" else None,
+        compile_backend=args.compile_backend,
+    )
+    bench.timed_steps(1 + args.warmup)
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "quit":
+            break
+        print(json.dumps(bench.timed_steps(int(words[1]))), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -476,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (256 if args.model == "resnet18" else 512)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # as a tuned PyTorch training script sets it
+    if args.serve:
+        serve(args, device, batch)
+        return 0
     for backend, mode in args.pairs:
         result = run_one(
             args.model,
