@@ -10,12 +10,14 @@ mean), ``DIR/comparison.json`` (the same numbers and every run's top-1) and
 ``DIR/comparison.png`` (bars of the means, std as error bars, one dot per seed, the control as
 a line; ``--gaps`` draws lines that many points below it, for targets stated as a gap).
 
-Top-1 is the final student's, in percent, on the split the runs evaluated.
+Top-1 is the final student's, in percent, on the split the runs evaluated. This module is also
+where `reproduce` reads its runs' records (`load_results`, `summarize`) and draws its plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -23,10 +25,46 @@ from collections.abc import Sequence
 from typing import Any
 
 from lbq.configs.recipes import METHODS
-from lbq.experiments.reproduce import load_results, summarize
 from lbq.io import write_json
 
 Column = tuple[str, int]  # (method, bits)
+
+
+def load_results(outdir: str) -> list[dict[str, Any]]:
+    """Every finished run's record under ``outdir``."""
+    records = []
+    for name in sorted(os.listdir(outdir)) if os.path.isdir(outdir) else []:
+        path = os.path.join(outdir, name, "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                records.append(json.load(f))
+    return records
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """{(method, bits): {'mean', 'std', 'n', 'seeds', 'epochs', 'seconds'}} of top-1 (%)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["bits"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        mean, std = _mean_std([100 * r["top1"] for r in rs])
+        out[key] = {
+            "mean": mean,
+            "std": std,
+            "n": len(rs),
+            "seeds": sorted(r["seed"] for r in rs),
+            "epochs": sorted({round(r["epochs"], 2) for r in rs}),
+            "seconds": sum(r["seconds"] for r in rs) / len(rs),
+        }
+    return out
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

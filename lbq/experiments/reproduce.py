@@ -25,6 +25,7 @@ paper's comparison. What measured best at W2A2 (docs/results/w2a2) is
 
 Finished runs (a ``result.json`` in their workdir) are skipped; an interrupted run resumes from
 its checkpoint. After the runs, ``OUTDIR/results.md`` (table) and ``OUTDIR/accuracy_vs_bits.png``
+(`lbq.experiments.compare`'s bars: a bar per method and bit-width, the fp runs as the line)
 are written from every ``result.json`` found.
 
 Run (the CIFAR-10 study of docs/results/, on a 2-core CPU):
@@ -48,7 +49,6 @@ import ast
 import dataclasses
 import functools
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -60,6 +60,8 @@ from typing import Any
 import ml_collections
 
 from lbq.configs.recipes import METHODS
+from lbq.experiments import compare
+from lbq.experiments.compare import load_results, summarize
 from lbq.io import write_json
 
 METHOD_NOTES = {
@@ -342,43 +344,6 @@ def execute(
     return record
 
 
-def load_results(outdir: str) -> list[dict[str, Any]]:
-    """Every finished run's record under ``outdir``."""
-    records = []
-    for name in sorted(os.listdir(outdir)) if os.path.isdir(outdir) else []:
-        path = os.path.join(outdir, name, "result.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                records.append(json.load(f))
-    return records
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def summarize(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    """{(method, bits): {'mean', 'std', 'n', 'seeds', 'epochs', 'seconds'}} of top-1 (%)."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r["method"], r["bits"]), []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        mean, std = _mean_std([100 * r["top1"] for r in rs])
-        out[key] = {
-            "mean": mean,
-            "std": std,
-            "n": len(rs),
-            "seeds": sorted(r["seed"] for r in rs),
-            "epochs": sorted({round(r["epochs"], 2) for r in rs}),
-            "seconds": sum(r["seconds"] for r in rs) / len(rs),
-        }
-    return out
-
-
 def format_table(
     records: Sequence[dict[str, Any]],
     header: str = "",
@@ -445,53 +410,6 @@ def format_table(
     return "\n".join(lines) + "\n"
 
 
-def plot(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-    """Top-1 against bit-width per method (mean, error bars = std over seeds), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = summarize(records)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    all_bits = sorted({b for _, b in summary})
-    fp = summary.get(("fp", 32))
-    for i, method in enumerate(m for m in METHODS if m != "fp"):
-        xs = [b for b in all_bits if (method, b) in summary and b != 32]
-        if not xs:
-            continue
-        ys = [summary[(method, b)]["mean"] for b in xs]
-        es = [
-            0 if math.isnan(summary[(method, b)]["std"]) else summary[(method, b)]["std"]
-            for b in xs
-        ]
-        if fp is not None:  # the full-precision point at 32 bits closes each curve
-            xs, ys, es = xs + [32], ys + [fp["mean"]], es + [0]
-        offset = (i - 3) * 0.04  # small horizontal jitter so error bars do not overlap
-        ax.errorbar(
-            [x if x == 32 else x * (1 + offset) for x in xs],
-            ys,
-            yerr=es,
-            marker="o",
-            capsize=3,
-            label=method,
-        )
-    if fp is not None:
-        fp_err = 0 if math.isnan(fp["std"]) else fp["std"]
-        ax.errorbar([32], [fp["mean"]], yerr=[fp_err], marker="*", ms=12, color="k", label="fp")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([2, 4, 32])
-    ax.set_xticklabels(["2", "4", "32 (FP)"])
-    ax.set_xlabel("bits (weights = activations)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(title or "accuracy against bit-width")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_outputs(
     outdir: str,
     header: str,
@@ -505,7 +423,9 @@ def write_outputs(
         return records
     with open(os.path.join(outdir, "results.md"), "w") as f:
         f.write(format_table(records, header, bits, notes))
-    plot(records, os.path.join(outdir, "accuracy_vs_bits.png"), title)
+    fp = [r for r in records if r["method"] == "fp"]
+    result = compare.compare([("this study", [r for r in records if r not in fp])], fp)
+    compare.plot(result, os.path.join(outdir, "accuracy_vs_bits.png"), title=title)
     return records
 
 
