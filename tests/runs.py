@@ -15,6 +15,15 @@ from lbq.stages import lay_out
 from lbq.trainer import stage_bits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA:CPU's LLVM optimisation off: it halves the compile time that dominates the tiny runs of the
+# tests. tests/conftest.py sets it for the test processes and every subprocess they start; runs
+# that are compared always share their flags (the golden runs pin their own, GOLDEN_XLA_FLAGS).
+FAST_XLA = "--xla_backend_optimization_level=0"
+
+
+def xla_env(*flags: str) -> dict[str, str]:
+    """``{'XLA_FLAGS': ...}`` for a subprocess: `FAST_XLA` and ``flags``."""
+    return {"XLA_FLAGS": " ".join((FAST_XLA, *flags))}
 
 
 def tiny_config(steps: int = 3, **stage_bits):

@@ -818,11 +818,9 @@ GROUPS = (["cifar100_w2a2_lsq", "imagenet_w2a2_pact"], ["cifar100_w2a2_pact", "i
 
 @pytest.fixture(scope="module")
 def variant_runs(tmp_path_factory):
-    """`run_variants` in two subprocesses with XLA's LLVM optimisation off (it halves the CPU
-    compile time; nothing compared here was computed with other flags)."""
+    """`run_variants` in two subprocesses (with the test processes' XLA flags, `runs.FAST_XLA`)."""
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
         "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
     }
     jobs = []

@@ -6,8 +6,8 @@ two processes with one CPU device each form a 2-device mesh, as two hosts would.
 processes start through `launch/local.sh --processes=2`, which sets LBQ_COORDINATOR_ADDRESS /
 LBQ_NUM_PROCESSES / LBQ_PROCESS_ID for `lbq.mesh.maybe_initialize_distributed`.
 
-XLA's LLVM optimisation is switched off in the subprocesses (--xla_backend_optimization_level=0)
-to halve the CPU compile time; runs that are compared use the same flags.
+XLA's LLVM optimisation is off in the subprocesses too (`runs.FAST_XLA`); runs that are compared
+use the same flags.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from runs import REPO, read_metrics, run_main, tiny_config
+from runs import FAST_XLA, REPO, read_metrics, run_main, tiny_config, xla_env
 
 from lbq import data as lbq_data
 from lbq.data import digits
@@ -33,7 +33,6 @@ pytestmark = [
     pytest.mark.slow,  # the full tier: `python -m pytest -m "not slow"` skips it
 ]
 
-FAST_XLA = "--xla_backend_optimization_level=0"
 GLOO = {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}  # the default in jax 0.10; said explicitly
 LOCAL = os.path.join(REPO, "launch", "local.sh")
 
@@ -217,7 +216,7 @@ def test_two_process_training_matches_one_process_with_two_devices(tmp_path):
     ref = run_main(
         [*args, f"--workdir={single}"],
         timeout=300,
-        env={"XLA_FLAGS": f"{FAST_XLA} --xla_force_host_platform_device_count=2"},
+        env=xla_env("--xla_force_host_platform_device_count=2"),
     )
     assert ref.returncode == 0, ref.stderr[-3000:]
 

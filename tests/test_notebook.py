@@ -91,7 +91,6 @@ def test_notebook_installs_from_the_checkout_or_from_lbq_repo_url(tmp_path):
 def test_notebook_runs_all_four_methods_and_prints_the_table(tmp_path, monkeypatch):
     monkeypatch.setenv("LBQ_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("LBQ_NOTEBOOK_WORKDIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(

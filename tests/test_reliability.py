@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
-from runs import REPO, leaves, read_metrics, run_main, tiny_config
+from runs import REPO, leaves, read_metrics, run_main, tiny_config, xla_env
 
 from lbq import report
 from lbq.checkpoint import UNREADABLE_DIR, CheckpointError, load_variables
@@ -253,7 +253,7 @@ def test_load_variables_on_another_device_count(saved_run, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={**os.environ, **xla_env("--xla_force_host_platform_device_count=8")},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     with np.load(out) as loaded:

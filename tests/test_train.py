@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from runs import leaves, read_metrics, run_main, tiny_config
+from runs import leaves, read_metrics, run_main, tiny_config, xla_env
 
 from lbq.checkpoint import load_variables
 from lbq.train import train_and_evaluate
@@ -56,7 +56,7 @@ def _losses_on(devices: int, workdir: str, *overrides: str) -> list[float]:
             "--config.log_every_steps=1",
             *overrides,
         ],
-        env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
+        env=xla_env(f"--xla_force_host_platform_device_count={devices}"),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [r["loss"] for r in read_metrics(workdir, "train")]

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 import pytest
-from runs import run_main, tiny_config
+from runs import run_main, tiny_config, xla_env
 
 from lbq.configs import default
 from lbq.data import DataError
@@ -247,7 +247,7 @@ def test_cli_batch_must_divide_over_the_devices(tmp_path):
     workdir = tmp_path / "run"
     proc = run_main(
         ["--config=configs/default.py:tiny", f"--workdir={workdir}", "--config.batch_size=12"],
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env=xla_env("--xla_force_host_platform_device_count=8"),
     )
     assert _one_error_line(proc) == (
         "lbq: error: batch_size=12 does not divide over 8 devices; use a multiple of 8"
