@@ -17,7 +17,7 @@ LSQ weight ranges set again by it at each bit-width drop.
 Placement: each quantized conv quantizes its own input (``model.activation_placement =
 'conv_input'``; block outputs, shortcuts and additions stay full precision, as in LSQ and
 APoT). With LSQ at W2A2 it measured above the authors' block-output placement for direct
-(+0.8 point, two seeds each), joint distillation (+1.6) and the 4 -> 2 ladder with a teacher
+(+0.8 point, two seeds each), joint distillation (+1.4) and the 4 -> 2 ladder with a teacher
 (+1.5) on the CIFAR-10 fine-tuning protocol (docs/results/w2a2).
 
 Run:
