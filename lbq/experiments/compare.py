@@ -218,16 +218,18 @@ def plot(result: dict[str, Any], path: str, gaps: Sequence[float] = (), title: s
     names = [_name(tuple(c)) for c in result["columns"]]
     labels = list(result["studies"])
     width = 0.8 / max(len(labels), 1)
+    # Matplotlib's default cycle repeats after 10 colours; tab20 keeps up to 20 studies apart.
+    colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20").colors
     fig, ax = plt.subplots(figsize=(1.6 + 2.0 * len(names), 5.0))
     for i, label in enumerate(labels):
-        legend = label
+        legend, colour = label, colours[i % len(colours)]
         for j, name in enumerate(names):
             cell = result["studies"][label].get(name)
             if cell is None:
                 continue
             x = j - 0.4 + width * (i + 0.5)
             err = 0.0 if math.isnan(cell["std"]) else cell["std"]
-            ax.bar(x, cell["mean"], width, yerr=err, capsize=3, color=f"C{i}", label=legend)
+            ax.bar(x, cell["mean"], width, yerr=err, capsize=3, color=colour, label=legend)
             ax.plot([x] * len(cell["top1"]), cell["top1"], "k.", ms=4)
             legend = None  # one legend entry per study
     control = result["control"]
