@@ -16,8 +16,9 @@ from lbq.trainer import stage_bits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA:CPU's LLVM optimisation off: it halves the compile time that dominates the tiny runs of the
-# tests. tests/conftest.py sets it for the test processes and every subprocess they start; runs
-# that are compared always share their flags (the golden runs pin their own, GOLDEN_XLA_FLAGS).
+# tests. tests/conftest.py sets it for the test processes and the subprocesses that inherit their
+# XLA_FLAGS; runs that are compared always share their flags (the golden runs pin their own,
+# GOLDEN_XLA_FLAGS; the 1-against-8-devices test runs at XLA's default optimisation).
 FAST_XLA = "--xla_backend_optimization_level=0"
 
 

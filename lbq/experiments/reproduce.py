@@ -424,7 +424,8 @@ def write_outputs(
     with open(os.path.join(outdir, "results.md"), "w") as f:
         f.write(format_table(records, header, bits, notes))
     fp = [r for r in records if r["method"] == "fp"]
-    result = compare.compare([("this study", [r for r in records if r not in fp])], fp)
+    quantized = [r for r in records if r["method"] != "fp"]
+    result = compare.compare([("this study", quantized)], fp)
     compare.plot(result, os.path.join(outdir, "accuracy_vs_bits.png"), title=title)
     return records
 
