@@ -144,47 +144,40 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+@dataclasses.dataclass
 class StepBench:
     """The trainer's compiled step for one (model, mode), its state and a device batch.
 
     Build it with `build_step`; ``run(n)`` executes n steps and returns their seconds.
     """
 
-    def __init__(
-        self,
-        *,
-        compiled,
-        state,
-        device_batch,
-        hparams,
-        networks,
-        model,
-        mode,
-        batch,
-        image_size,
-        lower_s,
-        compile_s,
-    ):
-        self.compiled = compiled
-        self.state = state
-        self.device_batch = device_batch
-        self.hparams = hparams
-        self.networks = networks
-        self.model, self.mode, self.batch, self.image_size = model, mode, batch, image_size
-        self.lower_s, self.compile_s = lower_s, compile_s
-        self.step_index = 0
-        self.metrics = None
+    compiled: Any
+    state: Any
+    device_batch: Any
+    hparams: Any
+    networks: Any
+    model: str
+    mode: str
+    batch: int
+    image_size: int
+    lower_s: float
+    compile_s: float
+    step_index: int = 0
+    metrics: Any = None
+
+    def _dispatch(self) -> None:
+        self.state, self.metrics = self.compiled(
+            self.state, self.device_batch, self.hparams(self.step_index)
+        )
+        self.step_index += 1
 
     def step(self) -> float:
         """One step, waited for; returns its seconds (dispatch to completion)."""
         import jax
 
         start = time.perf_counter()
-        self.state, self.metrics = self.compiled(
-            self.state, self.device_batch, self.hparams(self.step_index)
-        )
+        self._dispatch()
         jax.block_until_ready((self.state, self.metrics))
-        self.step_index += 1
         return time.perf_counter() - start
 
     def run_pipelined(self, n: int) -> float:
@@ -194,10 +187,7 @@ class StepBench:
 
         start = time.perf_counter()
         for _ in range(n):
-            self.state, self.metrics = self.compiled(
-                self.state, self.device_batch, self.hparams(self.step_index)
-            )
-            self.step_index += 1
+            self._dispatch()
         jax.block_until_ready((self.state, self.metrics))
         return time.perf_counter() - start
 
@@ -351,27 +341,10 @@ def run_mode(
 
 def _run_isolated(model: str, mode: str, args: argparse.Namespace) -> Result:
     """Runs one mode in a fresh interpreter so that its peak memory is its own."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "lbq.bench",
-        "--model",
-        model,
-        "--modes",
-        mode,
-        "--batch",
-        str(args.batch),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--dtype",
-        args.dtype,
-        "--no-isolate",
-        "--quiet",
-        "--json",
-        "-",
-    ]
+    options = {"--model": model, "--modes": mode, "--batch": args.batch, "--steps": args.steps}
+    options.update({"--warmup": args.warmup, "--dtype": args.dtype})
+    cmd = [sys.executable, "-m", "lbq.bench", *(str(x) for pair in options.items() for x in pair)]
+    cmd += ["--no-isolate", "--quiet", "--json", "-"]
     if args.profile:
         cmd += ["--profile", args.profile]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
