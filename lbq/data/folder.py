@@ -1,17 +1,12 @@
-"""Turning an image folder ROOT/<split>/<class>/<image> into a real TFDS dataset.
+"""Turning an image folder ROOT/<split>/<class>/<image> into a TFDS dataset (docs/data.md).
 
-The dataset is written by a ``tfds.core.GeneratorBasedBuilder`` in ArrayRecord format, which
-TFDS does without TensorFlow as long as images are handed over encoded (file bytes or PIL
-images; encoding a NumPy array would call ``tf.image.encode_png``). 8-bit RGB JPEG/PNG files are
-stored byte for byte; every other image (grey, 16-bit, float, palette, alpha, CMYK, BMP, TIFF,
-GIF, WebP...) is converted to 8-bit RGB by ``lbq.data.transforms.to_rgb`` and stored as lossless
-PNG, so every record decodes to HxWx3 uint8. Files are opened by
-``lbq.data.transforms.open_image``, as every lbq reader opens them (EXIF orientation applied: a
-rotated camera JPEG is used upright, as a viewer shows it). Per-channel mean/std of the train
-split are computed exactly (``lbq.data.stats.PixelStats``) on the images as training receives
-them: each one resized to ``image_size`` by ``lbq.data.transforms.eval_transform``, the resize
-training uses, so a few huge images weigh no more than small ones. They are stored as float64
-in the dataset's metadata.json with that size, where ``get_info`` reads them.
+A ``tfds.core.GeneratorBasedBuilder`` writes it in ArrayRecord format, without TensorFlow as long
+as images are handed over encoded (encoding a NumPy array would call ``tf.image.encode_png``):
+8-bit RGB JPEG/PNG files byte for byte, every other image converted to 8-bit RGB by
+``lbq.data.transforms.to_rgb`` and stored as lossless PNG, so every record decodes to HxWx3 uint8.
+Files are opened by ``lbq.data.transforms.open_image``, as every lbq reader opens them. The train
+split's exact per-channel mean/std (``lbq.data.stats.PixelStats``), measured on the images resized
+to ``image_size`` as training resizes them, go to the dataset's metadata.json for ``get_info``.
 
 Layout rules (as torchvision's ``ImageFolder``): images may sit in sub-folders of a class folder;
 extensions are matched case-insensitively; hidden files and folders are skipped. Every file
@@ -21,11 +16,11 @@ that is not used is reported with the reason.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import io
+import functools
 import logging
 import os
+import pathlib
 import re
 import shutil
 import tempfile
@@ -142,7 +137,8 @@ class PreparedFolder:
         lines = [
             f"prepared dataset {self.name!r}: {total} images in {self.num_classes} classes, "
             f"in {self.seconds:.1f} s, to {self.path}",
-            f"  classes: {_first(self.class_names, 10)}",
+            f"  classes: {', '.join(self.class_names[:10])}"
+            + (f", ... ({self.num_classes - 10} more)" if self.num_classes > 10 else ""),
         ]
         for split, counts in self.class_counts.items():
             lo, hi = min(counts), max(counts)
@@ -163,10 +159,6 @@ class PreparedFolder:
             f"--config.data.eval_split={self.eval_split}"
         )
         return lines
-
-
-def _first(names: Sequence[str], n: int) -> str:
-    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
 def _numbers(values: Sequence[float]) -> str:
@@ -220,12 +212,6 @@ class _Split:
     reencode: list[bool] = dataclasses.field(default_factory=list)
 
 
-def _webp_supported() -> bool:
-    from PIL import features
-
-    return bool(features.check("webp"))
-
-
 def skip_reason(name: str, path: str, webp: bool) -> str | None:
     """Why a file inside a class folder is not an image of the dataset, or None if it is one.
 
@@ -244,6 +230,26 @@ def skip_reason(name: str, path: str, webp: bool) -> str | None:
     if not os.path.isfile(path):
         return "not a regular file (a broken link?)"
     return None
+
+
+def _entries(folder: str, rel: str, outside: str) -> tuple[list[str], list[SkippedFile], bool]:
+    """The sub-folders of ``folder`` (ROOT/rel), sorted; its hidden entries and its files (which
+    are ``outside`` a sub-folder) as skipped; and whether one of those files is an image."""
+    dirs, skipped, loose_images = [], [], False
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        path = os.path.join(rel, entry.name)
+        if entry.name.startswith("."):
+            skipped.append(
+                SkippedFile(path + os.sep, "hidden folder")
+                if entry.is_dir()
+                else SkippedFile(path, "hidden file")
+            )
+        elif entry.is_dir():
+            dirs.append(entry.name)
+        else:
+            loose_images |= entry.name.lower().endswith(IMAGE_EXTENSIONS)
+            skipped.append(SkippedFile(path, f"not inside a {outside} folder"))
+    return dirs, skipped, loose_images
 
 
 def _list_class(root: str, class_dir: str, webp: bool) -> tuple[list[str], list[SkippedFile]]:
@@ -271,63 +277,62 @@ def _list_class(root: str, class_dir: str, webp: bool) -> tuple[list[str], list[
     return sorted(images), sorted(skipped, key=lambda s: s.path)
 
 
-def _hidden(entry: os.DirEntry, rel: str) -> SkippedFile:
-    if entry.is_dir():
-        return SkippedFile(rel + os.sep, "hidden folder")
-    return SkippedFile(rel, "hidden file")
+def _list_splits(
+    root: str, split_names: Sequence[str], skipped: list[SkippedFile]
+) -> dict[str, dict[str, list[str]]]:
+    """{split: {class: sorted image paths relative to root}}; adds the files not used to
+    ``skipped``."""
+    from PIL import features
 
-
-def _list_split(
-    root: str, split: str, webp: bool
-) -> tuple[dict[str, list[str]], list[SkippedFile]]:
-    """Maps class name -> sorted image paths (relative to root) of one split folder."""
-    split_dir = os.path.join(root, split)
-    if not _SPLIT_RE.match(split):
-        raise FolderLayoutError(
-            f"split folder {split_dir} has a name TFDS cannot use (letters, digits, _ only)"
-        )
-    classes, skipped, loose_images = [], [], False
-    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-        rel = os.path.join(split, entry.name)
-        if entry.name.startswith("."):
-            skipped.append(_hidden(entry, rel))
-        elif entry.is_dir():
-            classes.append(entry.name)
-        else:
-            loose_images |= entry.name.lower().endswith(IMAGE_EXTENSIONS)
-            skipped.append(SkippedFile(rel, "not inside a class folder"))
-    if not classes:
-        hint = "; it holds images directly: is the path one level too deep?" if loose_images else ""
-        raise FolderLayoutError(
-            f"image folder {split_dir} has no class folders (expected "
-            f"{split_dir}/<class>/<image>.jpg){hint}"
-        )
-    if len(classes) > 1 and set(classes) <= _SPLIT_NAMES:
-        raise FolderLayoutError(
-            f"the class folders of {split_dir} are named like splits ({', '.join(classes)}): "
-            f"use {split_dir} as the image folder (ROOT/<split>/<class>/<image>)"
-        )
-    per_class = {}
-    for cls in classes:
-        class_dir = os.path.join(split_dir, cls)
-        images, class_skipped = _list_class(root, class_dir, webp)
-        if not images:
-            found = (
-                f" ({len(class_skipped)} other entries, e.g. {class_skipped[0].path}: "
-                f"{class_skipped[0].reason})"
-                if class_skipped
+    webp = bool(features.check("webp"))
+    listing: dict[str, dict[str, list[str]]] = {}
+    for split in split_names:
+        split_dir = os.path.join(root, split)
+        if not _SPLIT_RE.match(split):
+            raise FolderLayoutError(
+                f"split folder {split_dir} has a name TFDS cannot use (letters, digits, _ only)"
+            )
+        classes, split_skipped, loose_images = _entries(split_dir, split, "class")
+        skipped += split_skipped
+        if not classes:
+            hint = (
+                "; it holds images directly: is the path one level too deep?"
+                if loose_images
                 else ""
             )
             raise FolderLayoutError(
-                f"class folder {class_dir} holds no images{found}; add images or remove it"
+                f"image folder {split_dir} has no class folders (expected "
+                f"{split_dir}/<class>/<image>.jpg){hint}"
             )
-        per_class[cls] = images
-        skipped += class_skipped
-    return per_class, skipped
+        if len(classes) > 1 and set(classes) <= _SPLIT_NAMES:
+            raise FolderLayoutError(
+                f"the class folders of {split_dir} are named like splits ({', '.join(classes)}): "
+                f"use {split_dir} as the image folder (ROOT/<split>/<class>/<image>)"
+            )
+        listing[split] = {}
+        for cls in classes:
+            class_dir = os.path.join(split_dir, cls)
+            images, class_skipped = _list_class(root, class_dir, webp)
+            if not images:
+                found = (
+                    f" ({len(class_skipped)} other entries, e.g. {class_skipped[0].path}: "
+                    f"{class_skipped[0].reason})"
+                    if class_skipped
+                    else ""
+                )
+                raise FolderLayoutError(
+                    f"class folder {class_dir} holds no images{found}; add images or remove it"
+                )
+            listing[split][cls] = images
+            skipped += class_skipped
+    return listing
 
 
-def _check_classes(root: str, listing: dict[str, dict[str, list[str]]], stats_split: str) -> None:
-    """At least two classes, and every class of any split present in the train split."""
+def _plan(
+    root: str, listing: dict[str, dict[str, list[str]]], stats_split: str
+) -> tuple[list[str], dict[str, _Split]]:
+    """Class names (sorted union over splits) and each split's files with their labels; refuses
+    fewer than two classes, and with a 'train' split a class that has no training images."""
     class_names = sorted({c for per_class in listing.values() for c in per_class})
     if len(class_names) < MIN_CLASSES:
         raise FolderLayoutError(
@@ -345,18 +350,15 @@ def _check_classes(root: str, listing: dict[str, dict[str, list[str]]], stats_sp
                     f"images cannot be learned ({len(missing)} such class"
                     f"{'es' if len(missing) > 1 else ''} in {split})"
                 )
-
-
-def _plan(listing: dict[str, dict[str, list[str]]]) -> tuple[list[str], dict[str, _Split]]:
-    """Class names (sorted union over splits) and each split's files with their labels."""
-    class_names = sorted({c for per_class in listing.values() for c in per_class})
     label_of = {c: i for i, c in enumerate(class_names)}
-    plan = {}
-    for split, per_class in listing.items():
-        files = [f for c in sorted(per_class) for f in per_class[c]]
-        labels = [label_of[c] for c in sorted(per_class) for _ in per_class[c]]
-        plan[split] = _Split(split, files, labels)
-    return class_names, plan
+    return class_names, {
+        split: _Split(
+            split,
+            [f for files in per_class.values() for f in files],
+            [label_of[c] for c, files in per_class.items() for _ in files],
+        )
+        for split, per_class in listing.items()
+    }
 
 
 def _check_readable_classes(
@@ -389,38 +391,24 @@ def _check_written(name: str, data_dir: str, plan: dict[str, _Split]) -> None:
             )
 
 
-def _png_bit_depth(path: str) -> int:
-    with open(path, "rb") as f:
-        header = f.read(_PNG_BIT_DEPTH_OFFSET + 1)
-    return header[_PNG_BIT_DEPTH_OFFSET] if len(header) > _PNG_BIT_DEPTH_OFFSET else 0
-
-
 def _stored_as_is(img: Any, path: str) -> bool:
     """Whether a file's own bytes decode to what ``to_rgb`` gives: 8-bit opaque RGB JPEG/PNG."""
     if img.mode != "RGB" or "transparency" in img.info:
         return False
-    return img.format == "JPEG" or (img.format == "PNG" and _png_bit_depth(path) == 8)
-
-
-def _as_trained(path: str, rgb: np.ndarray, stored_as_is: bool, size: int, resize: str) -> Any:
-    """The uint8 [size, size, 3] pixels training gets from a prepared file: the record it is
-    stored as (the file's bytes, or ``rgb`` re-encoded losslessly) through ``eval_transform``."""
-    item: Any = rgb
-    if stored_as_is:
+    if img.format == "PNG":
         with open(path, "rb") as f:
-            item = f.read()
-    return eval_transform(item, size, resize == "imagenet", f"image file {path}")
+            return f.read(_PNG_BIT_DEPTH_OFFSET + 1)[_PNG_BIT_DEPTH_OFFSET:] == bytes([8])
+    return img.format == "JPEG"
 
 
 def _scan_chunk(
     root: str, files: Sequence[str], with_stats: bool, size: int, resize: str
-) -> dict[str, Any]:
-    """Decodes every file of a chunk: validates it, accumulates the pixel counts of the image
-    resized as training resizes it (``_as_trained``), notes its size."""
+) -> tuple[PixelStats, collections.Counter, list[tuple[str, bool]], list[SkippedFile]]:
+    """Decodes every file of a chunk: (the pixel counts of the images as training receives them,
+    (width, height) counts, (path, re-encode) of the readable files in order, unreadable files)."""
     pixels = PixelStats()
     sizes: collections.Counter = collections.Counter()
-    good: list[tuple[str, bool]] = []  # (path, re-encode) of the readable files, in order
-    unreadable: list[SkippedFile] = []
+    good, unreadable = [], []
     for rel in files:
         path = os.path.join(root, rel)
         try:
@@ -428,7 +416,9 @@ def _scan_chunk(
                 rgb = to_rgb(img, f"image file {path}")
                 stored_as_is = _stored_as_is(img, path)
             if with_stats:
-                pixels.add(_as_trained(path, rgb, stored_as_is, size, resize))
+                # The record training reads: the file's bytes, or rgb stored losslessly.
+                item = pathlib.Path(path).read_bytes() if stored_as_is else rgb
+                pixels.add(eval_transform(item, size, resize == "imagenet", f"image file {path}"))
         except ImageReadError as e:
             unreadable.append(SkippedFile(rel, e.reason))
             continue
@@ -437,7 +427,7 @@ def _scan_chunk(
             continue
         good.append((rel, not stored_as_is))
         sizes[(rgb.shape[1], rgb.shape[0])] += 1
-    return {"pixels": pixels, "sizes": sizes, "good": good, "unreadable": unreadable}
+    return pixels, sizes, good, unreadable
 
 
 class _Progress:
@@ -462,48 +452,54 @@ class _Progress:
 
 def _scan(
     root: str,
-    split: _Split,
-    with_stats: bool,
+    plan: dict[str, _Split],
+    stats_split: str,
     num_workers: int,
     progress: Callable[[str], None],
     skip_corrupt: bool,
-    size: int = DEFAULT_IMAGE_SIZE,
-    resize: str = "whole",
-) -> dict[str, Any]:
-    """Decodes all images of a split on a thread pool; drops unreadable ones if skip_corrupt."""
+    size: int,
+    resize: str,
+) -> tuple[collections.Counter, list[SkippedFile], PixelStats]:
+    """Decodes every image on a thread pool; each split keeps its readable files, with their
+    re-encode flags. Stops at the first unreadable image unless skip_corrupt.
+
+    Returns:
+      (width, height) counts, unreadable files, and the pixel statistics of ``stats_split``'s
+      images resized to ``size`` as training resizes them (``resize``).
+    """
     from lbq.data.pipeline import _ordered_map
 
-    chunks = [split.files[i : i + _CHUNK] for i in range(0, len(split.files), _CHUNK)]
-    label_of = dict(zip(split.files, split.labels, strict=True))
-    pixels, sizes = PixelStats(), collections.Counter()
-    files, labels, reencode, unreadable = [], [], [], []
-    bar = _Progress(f"scan {split.name}", len(split.files), progress)
-    done = 0
-    results = _ordered_map(
-        lambda c: _scan_chunk(root, c, with_stats, size, resize),
-        chunks,
-        num_workers,
-        num_workers + 2,
-    )
-    for result in results:
-        if result["unreadable"] and not skip_corrupt:
-            bad = result["unreadable"][0]
-            raise ImageReadError(
-                f"cannot read image file {os.path.join(root, bad.path)}: {bad.reason} (pass "
-                f"--skip_corrupt to skip and list unreadable images)",
-                bad.reason,
-            )
-        pixels.merge(result["pixels"])
-        sizes.update(result["sizes"])
-        unreadable += result["unreadable"]
-        for rel, again in result["good"]:
-            files.append(rel)
-            labels.append(label_of[rel])
-            reencode.append(again)
-        done += len(result["good"]) + len(result["unreadable"])
-        bar.update(done)
-    split.files, split.labels, split.reencode = files, labels, reencode
-    return {"pixels": pixels, "sizes": sizes, "unreadable": unreadable}
+    sizes: collections.Counter = collections.Counter()
+    unreadable: list[SkippedFile] = []
+    pixels = PixelStats()
+    for split in plan.values():
+        scan = functools.partial(
+            _scan_chunk, root, with_stats=split.name == stats_split, size=size, resize=resize
+        )
+        chunks = [split.files[i : i + _CHUNK] for i in range(0, len(split.files), _CHUNK)]
+        label_of = dict(zip(split.files, split.labels, strict=True))
+        bar = _Progress(f"scan {split.name}", len(split.files), progress)
+        split.files, split.labels, split.reencode = [], [], []
+        done = 0
+        for chunk_pixels, chunk_sizes, good, bad in _ordered_map(
+            scan, chunks, num_workers, num_workers + 2
+        ):
+            if bad and not skip_corrupt:
+                raise ImageReadError(
+                    f"cannot read image file {os.path.join(root, bad[0].path)}: {bad[0].reason} "
+                    f"(pass --skip_corrupt to skip and list unreadable images)",
+                    bad[0].reason,
+                )
+            pixels.merge(chunk_pixels)
+            sizes.update(chunk_sizes)
+            unreadable += bad
+            for rel, again in good:
+                split.files.append(rel)
+                split.labels.append(label_of[rel])
+                split.reencode.append(again)
+            done += len(good) + len(bad)
+            bar.update(done)
+    return sizes, unreadable, pixels
 
 
 def _builder_class() -> type:
@@ -511,30 +507,18 @@ def _builder_class() -> type:
     import tensorflow_datasets as tfds
 
     class FolderImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """TFDS builder for one prepared image folder (named at construction)."""
+        """TFDS builder for one prepared image folder: ``info`` holds ``DatasetInfo``'s
+        arguments but the builder, ``examples`` each split's (key, example) iterator."""
 
         VERSION = tfds.core.Version(VERSION)
         # TFDS looks for a checksums file beside the builder's code; this builder downloads
         # nothing, and the lookup needs `importlib_resources`, which some installs lack.
         code_path = None
 
-        def __init__(
-            self,
-            *,
-            name: str,
-            root: str,
-            class_names: list[str],
-            splits: dict[str, _Split],
-            metadata: dict[str, Any],
-            progress: Callable[[str], None] = lambda line: None,
-            **kwargs: Any,
-        ):
+        def __init__(self, *, name: str, info: dict, examples: dict, **kwargs: Any):
             self.name = name
-            self._root = root
-            self._class_names = class_names
-            self._splits = splits
-            self._metadata = metadata
-            self._progress = progress
+            self._info_kwargs = info
+            self._examples = examples
             super().__init__(**kwargs)
 
         # TFDS prints "Downloading and preparing dataset Unknown size ..." and "Dataset ...
@@ -547,59 +531,35 @@ def _builder_class() -> type:
             pass
 
         def _info(self) -> Any:
-            return tfds.core.DatasetInfo(
-                builder=self,
-                description=f"Image folder {self._root}, prepared by lbq.data.prepare.",
-                features=tfds.features.FeaturesDict(
-                    {
-                        "image": tfds.features.Image(shape=(None, None, 3)),
-                        "label": tfds.features.ClassLabel(names=self._class_names),
-                        "file_name": tfds.features.Text(),
-                    }
-                ),
-                supervised_keys=("image", "label"),
-                metadata=tfds.core.MetadataDict(self._metadata),
-            )
+            return tfds.core.DatasetInfo(builder=self, **self._info_kwargs)
 
         def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
             del dl_manager
-            return {name: self._generate_examples(split) for name, split in self._splits.items()}
+            return self._examples
 
-        def _generate_examples(self, split: _Split) -> Iterator[tuple[str, dict[str, Any]]]:
-            from PIL import Image
-
-            bar = _Progress(f"write {split.name}", len(split.files), self._progress)
-            for i, (rel, label, reencode) in enumerate(
-                zip(split.files, split.labels, split.reencode, strict=True)
-            ):
-                path = os.path.join(self._root, rel)
-                if reencode:
-                    with open_image(path, f"image file {path}") as img:
-                        rgb = to_rgb(img, f"image file {path}")
-                    buf = io.BytesIO()
-                    Image.fromarray(rgb).save(buf, format="PNG")
-                    image = buf.getvalue()
-                else:
-                    with open(path, "rb") as f:
-                        image = f.read()
-                yield rel, {"image": image, "label": label, "file_name": rel}
-                bar.update(i + 1)
+        _generate_examples = None  # abstract in TFDS; _split_generators gives the examples
 
     return FolderImageBuilder
 
 
-@contextlib.contextmanager
-def _tfds_progress_bars_off() -> Iterator[None]:
-    """TFDS's own tqdm bars ("Generating splits...", "Shuffling .../incomplete...") off, then
-    restored: lbq prints its own progress lines."""
-    from tensorflow_datasets.core.utils import tqdm_utils
+def _examples(
+    root: str, split: _Split, progress: Callable[[str], None]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A split's (key, example) pairs: a file TFDS stores byte for byte (its path), or the PIL
+    image of its 8-bit RGB form, which TFDS encodes as PNG."""
+    from PIL import Image
 
-    was_on = getattr(tqdm_utils, "_active", True)  # TFDS has a setter but no getter
-    tqdm_utils.display_progress_bar(False)
-    try:
-        yield
-    finally:
-        tqdm_utils.display_progress_bar(was_on)
+    bar = _Progress(f"write {split.name}", len(split.files), progress)
+    for i, (rel, label, reencode) in enumerate(
+        zip(split.files, split.labels, split.reencode, strict=True)
+    ):
+        path = os.path.join(root, rel)
+        image: Any = path
+        if reencode:
+            with open_image(path, f"image file {path}") as img:
+                image = Image.fromarray(to_rgb(img, f"image file {path}"))
+        yield rel, {"image": image, "label": label, "file_name": rel}
+        bar.update(i + 1)
 
 
 def write_tfds(
@@ -612,55 +572,49 @@ def write_tfds(
     progress: Callable[[str], None],
 ) -> str:
     """Writes the scanned splits as TFDS ArrayRecord files; returns the dataset's folder."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import tqdm_utils
+
     os.makedirs(data_dir, exist_ok=True)
+    features = {
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(names=list(class_names)),
+        "file_name": tfds.features.Text(),
+    }
     builder = _builder_class()(
         name=name,
-        root=root,
-        class_names=list(class_names),
-        splits=splits,
-        metadata=metadata,
-        progress=progress,
+        info=dict(
+            description=f"Image folder {root}, prepared by lbq.data.prepare.",
+            features=tfds.features.FeaturesDict(features),
+            supervised_keys=("image", "label"),
+            metadata=tfds.core.MetadataDict(metadata),
+        ),
+        examples={s: _examples(root, split, progress) for s, split in splits.items()},
         data_dir=data_dir,
     )
     progress(f"write TFDS dataset {name} {VERSION} (array_record) to {builder.data_dir}")
-    # Keep TFDS's (unused) download folder out of the data dir.
+    # TFDS's own tqdm bars ("Generating splits...", "Shuffling .../incomplete...") off, then
+    # restored: lbq prints its own progress lines. TFDS has a setter but no getter.
+    was_on = getattr(tqdm_utils, "_active", True)
+    tqdm_utils.display_progress_bar(False)
     try:
-        with tempfile.TemporaryDirectory() as download_dir, _tfds_progress_bars_off():
+        # Keep TFDS's (unused) download folder out of the data dir.
+        with tempfile.TemporaryDirectory() as download_dir:
             builder.download_and_prepare(download_dir=download_dir, file_format="array_record")
     except BaseException:
         # A half-written dataset would block the next attempt ("already exists").
         shutil.rmtree(os.path.join(data_dir, name), ignore_errors=True)
         raise
+    finally:
+        tqdm_utils.display_progress_bar(was_on)
     return str(builder.data_dir)
-
-
-def _check_name(name: str) -> None:
-    import tensorflow_datasets as tfds
-
-    if not _NAME_RE.match(name) or name == "digits":
-        raise DataError(
-            f"dataset name {name!r} is not usable: use lowercase letters, digits and _ "
-            f"(starting with a letter), and not 'digits'"
-        )
-    if name in tfds.list_builders(with_community_datasets=False):
-        raise DataError(
-            f"dataset name {name!r} is a registered TFDS dataset, whose own builder would "
-            f"shadow the prepared files; choose another name, e.g. {name}_folder"
-        )
 
 
 def _choose_splits(root: str, splits: Sequence[str] | None) -> tuple[list[str], list[SkippedFile]]:
     """The split folders to prepare, and what else ROOT holds (listed when splits is None)."""
     if not os.path.isdir(root):
         raise FolderLayoutError(f"image folder {root} does not exist")
-    found, skipped = [], []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.name.startswith("."):
-            skipped.append(_hidden(entry, entry.name))
-        elif entry.is_dir():
-            found.append(entry.name)
-        else:
-            skipped.append(SkippedFile(entry.name, "not inside a split folder"))
+    found, skipped, _ = _entries(root, "", "split")
     if isinstance(splits, str):  # a single split name, not a sequence of characters
         splits = [splits]
     if splits is None:
@@ -682,41 +636,24 @@ def _choose_splits(root: str, splits: Sequence[str] | None) -> tuple[list[str], 
 def _check_can_write(name: str, data_dir: str, overwrite: bool) -> None:
     """Refuses before any image is read: no TFDS, a bad name, or a dataset already there."""
     try:
-        import tensorflow_datasets  # noqa: F401
+        import tensorflow_datasets as tfds
     except ImportError as e:
         raise DataError("prepare_folder needs tensorflow-datasets, which is not installed") from e
-    _check_name(name)
+    if not _NAME_RE.match(name) or name == "digits":
+        raise DataError(
+            f"dataset name {name!r} is not usable: use lowercase letters, digits and _ "
+            f"(starting with a letter), and not 'digits'"
+        )
+    if name in tfds.list_builders(with_community_datasets=False):
+        raise DataError(
+            f"dataset name {name!r} is a registered TFDS dataset, whose own builder would "
+            f"shadow the prepared files; choose another name, e.g. {name}_folder"
+        )
     if os.path.exists(os.path.join(data_dir, name)) and not overwrite:
         raise DataError(
             f"dataset {name!r} already exists in {data_dir}; pass overwrite=True "
             f"(--overwrite) to rebuild it"
         )
-
-
-def _list_splits(root: str, split_names: Sequence[str], skipped: list) -> dict:
-    """{split: its listing} (`_list_split`); the files it skips are added to ``skipped``."""
-    webp = _webp_supported()
-    listing = {}
-    for split in split_names:
-        listing[split], split_skipped = _list_split(root, split, webp)
-        skipped += split_skipped
-    return listing
-
-
-def _scan_splits(root, plan, stats_split, workers, log, skip_corrupt, size, resize):
-    """(image size counts, unreadable files, pixel statistics of ``stats_split`` resized to
-    ``size`` as training resizes it) over every split of ``plan``."""
-    sizes: collections.Counter = collections.Counter()
-    unreadable: list[SkippedFile] = []
-    pixels = PixelStats()
-    for split in plan.values():
-        scan = _scan(
-            root, split, split.name == stats_split, workers, log, skip_corrupt, size, resize
-        )
-        sizes.update(scan["sizes"])
-        unreadable += scan["unreadable"]
-        pixels.merge(scan["pixels"])  # empty unless split is the stats split
-    return sizes, unreadable, pixels
 
 
 def _metadata(root: str, mean, std, stats_split: str, sizes, size: int, resize: str) -> dict:
@@ -810,9 +747,8 @@ def prepare_folder(
     split_names, skipped = _choose_splits(root, splits)
     listing = _list_splits(root, split_names, skipped)
     stats_split = "train" if "train" in listing else split_names[0]
-    _check_classes(root, listing, stats_split)
-    class_names, plan = _plan(listing)
-    sizes, unreadable, pixels = _scan_splits(
+    class_names, plan = _plan(root, listing, stats_split)
+    sizes, unreadable, pixels = _scan(
         root, plan, stats_split, workers, log, skip_corrupt, image_size, resize
     )
     if unreadable:
