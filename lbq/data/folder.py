@@ -361,23 +361,6 @@ def _plan(
     }
 
 
-def _check_readable_classes(
-    root: str,
-    listing: dict[str, dict[str, list[str]]],
-    plan: dict[str, _Split],
-    class_names: Sequence[str],
-) -> None:
-    """After unreadable images were skipped, every class folder must still hold an image."""
-    for split, per_class in listing.items():
-        kept = {class_names[label] for label in plan[split].labels}
-        for cls, files in per_class.items():
-            if cls not in kept:
-                raise FolderLayoutError(
-                    f"class folder {os.path.join(root, split, cls)} holds no readable image "
-                    f"(all {len(files)} are unreadable)"
-                )
-
-
 def _check_written(name: str, data_dir: str, plan: dict[str, _Split]) -> None:
     """Reads the new dataset back through the training path: every split, every example."""
     from lbq.data.sources import open_dataset
@@ -751,8 +734,17 @@ def prepare_folder(
     sizes, unreadable, pixels = _scan(
         root, plan, stats_split, workers, log, skip_corrupt, image_size, resize
     )
-    if unreadable:
-        _check_readable_classes(root, listing, plan, class_names)
+    class_counts = {
+        s: tuple(np.bincount(p.labels, minlength=len(class_names)).tolist())
+        for s, p in plan.items()
+    }
+    for split, per_class in listing.items():  # with skip_corrupt, a class may have lost all
+        for cls, files in per_class.items():
+            if not class_counts[split][class_names.index(cls)]:
+                raise FolderLayoutError(
+                    f"class folder {os.path.join(root, split, cls)} holds no readable image "
+                    f"(all {len(files)} are unreadable)"
+                )
     mean, std = pixels.mean_std()
 
     target = os.path.join(data_dir, name)
@@ -766,10 +758,7 @@ def prepare_folder(
         data_dir=data_dir,
         path=path,
         class_names=tuple(class_names),
-        class_counts={
-            s: tuple(np.bincount(p.labels, minlength=len(class_names)).tolist())
-            for s, p in plan.items()
-        },
+        class_counts=class_counts,
         stats_split=stats_split,
         eval_split=_default_eval_split(plan, stats_split),
         mean=tuple(mean),

@@ -2,14 +2,11 @@
 
     python -m lbq.data.prepare --root=ROOT --data_dir=DIR --name=NAME
 
-ROOT holds ROOT/<split>/<class>/<image> (.jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm
-.pbm .pnm, any case, also in sub-folders of a class folder). Afterwards set data.name=NAME and
-data.data_dir=DIR to train on it. The report (classes, split sizes, image sizes, mean/std,
-skipped files, warnings) goes to stdout; progress lines and errors go to stderr.
-
-Images are used as a viewer shows them (EXIF orientation applied). Mean and std are measured on
-the images as training receives them: resized to ``--image_size`` (the run's data.image_size,
-default 32) by the resize training uses, shorter side and centre crop with ``--augment=imagenet``.
+ROOT holds ROOT/<split>/<class>/<image> (docs/data.md). Afterwards set data.name=NAME and
+data.data_dir=DIR to train on it. The report goes to stdout; progress lines and errors go to
+stderr. Mean and std are measured on the images as training receives them: resized to
+``--image_size`` (the run's data.image_size) by training's resize (``--augment=imagenet``: shorter
+side and centre crop).
 """
 
 from __future__ import annotations

@@ -21,11 +21,13 @@ from lbq.data import digits
 from lbq.data.config import DEFAULT_IMAGE_SIZE, Settings, known_stats
 from lbq.data.errors import DataError, DatasetNotFoundError, UnknownDatasetError
 from lbq.data.stats import PixelStats
+from lbq.data.transforms import eval_transform
 
 PREPARE_HINT = "python -m lbq.data.prepare --root=ROOT --data_dir=DIR --name=NAME"
 STATS_SAMPLE = 512  # images decoded to estimate mean/std when nothing better is known
 
 log = logging.getLogger(__name__)
+_STATS_CACHE: dict[tuple, tuple[tuple, tuple]] = {}
 
 
 class Source(Protocol):
@@ -211,8 +213,20 @@ class TfdsDataset(Dataset):
         return self._sampled(train_split)
 
     def _sampled(self, train_split: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        key = (str(self._builder.data_path), train_split)
-        return _sampled_stats(self.source(train_split), key, self._image_size, self._imagenet_style)
+        """Mean/std of ``STATS_SAMPLE`` evenly spaced train images, each resized as training
+        resizes it; cached per dataset folder, split, size and resize."""
+        key = (str(self._builder.data_path), train_split, self._image_size, self._imagenet_style)
+        if key not in _STATS_CACHE:
+            source = self.source(train_split)
+            n = len(source)
+            idx = np.unique(np.linspace(0, n - 1, num=min(n, STATS_SAMPLE)).astype(np.int64))
+            items, _ = source.read(idx)
+            pixels = PixelStats()
+            for i, item in zip(idx, items, strict=True):
+                what = f"record {i} of {source.description}"
+                pixels.add(eval_transform(item, self._image_size, self._imagenet_style, what))
+            _STATS_CACHE[key] = pixels.mean_std()
+        return _STATS_CACHE[key]
 
     def _measured_as_read(self, metadata: Any) -> bool:
         """Whether stored statistics describe the images at this size and resize. Older
@@ -347,28 +361,3 @@ def open_dataset(s: Settings) -> Dataset:
     if s.name == digits.NAME:
         return DigitsDataset()
     return _tfds_dataset(s)
-
-
-_STATS_CACHE: dict[tuple, tuple[tuple, tuple]] = {}
-
-
-def _sampled_stats(
-    source: Source, key: tuple[str, str], image_size: int, imagenet_style: bool
-) -> tuple[tuple, tuple]:
-    """Mean/std estimated from evenly spaced train images, each resized as training resizes it
-    (``eval_transform`` at ``image_size``), for datasets with no known stats."""
-    key = (*key, image_size, imagenet_style)
-    if key in _STATS_CACHE:
-        return _STATS_CACHE[key]
-    from lbq.data.transforms import eval_transform
-
-    n = len(source)
-    idx = np.unique(np.linspace(0, n - 1, num=min(n, STATS_SAMPLE)).astype(np.int64))
-    items, _ = source.read(idx)
-    pixels = PixelStats()
-    for i, item in zip(idx, items, strict=True):
-        what = f"record {i} of {source.description}"
-        pixels.add(eval_transform(item, image_size, imagenet_style, what))
-    result = pixels.mean_std()
-    _STATS_CACHE[key] = result
-    return result
