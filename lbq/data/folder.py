@@ -402,11 +402,9 @@ def _scan_chunk(
                 # The record training reads: the file's bytes, or rgb stored losslessly.
                 item = pathlib.Path(path).read_bytes() if stored_as_is else rgb
                 pixels.add(eval_transform(item, size, resize == "imagenet", f"image file {path}"))
-        except ImageReadError as e:
-            unreadable.append(SkippedFile(rel, e.reason))
-            continue
         except Exception as e:  # PIL raises several unrelated types for corrupt files.
-            unreadable.append(SkippedFile(rel, one_line(e)))
+            reason = e.reason if isinstance(e, ImageReadError) else one_line(e)
+            unreadable.append(SkippedFile(rel, reason))
             continue
         good.append((rel, not stored_as_is))
         sizes[(rgb.shape[1], rgb.shape[0])] += 1
@@ -708,9 +706,8 @@ def prepare_folder(
         centre crop that training evaluates with, 'cifar' and 'none' the whole-image resize.
 
     Returns:
-      ``PreparedFolder``: classes, split sizes, image size distribution, skipped files, the
-      measured mean/std (0..255 units, float64) of the 'train' split (else the first split);
-      ``report()`` gives the text ``python -m lbq.data.prepare`` prints.
+      ``PreparedFolder``, mean/std measured on the 'train' split (else the first split); its
+      ``report()`` is the text ``python -m lbq.data.prepare`` prints.
 
     Raises:
       FolderLayoutError: no split or class folders, a class folder without images, fewer than
