@@ -618,3 +618,12 @@ def test_progress_lines_are_rate_limited(monkeypatch):
         f"write train: {i}/3 images" for i in (1, 2, 3)
     ]
     assert "s left" in lines[0]
+
+
+def test_help_names_the_command_and_says_what_it_does(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m lbq.data.prepare ")
+    assert "prepare an image folder as a TFDS dataset" in out

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
       Exit status: 0 on success, 2 on a data error (one line on stderr, ``lbq: error: ...``).
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1].strip())
+    parser = argparse.ArgumentParser(
+        prog="python -m lbq.data.prepare", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--root", required=True, help="image folder ROOT/<split>/<class>/*")
     parser.add_argument("--data_dir", required=True, help="TFDS data dir to write into")
     parser.add_argument("--name", required=True, help="dataset name (lowercase, digits, _)")
