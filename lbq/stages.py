@@ -258,6 +258,14 @@ def _num_steps(spec: StageSpec, steps_per_epoch: int) -> int:
     return length
 
 
+# What a laid-out `Stage` takes from its `StageSpec` unchanged: all but its place and length.
+_SHARED_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(Stage)
+    if f.name not in ("start_step", "num_steps", "warmup_steps")
+)
+
+
 def lay_out(specs: Sequence[StageSpec], steps_per_epoch: int) -> list[Stage]:
     """Lays the stages on the global step counter.
 
@@ -267,34 +275,13 @@ def lay_out(specs: Sequence[StageSpec], steps_per_epoch: int) -> list[Stage]:
     result, start = [], 0
     for spec in specs:
         num_steps = _num_steps(spec, steps_per_epoch)
+        shared = {f: getattr(spec, f) for f in _SHARED_FIELDS}
+        warmup_steps = round(spec.warmup_epochs * steps_per_epoch)
         result.append(
-            Stage(
-                spec.index,
-                spec.name,
-                spec.w_bits,
-                spec.a_bits,
-                spec.block_bits,
-                start,
-                num_steps,
-                spec.lr,
-                spec.lr_schedule,
-                spec.lr_boundaries,
-                spec.lr_decay,
-                round(spec.warmup_epochs * steps_per_epoch),
-            )
+            Stage(**shared, start_step=start, num_steps=num_steps, warmup_steps=warmup_steps)
         )
         start += num_steps
     return result
-
-
-def build_stages(
-    stages: Sequence[Any],
-    *,
-    defaults: Mapping[str, Any],
-    steps_per_epoch: int,
-) -> list[Stage]:
-    """`parse_stages` then `lay_out`: stage entries straight to the step counter."""
-    return lay_out(parse_stages(list(stages), defaults), steps_per_epoch)
 
 
 def stage_at(stages: Sequence[Stage], step: int) -> Stage:

@@ -6,7 +6,7 @@ from runs import read_metrics, tiny_config
 
 from lbq.checkpoint import Checkpoints
 from lbq.configs import default
-from lbq.stages import build_stages, stage_at
+from lbq.stages import lay_out, parse_stages, stage_at
 from lbq.train import train_and_evaluate
 from lbq.validate import ConfigError
 
@@ -22,7 +22,7 @@ DEFAULTS = {
 
 
 def _build(*stages, steps_per_epoch=10):
-    return build_stages(list(stages), defaults=DEFAULTS, steps_per_epoch=steps_per_epoch)
+    return lay_out(parse_stages(list(stages), DEFAULTS), steps_per_epoch)
 
 
 def test_stages_are_laid_on_one_step_counter():
