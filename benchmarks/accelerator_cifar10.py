@@ -15,24 +15,13 @@ Methods (``steps`` is the run's total; SPEC sections 2 and 4):
   from a trained model: the ladder w4a4 -> w2a2 (half the steps each) with a jointly trained
   full-precision teacher.
 
-Everything else is the CIFAR recipe of ``lbq/configs/recipes.py`` on ResNet-20 (SGD Nesterov
-0.9, weight decay 1e-4, batch 128, crop 32 with padding 4 + flip) with a cosine learning rate
-(short runs), the training split held on the accelerator (``data.on_device``) and evaluation
-at the end of each stage only. Learning rates, batch, data and start models are set with
-``--config.*`` overrides.
+Everything else is the CIFAR recipe of docs/accelerator.md ("accuracy"), evaluated at the end
+of each stage only; learning rates, batch, data and start models are ``--config.*`` overrides.
 """
 
 from __future__ import annotations
 
 METHODS = ("fp", "fp_clip", "w2a2", "w4a4", "best")
-
-
-def _default_module():
-    try:
-        from lbq.configs import default
-    except ImportError:  # checkouts that keep the configs at the top level
-        from configs import default
-    return default
 
 
 def parse_variant(variant: str) -> tuple[str, int]:
@@ -44,7 +33,7 @@ def parse_variant(variant: str) -> tuple[str, int]:
     method, *pairs = [p.strip() for p in variant.split(",") if p.strip()] or [""]
     if method not in METHODS:
         raise ValueError(f"accelerator_cifar10: method {method!r} is not one of {METHODS}")
-    fields = dict(p.split("=", 1) if "=" in p else (p, "") for p in pairs)
+    fields = dict(p.partition("=")[::2] for p in pairs)
     unknown = sorted(set(fields) - {"steps"})
     if unknown:
         raise ValueError(f"accelerator_cifar10: unknown variant keys {unknown}; only 'steps'")
@@ -60,7 +49,8 @@ def parse_variant(variant: str) -> tuple[str, int]:
 
 
 def get_config(variant: str = "fp,steps=390"):
-    default = _default_module()
+    from lbq.configs import default
+
     method, steps = parse_variant(variant)
     c = default.get_config()
     c.model.name = "resnet20"
@@ -77,10 +67,8 @@ def get_config(variant: str = "fp,steps=390"):
     c.schedule.lr = 0.1
     c.schedule.teacher_lr = 0.1
     c.schedule.lr_schedule = "cosine"
-    if method in ("fp", "fp_clip"):
-        c.stages = [default.stage(method, w_bits=32, a_bits=32, steps=steps)]
-    elif method in ("w2a2", "w4a4"):
-        bits = int(method[1])
+    if method != "best":
+        bits = 32 if method.startswith("fp") else int(method[1])
         c.stages = [default.stage(method, w_bits=bits, a_bits=bits, steps=steps)]
     else:
         first = max(steps // 2, 1)

@@ -21,12 +21,11 @@ from lbq.io import jsonl_lines  # noqa: E402
 
 
 def read_json(path: str) -> Any:
-    if not os.path.exists(path):
-        return None
+    """The JSON document at ``path``; None when it is missing or not JSON."""
     try:
         with open(path) as f:
             return json.load(f)
-    except ValueError:
+    except (FileNotFoundError, ValueError):
         return None
 
 
@@ -49,16 +48,16 @@ def read_run_metrics(path: str) -> dict[str, Any]:
     train = [r for r in records if r.get("kind") == "train"]
     rates, seen = [], set()
     for r in train:
-        stage = r.get("stage")
-        if stage in seen and r.get("images_per_second"):
+        if r.get("stage") in seen and r.get("images_per_second"):
             rates.append(r["images_per_second"])
-        seen.add(stage)
-    if not rates and train:
+        seen.add(r.get("stage"))
+    if not rates:
         rates = [r["images_per_second"] for r in train if r.get("images_per_second")]
+    last = evals[-1] if evals else {}
     out: dict[str, Any] = {
         "train_images_per_second": statistics.median(rates) if rates else None,
-        "final_top1": evals[-1].get("student/top1") if evals else None,
-        "final_top5": evals[-1].get("student/top5") if evals else None,
+        "final_top1": last.get("student/top1"),
+        "final_top5": last.get("student/top5"),
         "stage_evals": [
             {
                 "stage": e.get("stage_name"),
@@ -68,8 +67,8 @@ def read_run_metrics(path: str) -> dict[str, Any]:
             for e in evals
         ],
     }
-    if evals and "teacher/top1" in evals[-1]:
-        out["teacher_top1"] = evals[-1]["teacher/top1"]
+    if "teacher/top1" in last:
+        out["teacher_top1"] = last["teacher/top1"]
     return out
 
 
@@ -89,14 +88,11 @@ def compare_losses(
     """Per mode and step, |device - cpu| / |cpu| against the mode's tolerance."""
     if not device or not cpu:
         return None
-    rows, passed = [], True
+    rows = []
     for mode, values in device["losses"].items():
-        reference = cpu["losses"].get(mode, [])
         tolerance = rtol.get(mode, max(rtol.values()))
-        for step, (a, b) in enumerate(zip(values, reference, strict=False)):
+        for step, (a, b) in enumerate(zip(values, cpu["losses"].get(mode, []), strict=False)):
             relative = abs(a - b) / max(abs(b), 1e-12)
-            ok = relative <= tolerance
-            passed &= ok
             rows.append(
                 {
                     "mode": mode,
@@ -105,25 +101,24 @@ def compare_losses(
                     "cpu": b,
                     "relative_difference": relative,
                     "tolerance": tolerance,
-                    "passed": ok,
+                    "passed": relative <= tolerance,
                 }
             )
-    return {"rows": rows, "passed": passed and bool(rows), "device": device.get("device")}
+    passed = bool(rows) and all(r["passed"] for r in rows)
+    return {"rows": rows, "passed": passed, "device": device.get("device")}
 
 
 def compare_speed(lbq_rows: list[dict], torch_rows: list[dict]) -> list[dict[str, Any]]:
     """One row per (model, mode): lbq and PyTorch figures side by side, with ratios."""
-    keys = []
-    for r in lbq_rows + torch_rows:
-        key = (r["model"], r["mode"])
-        if key not in keys:
-            keys.append(key)
+    # The first row of each key, as read in order.
+    lbq_of = {(r["model"], r["mode"]): r for r in reversed(lbq_rows)}
+    torch_of = {(r["model"], r["mode"], r["backend"]): r for r in reversed(torch_rows)}
+    any_torch = {(r["model"], r["mode"]): r for r in reversed(torch_rows)}
     rows = []
-    for model, mode in keys:
+    for model, mode in dict.fromkeys((r["model"], r["mode"]) for r in lbq_rows + torch_rows):
         row: dict[str, Any] = {"model": model, "mode": mode}
-        lbq = next((r for r in lbq_rows if (r["model"], r["mode"]) == (model, mode)), None)
-        any_torch = next((r for r in torch_rows if (r["model"], r["mode"]) == (model, mode)), {})
-        row["batch"] = (lbq or any_torch).get("batch")
+        lbq = lbq_of.get((model, mode))
+        row["batch"] = (lbq or any_torch.get((model, mode), {})).get("batch")
         if lbq:
             row.update(
                 lbq_images_per_second=lbq["images_per_second"],
@@ -133,14 +128,7 @@ def compare_speed(lbq_rows: list[dict], torch_rows: list[dict]) -> list[dict[str
                 lbq_peak_bytes=lbq["peak_bytes"],
             )
         for backend in ("eager", "compile"):
-            t = next(
-                (
-                    r
-                    for r in torch_rows
-                    if (r["model"], r["mode"], r["backend"]) == (model, mode, backend)
-                ),
-                None,
-            )
+            t = torch_of.get((model, mode, backend))
             if not t:
                 continue
             row[f"torch_{backend}_images_per_second"] = t["images_per_second"]
@@ -163,7 +151,7 @@ def compare_speed(lbq_rows: list[dict], torch_rows: list[dict]) -> list[dict[str
 # ----------------------------------------------------------------------------- summary
 
 TARGETS = (
-    # (label, how to read the value from the results, comparison, bound, unit)
+    # (label, key of target_values, comparison, bound)
     ("ResNet-18 W2A2 vs torch.compile W2A2 (images/s ratio)", "r18_w2a2_vs_compile", ">=", 1.15),
     ("ResNet-18 W2A2 vs lbq FP (images/s ratio)", "r18_w2a2_vs_fp", ">=", 0.97),
     ("ResNet-18 joint step peak memory / FP step's", "r18_kd_peak_vs_fp", "<=", 2.1),
@@ -177,18 +165,14 @@ TARGETS = (
 def target_values(results: dict[str, Any]) -> dict[str, float | None]:
     """The measured value of each target (None: not measured)."""
     speed = results.get("parts", {}).get("speed", {}).get("comparison", [])
+    acc = results.get("parts", {}).get("accuracy", {}).get("runs", {})
 
     def row(model, mode):
         return next((r for r in speed if r["model"] == model and r["mode"] == mode), {})
 
-    acc = results.get("parts", {}).get("accuracy", {}).get("runs", {})
-
-    def top1(name):
-        value = acc.get(name, {}).get("final_top1")
-        return None if value is None else 100.0 * value
-
-    def minus(a, b):
-        return None if a is None or b is None else a - b
+    def fp_minus(name):
+        fp, other = acc.get("fp", {}).get("final_top1"), acc.get(name, {}).get("final_top1")
+        return None if fp is None or other is None else 100.0 * fp - 100.0 * other
 
     return {
         "r18_w2a2_vs_compile": row("resnet18", "w2a2").get("lbq_vs_torch_compile"),
@@ -196,46 +180,55 @@ def target_values(results: dict[str, Any]) -> dict[str, float | None]:
         "r18_kd_peak_vs_fp": row("resnet18", "w2a2_kd").get("lbq_peak_vs_fp"),
         "r20_w2a2_ips": row("resnet20", "w2a2").get("lbq_images_per_second"),
         "r20_w2a2_vs_fp": row("resnet20", "w2a2").get("lbq_vs_lbq_fp"),
-        "acc_fp_minus_w4a4": minus(top1("fp"), top1("w4a4")),
-        "acc_fp_minus_best": minus(top1("fp"), top1("best")),
+        "acc_fp_minus_w4a4": fp_minus("w4a4"),
+        "acc_fp_minus_best": fp_minus("best"),
     }
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
+def _fmt(value: Any, digits: int = 1, scale: float = 1.0) -> str:
+    """``value * scale`` with ``digits`` decimals and thousands separators; '-' for None."""
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
+    if isinstance(value, float) or scale != 1.0:
+        return f"{value * scale:,.{digits}f}"
     return str(value)
+
+
+def _row(*cells: Any) -> str:
+    """One line of a markdown table."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(header: list[str], rows: list[str]) -> list[str]:
+    """The lines of a markdown table (rows from `_row`), then a blank line."""
+    return [_row(*header), "|" + "---|" * len(header), *rows, ""]
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
     """The human-readable report: environment, parts, tables, targets."""
     suite = results["suite"]
     parts = results.get("parts", {})
-    lines = ["# lbq accelerator suite", ""]
     setup = parts.get("setup", {})
-    torch_info = setup.get("torch", {})
     env = results.get("environment") or {}
-    lines += [
+    torch_version = setup.get("torch", {}).get("torch", "not available")
+    lines = [
+        "# lbq accelerator suite",
+        "",
         f"- started {suite['started']}, {suite.get('elapsed_s', 0):.0f} s of a "
         f"{suite['budget_s']:.0f} s budget; tiny mode: {suite['tiny']}",
         f"- commit: {suite.get('commit')}; driver: python {suite['python']}; "
         f"{suite.get('cpu_count')} CPU cores",
         f"- accelerator: {setup.get('nvidia_smi') or env.get('devices') or 'none'}",
         f"- workers: python {env.get('python', '?')}, jax {env.get('jax', '?')} "
-        f"({env.get('backend', '?')}); torch {torch_info.get('torch', 'not available')}",
+        f"({env.get('backend', '?')}); torch {torch_version}",
         "",
-        "| part | status | budget s | used s |",
-        "|---|---|---|---|",
     ]
-    for part, p in parts.items():
-        if p:
-            lines.append(
-                f"| {part} | {p.get('status')} | {p.get('budget_s', 0):.0f} | "
-                f"{p.get('seconds', 0):.0f} |"
-            )
-    lines.append("")
+    rows = [
+        _row(part, p.get("status"), f"{p.get('budget_s', 0):.0f}", f"{p.get('seconds', 0):.0f}")
+        for part, p in parts.items()
+        if p
+    ]
+    lines += _table(["part", "status", "budget s", "used s"], rows)
     lines += _correctness_md(parts.get("correctness"))
     lines += _speed_md(parts.get("speed"))
     lines += _profile_md(parts.get("profile"))
@@ -245,15 +238,15 @@ def summary_markdown(results: dict[str, Any]) -> str:
         lines += ["Tiny mode: sizes differ from the targets', which are not judged.", ""]
     else:
         values = target_values(results)
-        lines += ["| target | measured | bound | verdict |", "|---|---|---|---|"]
+        rows = []
         for label, key, op, bound in TARGETS:
             value = values[key]
             if value is None:
                 verdict = "not measured"
             else:
                 verdict = "met" if (value >= bound if op == ">=" else value <= bound) else "NOT met"
-            lines.append(f"| {label} | {_fmt(value, 3)} | {op} {bound:g} | {verdict} |")
-        lines.append("")
+            rows.append(_row(label, _fmt(value, 3), f"{op} {bound:g}", verdict))
+        lines += _table(["target", "measured", "bound", "verdict"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -263,70 +256,72 @@ def _correctness_md(part: dict | None) -> list[str]:
     lines = ["## Correctness", ""]
     q = part.get("quantizers")
     if q:
-        lines.append(
+        lines += [
             f"Quantizers on {q['device']} ({q['backend']}), bits 1-8: "
-            f"{'all passed' if q['passed'] else 'FAILURES'}."
-        )
-        lines += ["", "| quantizer | dtype | passed | min agreement with exact float64 |"]
-        lines.append("|---|---|---|---|")
+            f"{'all passed' if q['passed'] else 'FAILURES'}.",
+            "",
+        ]
+
+        def min_agree(checks):
+            return min(c["agree_exact"] for c in checks)
+
         groups: dict[tuple[str, str], list[dict]] = {}
         for c in q["checks"]:
             groups.setdefault((c["quantizer"], c["dtype"]), []).append(c)
-        for (name, dtype), checks in groups.items():
-            passed = sum(c["passed"] for c in checks)
-            agree = min(c["agree_exact"] for c in checks)
-            lines.append(f"| {name} | {dtype} | {passed}/{len(checks)} | {agree:.6f} |")
-        grads = q.get("ste_gradients", [])
-        lines += [
-            "",
-            f"Straight-through gradients: {sum(g['passed'] for g in grads)}/{len(grads)} exact.",
-            "",
+        rows = [
+            _row(name, dtype, f"{sum(c['passed'] for c in cs)}/{len(cs)}", f"{min_agree(cs):.6f}")
+            for (name, dtype), cs in groups.items()
         ]
+        lines += _table(["quantizer", "dtype", "passed", "min agreement with exact float64"], rows)
+        grads = q.get("ste_gradients", [])
+        exact = sum(g["passed"] for g in grads)
+        lines += [f"Straight-through gradients: {exact}/{len(grads)} exact.", ""]
     comparison = part.get("loss_comparison")
     if comparison:
-        lines += ["| mode | step | device loss | CPU loss | rel. diff | tolerance | passed |"]
-        lines.append("|---|---|---|---|---|---|---|")
-        for r in comparison["rows"]:
-            lines.append(
-                f"| {r['mode']} | {r['step']} | {r['device']:.6f} | {r['cpu']:.6f} | "
-                f"{r['relative_difference']:.2e} | {r['tolerance']:.0e} | {r['passed']} |"
-            )
-        lines.append("")
+        header = ["mode", "step", "device loss", "CPU loss", "rel. diff", "tolerance", "passed"]
+        rows = [
+            f"| {r['mode']} | {r['step']} | {r['device']:.6f} | {r['cpu']:.6f} | "
+            f"{r['relative_difference']:.2e} | {r['tolerance']:.0e} | {r['passed']} |"
+            for r in comparison["rows"]
+        ]
+        lines += _table(header, rows)
     default = part.get("loss_device_default")
     if default and part.get("loss_device_highest"):
         lines += [f"Device losses at the default matmul precision: {default['losses']}", ""]
     return lines
 
 
+# (header, key in a compare_speed row, decimals, scale) of the speed table's columns.
+SPEED_COLUMNS = (
+    ("model", "model", 0, 1.0),
+    ("mode", "mode", 0, 1.0),
+    ("batch", "batch", 0, 1.0),
+    ("lbq", "lbq_images_per_second", 0, 1.0),
+    ("lbq async", "lbq_async_images_per_second", 0, 1.0),
+    ("step ms", "lbq_step_ms", 2, 1.0),
+    ("compile s", "lbq_compile_s", 1, 1.0),
+    ("peak MiB", "lbq_peak_bytes", 0, 2.0**-20),
+    ("torch eager", "torch_eager_images_per_second", 0, 1.0),
+    ("torch.compile", "torch_compile_images_per_second", 0, 1.0),
+    ("compile s", "torch_compile_s", 1, 1.0),
+    ("lbq/eager", "lbq_vs_torch_eager", 2, 1.0),
+    ("lbq/compile", "lbq_vs_torch_compile", 2, 1.0),
+    ("vs lbq fp", "lbq_vs_lbq_fp", 3, 1.0),
+    ("peak vs fp", "lbq_peak_vs_fp", 2, 1.0),
+)
+
+
 def _speed_md(part: dict | None) -> list[str]:
     if not part:
         return []
-    lines = ["## Speed (images/s: batch / median step, every step waited for)", ""]
-    lines += [
-        "| model | mode | batch | lbq | lbq async | step ms | compile s | peak MiB | "
-        "torch eager | torch.compile | compile s | lbq/eager | lbq/compile | vs lbq fp | "
-        "peak vs fp |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    rows = [
+        _row(*(_fmt(r.get(key), digits, scale) for _, key, digits, scale in SPEED_COLUMNS))
+        for r in part.get("comparison", [])
     ]
-    for r in part.get("comparison", []):
-        peak = r.get("lbq_peak_bytes")
-        lines.append(
-            f"| {r['model']} | {r['mode']} | {r.get('batch', '-')} | "
-            f"{_fmt(r.get('lbq_images_per_second'), 0)} | "
-            f"{_fmt(r.get('lbq_async_images_per_second'), 0)} | {_fmt(r.get('lbq_step_ms'), 2)} | "
-            f"{_fmt(r.get('lbq_compile_s'), 1)} | "
-            f"{_fmt(None if peak is None else peak / 2**20, 0)} | "
-            f"{_fmt(r.get('torch_eager_images_per_second'), 0)} | "
-            f"{_fmt(r.get('torch_compile_images_per_second'), 0)} | "
-            f"{_fmt(r.get('torch_compile_s'), 1)} | {_fmt(r.get('lbq_vs_torch_eager'), 2)} | "
-            f"{_fmt(r.get('lbq_vs_torch_compile'), 2)} | {_fmt(r.get('lbq_vs_lbq_fp'), 3)} | "
-            f"{_fmt(r.get('lbq_peak_vs_fp'), 2)} |"
-        )
-    lines += ["", "| task | status |", "|---|---|"]
-    for t in part.get("tasks", []):
-        lines.append(f"| {t['task']} | {t.get('status')} |")
-    lines.append("")
-    return lines
+    lines = ["## Speed (images/s: batch / median step, every step waited for)", ""]
+    lines += _table([c[0] for c in SPEED_COLUMNS], rows)
+    tasks = [_row(t["task"], t.get("status")) for t in part.get("tasks", [])]
+    return lines + _table(["task", "status"], tasks)
 
 
 def _profile_md(part: dict | None) -> list[str]:
@@ -338,10 +333,8 @@ def _profile_md(part: dict | None) -> list[str]:
         "",
     ]
     for mode, m in summary["modes"].items():
-        cats = ", ".join(
-            f"{k} {v:.2f}"
-            for k, v in sorted(m["categories_ms_per_step"].items(), key=lambda x: -x[1])
-        )
+        ranked = sorted(m["categories_ms_per_step"].items(), key=lambda x: -x[1])
+        cats = ", ".join(f"{k} {v:.2f}" for k, v in ranked)
         nets = ", ".join(f"{k} {v:.2f}" for k, v in m["networks_ms_per_step"].items())
         lines += [
             f"- **{mode}**: {m['wall_ms_per_step']:.2f} ms/step wall, "
@@ -350,12 +343,11 @@ def _profile_md(part: dict | None) -> list[str]:
             f"  - by kind (ms/step): {cats}",
             f"  - by network (ms/step): {nets}",
         ]
-        for op in m["top_ops"][:5]:
-            lines.append(
-                f"  - {op['ms_per_step']:.3f} ms {op['category']} ({op['network']}): {op['op']}"
-            )
-    lines.append("")
-    return lines
+        lines += [
+            f"  - {op['ms_per_step']:.3f} ms {op['category']} ({op['network']}): {op['op']}"
+            for op in m["top_ops"][:5]
+        ]
+    return lines + [""]
 
 
 def _accuracy_md(part: dict | None) -> list[str]:
@@ -365,21 +357,16 @@ def _accuracy_md(part: dict | None) -> list[str]:
         f"## Accuracy: CIFAR-10 ResNet-20, {part['num_train']} train images, "
         f"{part.get('num_test')} test images, batch {part['batch']}",
         "",
-        "| run | steps | epochs | lr | wall s | train images/s | top-1 % | teacher top-1 % | "
-        "status |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in part["runs"].items():
-        top1 = r.get("final_top1")
-        teacher = r.get("teacher_top1")
-        lines.append(
-            f"| {name} | {r.get('steps', '-')} | {_fmt(r.get('epochs'), 2)} | {r.get('lr', '-')} "
-            f"| {_fmt(r.get('seconds'), 0)} | {_fmt(r.get('train_images_per_second'), 0)} | "
-            f"{_fmt(None if top1 is None else 100 * top1, 2)} | "
-            f"{_fmt(None if teacher is None else 100 * teacher, 2)} | {r.get('status')} |"
-        )
-    lines.append("")
-    return lines
+    header = ["run", "steps", "epochs", "lr", "wall s", "train images/s", "top-1 %"]
+    rows = [
+        f"| {name} | {r.get('steps', '-')} | {_fmt(r.get('epochs'), 2)} | {r.get('lr', '-')} "
+        f"| {_fmt(r.get('seconds'), 0)} | {_fmt(r.get('train_images_per_second'), 0)} | "
+        f"{_fmt(r.get('final_top1'), 2, 100.0)} | {_fmt(r.get('teacher_top1'), 2, 100.0)} | "
+        f"{r.get('status')} |"
+        for name, r in part["runs"].items()
+    ]
+    return lines + _table(header + ["teacher top-1 %", "status"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

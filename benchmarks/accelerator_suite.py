@@ -1,42 +1,19 @@
 """One prepared accelerator call: correctness, speed against PyTorch, CIFAR-10 accuracy.
 
-Runs, in order, each part stopping at its budget, and writes everything it measured under
-``--out`` (at most 5 files, so that all of them come back from a device call):
+docs/accelerator.md describes the parts, their budgets and the 5 files written under ``--out``
+(by default $OUT, the device call's output folder):
 
-1. **setup**: installs carried wheels (``.whl/``) into a private folder, builds the CIFAR-10
-   TFDS dataset from the JPEG archive (``lbq.data.prepare``), checks that PyTorch imports.
-2. **correctness**: every quantizer at bits 1..8 in float32 and bfloat16 on the device against
-   float64 NumPy references (``accelerator_worker.py quantizers``); the trainer's step
-   (ResNet-20, float32, full-precision products) for two steps on the device and on the CPU
-   backend, losses compared within `LOSS_RTOL`.
-3. **speed**: ``python -m lbq.bench`` for ResNet-18 (224 px, batch 256) and ResNet-20 (32 px,
-   batch 512) in bfloat16, every mode in its own process (so peak memory is the mode's own),
-   and the same steps in PyTorch eager and ``torch.compile`` (``torch_fakequant.py``), in
-   priority order: the tasks that the issue's targets need first.
-4. **profile**: a ``jax.profiler`` trace of the W2A2 and joint-teacher steps, summarised by
-   kind of operation and by network.
-5. **accuracy**: with the training split held on the device, a full-precision ResNet-20, then
-   from it W2A2 best (ladder w4a4 -> w2a2 + joint teacher), W4A4 and W2A2 direct, on the whole
-   training split for as many steps as the remaining budget allows (fitted from the measured
-   rate of the full-precision run), each evaluated on the full test split.
-
-Output files: ``results.json`` (every figure, machine-readable, rewritten after each part),
-``summary.md`` (tables and the issue's targets), ``suite.log`` (this driver's log and every
-worker's output), ``profiles.tar.gz`` (traces and their summaries), ``accuracy_runs.tar.gz``
-(each run's config.json and metrics.jsonl).
-
-    python benchmarks/accelerator_suite.py --out /tmp/suite --budget 480   # a GPU machine
+    python benchmarks/accelerator_suite.py --budget 480                    # a GPU machine
     python benchmarks/accelerator_suite.py --out /tmp/suite --tiny          # this CPU, ~2 min
 
 The driver itself never imports JAX or PyTorch: every measurement runs in a subprocess that it
-can stop at the part's deadline (SIGTERM, then SIGKILL to the process group). Time estimates in
-the plan are a-priori guesses for an H100/H200 (``--tiny``: for a 2-core CPU) until measured.
+can stop at the part's deadline (SIGTERM, then SIGKILL to the process group).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import json
 import os
 import platform
@@ -47,7 +24,8 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 from accelerator_report import (
     compare_losses,
@@ -64,10 +42,10 @@ from accelerator_report import (
 from lbq.io import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "benchmarks", "accelerator_worker.py")
 PARTS = ("setup", "correctness", "speed", "profile", "accuracy")
 # Shares of the budget left after setup; a part's unused time goes to the parts after it.
 DEVICE_SHARES = {"correctness": 0.09, "speed": 0.45, "profile": 0.08, "accuracy": 0.38}
-TINY_SHARES = {"correctness": 0.20, "speed": 0.30, "profile": 0.10, "accuracy": 0.40}
 # Train-step losses, device against the CPU backend, float32 with full-precision products:
 # the relative difference allowed per mode. Quantized steps may flip an activation that lies
 # within rounding error of a level boundary, which moves the loss more than reassociation does.
@@ -81,8 +59,7 @@ SAFETY = 0.8  # fraction of a fitted time that training steps may fill
 # ----------------------------------------------------------------------------- sizes
 
 
-@dataclasses.dataclass(frozen=True)
-class SpeedTask:
+class SpeedTask(NamedTuple):
     """One process of the speed part: lbq.bench for one mode, or PyTorch runs in order.
 
     ``runs`` are modes for lbq, 'backend:mode' for torch. ``estimate_s``: a-priori seconds.
@@ -100,48 +77,12 @@ class SpeedTask:
         return f"{self.framework} {self.model} b{self.batch} {'+'.join(self.runs)}"
 
 
-def _lbq(model, batch, mode, estimate):
-    return SpeedTask("lbq", model, batch, (mode,), estimate)
+def _lbq(model, batch, modes, estimate):
+    return SpeedTask("lbq", model, batch, tuple(modes.split(",")), estimate)
 
 
 def _torch(model, batch, runs, estimate, image_size=None):
     return SpeedTask("torch", model, batch, tuple(runs.split(",")), estimate, image_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """Everything that differs between the device run and ``--tiny``."""
-
-    tiny: bool
-    shares: dict[str, float]
-    setup_estimate_s: float
-    quantizer_elements: int
-    loss_batch: int
-    loss_modes: tuple[str, ...]
-    # The device runs, the first also on the CPU backend for the comparison. Full float32
-    # products ('highest') on accelerators; on a CPU host 'default' computes the same and is
-    # the speed part's compilation.
-    loss_precisions: tuple[str, ...]
-    correctness_estimate_s: float
-    bench_steps: int
-    bench_warmup: int
-    dtype: str
-    speed_tasks: tuple[SpeedTask, ...]
-    torch_compile_backend: str
-    profile_model: str
-    profile_batch: int
-    profile_modes: tuple[str, ...]
-    profile_steps: int
-    profile_estimate_s: float
-    train_per_class: int | None  # None: the whole split
-    test_per_class: int | None
-    acc_batch: int
-    acc_max_epochs: float
-    acc_min_steps: int
-    acc_prior_images_per_second: float
-    acc_prior_overhead_s: float
-    acc_log_every: int
-    acc_eval_batch: int
 
 
 # The speed tasks in priority order: first the figures the issue's targets compare (ResNet-18
@@ -168,70 +109,51 @@ DEVICE_SPEED = (
     _torch("resnet20", 512, "compile:w4a4,compile:w2a2_sp,compile:w2a2_kd", 120),
 )
 
-DEVICE = Sizes(
-    tiny=False,
-    shares=DEVICE_SHARES,
-    setup_estimate_s=45,
-    quantizer_elements=1 << 16,
-    loss_batch=64,
-    loss_modes=("fp", "w2a2"),
-    loss_precisions=("highest", "default"),
-    correctness_estimate_s=35,
-    bench_steps=20,
-    bench_warmup=3,
-    dtype="bfloat16",
-    speed_tasks=DEVICE_SPEED,
-    torch_compile_backend="inductor",
-    profile_model="resnet18",
-    profile_batch=256,
-    profile_modes=("w2a2", "w2a2_kd"),
-    profile_steps=3,
-    profile_estimate_s=40,
-    train_per_class=None,
-    test_per_class=None,
-    acc_batch=128,
-    acc_max_epochs=200.0,
-    acc_min_steps=20,
-    acc_prior_images_per_second=20_000.0,
-    acc_prior_overhead_s=40.0,
-    acc_log_every=50,
-    acc_eval_batch=1000,
-)
-
-# A 2-core CPU in well under two minutes: the same code paths at toy sizes.
-TINY = Sizes(
-    tiny=True,
-    shares=TINY_SHARES,
-    setup_estimate_s=12,
-    quantizer_elements=1 << 12,
-    loss_batch=8,  # the speed task's batch: one compilation serves both parts
-    loss_modes=("w2a2",),
-    loss_precisions=("default",),
-    correctness_estimate_s=15,
-    bench_steps=2,
-    bench_warmup=1,
-    dtype="float32",
-    speed_tasks=(
-        SpeedTask("lbq", "resnet20", 8, ("fp", "w2a2"), 15),
-        _torch("resnet20", 8, "eager:fp,eager:w2a2,compile:w2a2", 15),
-        _torch("resnet18", 2, "eager:w2a2_kd", 8, image_size=64),
+# Everything that differs between the device run and ``--tiny`` (a 2-core CPU in well under
+# two minutes: the same code paths at toy sizes), as (device, tiny).
+_SIZES = {
+    "shares": (
+        DEVICE_SHARES,
+        {"correctness": 0.20, "speed": 0.30, "profile": 0.10, "accuracy": 0.40},
     ),
-    torch_compile_backend="aot_eager",
-    profile_model="resnet20",
-    profile_batch=8,  # the speed task's: its compilation is reused
-    profile_modes=("w2a2",),
-    profile_steps=2,
-    profile_estimate_s=12,
-    train_per_class=24,
-    test_per_class=10,
-    acc_batch=32,
-    acc_max_epochs=1.0,
-    acc_min_steps=2,
-    acc_prior_images_per_second=150.0,
-    acc_prior_overhead_s=10.0,
-    acc_log_every=2,
-    acc_eval_batch=50,
-)
+    "setup_estimate_s": (45, 12),
+    "quantizer_elements": (1 << 16, 1 << 12),
+    "loss_batch": (64, 8),  # tiny: the speed task's batch, so one compilation serves both parts
+    "loss_modes": (("fp", "w2a2"), ("w2a2",)),
+    # The device runs, the first also on the CPU backend for the comparison. Full float32
+    # products ('highest') on accelerators; on a CPU host 'default' computes the same and is
+    # the speed part's compilation.
+    "loss_precisions": (("highest", "default"), ("default",)),
+    "correctness_estimate_s": (35, 15),
+    "bench_steps": (20, 2),
+    "bench_warmup": (3, 1),
+    "dtype": ("bfloat16", "float32"),
+    "speed_tasks": (
+        DEVICE_SPEED,
+        (
+            _lbq("resnet20", 8, "fp,w2a2", 15),
+            _torch("resnet20", 8, "eager:fp,eager:w2a2,compile:w2a2", 15),
+            _torch("resnet18", 2, "eager:w2a2_kd", 8, image_size=64),
+        ),
+    ),
+    "torch_compile_backend": ("inductor", "aot_eager"),
+    "profile_model": ("resnet18", "resnet20"),
+    "profile_batch": (256, 8),  # tiny: the speed task's, whose compilation is reused
+    "profile_modes": (("w2a2", "w2a2_kd"), ("w2a2",)),
+    "profile_steps": (3, 2),
+    "profile_estimate_s": (40, 12),
+    "train_per_class": (None, 24),  # None: the whole split
+    "test_per_class": (None, 10),
+    "acc_batch": (128, 32),
+    "acc_max_epochs": (200.0, 1.0),
+    "acc_min_steps": (20, 2),
+    "acc_prior_images_per_second": (20_000.0, 150.0),
+    "acc_prior_overhead_s": (40.0, 10.0),
+    "acc_log_every": (50, 2),
+    "acc_eval_batch": (1000, 50),
+}
+DEVICE = SimpleNamespace(tiny=False, **{k: v[0] for k, v in _SIZES.items()})
+TINY = SimpleNamespace(tiny=True, **{k: v[1] for k, v in _SIZES.items()})
 
 
 # ----------------------------------------------------------------------------- budget
@@ -271,7 +193,7 @@ def fit_steps(
 class Suite:
     """Runs the parts, keeps the results and writes the output files."""
 
-    def __init__(self, args: argparse.Namespace, sizes: Sizes):
+    def __init__(self, args: argparse.Namespace, sizes: SimpleNamespace):
         self.args = args
         self.sizes = sizes
         self.start = time.monotonic()
@@ -394,73 +316,52 @@ class Suite:
 
     # ------------------------------------------------------------------ plan
 
-    def plan(self) -> list[dict[str, Any]]:
-        s = self.sizes
-        rows = [
-            {
-                "part": "setup",
-                "task": "wheels, dataset, torch check",
-                "estimate_s": s.setup_estimate_s,
-            }
-        ]
-        rows.append(
-            {
-                "part": "correctness",
-                "task": f"quantizers bits 1-8 x float32/bfloat16; train-step loss "
-                f"{','.join(s.loss_modes)} device vs CPU",
-                "estimate_s": s.correctness_estimate_s,
-            }
-        )
-        for task in s.speed_tasks:
-            rows.append({"part": "speed", "task": task.name, "estimate_s": task.estimate_s})
-        rows.append(
-            {
-                "part": "profile",
-                "task": f"{s.profile_model} b{s.profile_batch} {'+'.join(s.profile_modes)}",
-                "estimate_s": s.profile_estimate_s,
-            }
-        )
-        rows.append(
-            {
-                "part": "accuracy",
-                "task": "fp, then best / w4a4 / w2a2 from it: steps fitted to what is left",
-                "estimate_s": None,
-            }
-        )
-        return rows
-
     def print_plan(self) -> None:
-        rows = self.plan()
-        self.results["plan"] = rows
-        after_setup = self.args.budget - self.sizes.setup_estimate_s
-        budgets, done, left = {}, set(), after_setup
-        for part in self.sizes.shares:  # the budgets if every part used exactly its share
-            budgets[part] = part_budget(part, left, done, self.sizes.shares)
+        """Logs and records each part's budget (if every part used exactly its share) and each
+        task's estimate, with the cumulative time per part."""
+        s = self.sizes
+        loss = f"train-step loss {','.join(s.loss_modes)} device vs CPU"
+        profile = f"{s.profile_model} b{s.profile_batch} {'+'.join(s.profile_modes)}"
+        tasks = [
+            ("setup", "wheels, dataset, torch check", s.setup_estimate_s),
+            (
+                "correctness",
+                f"quantizers bits 1-8 x float32/bfloat16; {loss}",
+                s.correctness_estimate_s,
+            ),
+            *(("speed", task.name, task.estimate_s) for task in s.speed_tasks),
+            ("profile", profile, s.profile_estimate_s),
+            ("accuracy", "fp, then best / w4a4 / w2a2 from it: steps fitted to what is left", None),
+        ]
+        budgets, done, left = {}, set(), self.args.budget - s.setup_estimate_s
+        for part in s.shares:
+            budgets[part] = part_budget(part, left, done, s.shares)
             left -= budgets[part]
             done.add(part)
-        kind = "a 2-core CPU (--tiny)" if self.sizes.tiny else "an H100/H200"
+        kind = "a 2-core CPU (--tiny)" if s.tiny else "an H100/H200"
         self.log(
             f"PLAN: budget {self.args.budget:.0f} s; estimates are a-priori guesses for {kind}"
         )
         self.log(f"  {'part':<12}{'budget s':>9}{'est s':>7}{'cum s':>7}  task")
-        cumulative: dict[str, float] = {}
-        for row in rows:
-            part = row["part"]
-            budget = self.sizes.setup_estimate_s if part == "setup" else budgets[part]
-            if row["estimate_s"] is None:
-                est = cum = "fill"
-            else:
-                cumulative[part] = cumulative.get(part, 0.0) + row["estimate_s"]
-                est, cum = f"{row['estimate_s']:.0f}", f"{cumulative[part]:.0f}"
+        rows, cumulative = [], {}
+        for part, task, estimate in tasks:
+            budget = s.setup_estimate_s if part == "setup" else budgets[part]
+            row = {"part": part, "task": task, "estimate_s": estimate}
+            est = cum = "fill"
+            if estimate is not None:
+                cumulative[part] = cumulative.get(part, 0.0) + estimate
+                est, cum = f"{estimate:.0f}", f"{cumulative[part]:.0f}"
                 row["expected_to_fit"] = cumulative[part] <= budget
             mark = "" if row.get("expected_to_fit", True) else "  (past the budget: if time)"
-            self.log(f"  {part:<12}{budget:>9.0f}{est:>7}{cum:>7}  {row['task']}{mark}")
-        known = sum(r["estimate_s"] for r in rows if r["estimate_s"] is not None)
+            self.log(f"  {part:<12}{budget:>9.0f}{est:>7}{cum:>7}  {task}{mark}")
+            rows.append(row)
+        known = sum(t[2] for t in tasks if t[2] is not None)
         self.log(
             f"  estimated {known:.0f} s for the listed tasks; speed tasks run in the order shown "
             f"while their part's budget lasts (time a part leaves goes to the next); accuracy "
             f"fills what is left"
         )
+        self.results["plan"] = rows
         self.results["plan_budgets_s"] = budgets
 
     # ------------------------------------------------------------------ parts
@@ -549,14 +450,8 @@ class Suite:
             info["reused"] = True
             info.update(read_split_sizes(prepared))
             return info
-        archive = self.args.archive or next(
-            (
-                os.path.join(ROOT, a)
-                for a in ARCHIVE_CANDIDATES
-                if os.path.exists(os.path.join(ROOT, a))
-            ),
-            None,
-        )
+        found = [os.path.join(ROOT, a) for a in ARCHIVE_CANDIDATES]
+        archive = self.args.archive or next(filter(os.path.exists, found), None)
         if archive is None:
             raise FileNotFoundError(
                 f"no CIFAR-10 archive: pass --archive or place it at {ARCHIVE_CANDIDATES[0]}"
@@ -599,7 +494,7 @@ class Suite:
         s = self.sizes
         deadline = time.monotonic() + budget
         folder = fresh_folder(os.path.join(self.scratch, "correctness"))
-        worker = [self.python, os.path.join(ROOT, "benchmarks", "accelerator_worker.py")]
+        worker = [self.python, WORKER]
         quant_json = os.path.join(folder, "quantizers.json")
         out: dict[str, Any] = {}
         out["quantizers_run"] = self.run(
@@ -624,9 +519,8 @@ class Suite:
         runs = self.run_many(jobs[:1], deadline - time.monotonic())
         runs.update(self.run_many(jobs[1:], deadline - time.monotonic()))
         for precision in s.loss_precisions:
-            out[f"loss_device_{precision}"] = read_json(
-                os.path.join(folder, f"loss_device_{precision}.json")
-            )
+            path = os.path.join(folder, f"loss_device_{precision}.json")
+            out[f"loss_device_{precision}"] = read_json(path)
         out["loss_cpu"] = read_json(cpu_json)
         out["loss_runs"] = runs
         out["loss_comparison"] = compare_losses(
@@ -672,11 +566,7 @@ class Suite:
             # A task may overrun its estimate, but not by so much that it eats the part.
             limit = min(left, max(3.0 * task.estimate_s, 60.0))
             entry["run"] = self.run(task.name, cmd, limit)
-            entry["status"] = (
-                "stopped at its limit"
-                if entry["run"]["timed_out"]
-                else ("ok" if entry["run"]["returncode"] == 0 else "failed")
-            )
+            entry["status"] = run_status(entry["run"])
             if task.framework == "lbq":
                 report = read_json(path)
                 for row in (report or {}).get("results", []):
@@ -696,7 +586,7 @@ class Suite:
         s = self.sizes
         folder = fresh_folder(os.path.join(self.scratch, "profile"))
         path = os.path.join(folder, "profile_summary.json")
-        cmd = [self.python, os.path.join(ROOT, "benchmarks", "accelerator_worker.py"), "profile"]
+        cmd = [self.python, WORKER, "profile"]
         cmd += [f"--model={s.profile_model}", f"--batch={s.profile_batch}"]
         cmd += [f"--modes={','.join(s.profile_modes)}", f"--steps={s.profile_steps}"]
         cmd += [f"--dtype={s.dtype}", f"--trace_dir={folder}", f"--json={path}"]
@@ -778,14 +668,9 @@ class Suite:
         jobs = [self.train_job(folder, m, steps, 0.01, 0.002, fp["workdir"]) for m in methods]
         runs = self.run_many(jobs, deadline - time.monotonic())
         for method in methods:
-            out["runs"][method] = self.train_result(
-                folder,
-                method,
-                steps,
-                0.01,
-                0.002 if method == "best" else None,
-                runs[f"train {method}"],
-            )
+            teacher_lr = 0.002 if method == "best" else None
+            run = runs[f"train {method}"]
+            out["runs"][method] = self.train_result(folder, method, steps, 0.01, teacher_lr, run)
         out["top1"] = {k: v.get("final_top1") for k, v in out["runs"].items()}
         failed = [k for k, v in out["runs"].items() if v["status"] != "ok"]
         out["status"] = "ok" if not failed else f"incomplete: {', '.join(failed)}"
@@ -836,10 +721,7 @@ class Suite:
             result["teacher_lr"] = teacher_lr
         result["epochs"] = steps / max(num_train // self.sizes.acc_batch, 1)
         result.update(read_run_metrics(os.path.join(workdir, "metrics.jsonl")))
-        if run["timed_out"]:
-            result["status"] = "stopped at its limit (no final evaluation)"
-        else:
-            result["status"] = "ok" if run["returncode"] == 0 else "failed"
+        result["status"] = run_status(run, " (no final evaluation)")
         return result
 
     # ------------------------------------------------------------------ files
@@ -890,30 +772,23 @@ def stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def run_status(run: dict[str, Any], stopped_note: str = "") -> str:
+    """'ok', 'failed' or 'stopped at its limit' (+ ``stopped_note``), from `Suite.run`'s result."""
+    if run["timed_out"]:
+        return "stopped at its limit" + stopped_note
+    return "ok" if run["returncode"] == 0 else "failed"
+
+
 def source_commit() -> str | None:
     """The checkout's commit ('+dirty' with local changes); on a copy without .git, the one
     that benchmarks/prepare_device_data.py recorded in DATA/source_commit.txt."""
-    # Not lbq.bench.git_commit: this driver runs on a bare device machine before the carried
-    # wheels are installed, where lbq's imports (jax) are not available.
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
+    # The short hash and mark of lbq.bench.git_commit, which this driver cannot import: it runs
+    # on a bare device machine before the carried wheels are installed (lbq's imports need jax).
+    describe = ["git", "describe", "--always", "--dirty=+dirty", "--exclude=*"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        run = subprocess.run(describe, cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if run.returncode == 0:
+            return run.stdout.strip()
     path = os.path.join(ROOT, "DATA", "source_commit.txt")
     if os.path.exists(path):
         with open(path) as f:
@@ -1013,7 +888,11 @@ def pack_folder(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (on a device call: $OUT)")
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT", "/tmp/lbq_suite_out"),
+        help="output folder (default $OUT, the device call's; else /tmp/lbq_suite_out)",
+    )
     parser.add_argument("--tiny", action="store_true", help="toy sizes for a CPU, ~2 minutes")
     parser.add_argument(
         "--budget", type=float, default=None, help="seconds for the whole suite (480; tiny 300)"

@@ -1,24 +1,19 @@
-"""JAX-side measurements of the accelerator suite, one per process (see accelerator_suite.py).
+"""JAX-side measurements of the accelerator suite, one per process, each writing ``--json``.
 
-Subcommands, each writing one JSON file (``--json``):
+Subcommands (docs/accelerator.md, "What it runs", says what each checks):
 
-- ``quantizers``: every lbq quantizer (``quantize_unit``, ``quantize_activation``,
-  ``quantize_weight`` per tensor and per output channel) at bits 1..8, in float32 and
-  bfloat16, on the default backend, against two float64 NumPy references of the SPEC formulas:
-  exact arithmetic, and the same operations rounded to the dtype after each one. See
-  `check_quantizer` for what passes.
-- ``train_loss``: the trainer's step (``lbq.bench.build_step``, float32) for a few steps on the
-  bench's synthetic batch; the losses, to compare between backends.
+- ``quantizers``: every lbq quantizer at bits 1..8 in float32 and bfloat16 against float64
+  NumPy references of the SPEC formulas (`check_quantizer` says what passes);
+- ``train_loss``: a few steps of the trainer's step (``lbq.bench.build_step``, float32), their
+  losses, to compare between backends;
 - ``profile``: a ``jax.profiler`` trace of the trainer's step per mode, summarised by kind of
-  operation (every instruction of the optimized HLO sorted into convolution, dot, reduction,
-  copy/transpose or elementwise fusions, `categorize`) and by network (student, teacher, the
-  rest: optimizer, normalisation, checks); printed and written. On XLA:CPU times are summed
-  over XLA's threads. Where lbq's CPU step spends its time (benchmarks/RESULTS.md):
-  ``python benchmarks/accelerator_worker.py profile --model=resnet20 --modes=w2a2 --batch=128
-  --dtype=float32 --trace_dir=/tmp/trace --json=/tmp/profile.json``.
+  operation (`categorize`) and by network; on XLA:CPU too, where lbq's CPU step spends its time
+  (benchmarks/RESULTS.md):
 
-Run from the repository root, e.g. ``python benchmarks/accelerator_worker.py quantizers --json
-/tmp/q.json``. It needs jax, flax, optax and numpy (and ml_dtypes, which jax installs).
+    python benchmarks/accelerator_worker.py profile --model=resnet20 --modes=w2a2 --batch=128 \\
+        --dtype=float32 --trace_dir=/tmp/trace --json=/tmp/profile.json
+
+Needs jax, flax, optax and numpy (and ml_dtypes, which jax installs).
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import sys
@@ -35,6 +29,9 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from lbq.io import write_json  # noqa: E402
+
 BITS = tuple(range(1, 9))
 DTYPES = ("float32", "bfloat16")
 # Elements whose level index matches neither reference (e.g. a transcendental a few ulps off
@@ -56,15 +53,12 @@ def _rounder(name: str):
     return lambda x: np.asarray(x, np.float64).astype(target).astype(np.float64)
 
 
-def _mantissa_bits(name: str) -> int:
-    return {"float32": 23, "bfloat16": 7}[name]
-
-
 def _ulp(values: np.ndarray, name: str) -> np.ndarray:
     """One unit in the last place of dtype ``name`` at each |value| (0 at 0)."""
     magnitude = np.abs(values)
     exponent = np.floor(np.log2(np.where(magnitude > 0, magnitude, 1.0)))
-    return np.where(magnitude > 0, np.exp2(exponent - _mantissa_bits(name)), 0.0)
+    mantissa_bits = {"float32": 23, "bfloat16": 7}[name]
+    return np.where(magnitude > 0, np.exp2(exponent - mantissa_bits), 0.0)
 
 
 # ----------------------------------------------------------------------------- references
@@ -192,14 +186,23 @@ def run_quantizers(args: argparse.Namespace) -> dict:
             strict = (a != 0) & (a != 1)
             wrong = int(np.sum((grad != inside.astype(np.float64)) & strict))
             gradients.append({"dtype": dtype, "bits": bits, "wrong": wrong, "passed": wrong == 0})
-    device0 = jax.devices()[0]
     return {
-        "backend": jax.default_backend(),
-        "device": getattr(device0, "device_kind", str(device0)),
-        "jax": jax.__version__,
+        **_device_info(),
         "checks": checks,
         "ste_gradients": gradients,
         "passed": all(c["passed"] for c in checks) and all(g["passed"] for g in gradients),
+    }
+
+
+def _device_info() -> dict:
+    """The default backend, its first device's kind and JAX's version."""
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "jax": jax.__version__,
     }
 
 
@@ -223,11 +226,8 @@ def run_train_loss(args: argparse.Namespace) -> dict:
             bench.step()
             values.append(float(bench.metrics["loss"]))
         losses[mode] = values
-    device = jax.devices()[0]
     return {
-        "backend": jax.default_backend(),
-        "device": getattr(device, "device_kind", str(device)),
-        "jax": jax.__version__,
+        **_device_info(),
         "precision": args.precision,
         "model": args.model,
         "batch": args.batch,
@@ -350,6 +350,7 @@ def run_profile(args: argparse.Namespace) -> dict:
         by_category: collections.Counter = collections.Counter()
         by_network: collections.Counter = collections.Counter()
         unmatched = 0.0
+        is_finite = sum(ns for name, ns in per_op.items() if "is-finite" in name)
         for name, ns in per_op.items():
             ms = ns / 1e6 / steps
             if name in names:
@@ -372,9 +373,7 @@ def run_profile(args: argparse.Namespace) -> dict:
             "wall_ms_per_step": 1e3 * wall / steps,
             "op_ms_per_step": sum(per_op.values()) / 1e6 / steps,
             "categories_ms_per_step": dict(by_category),
-            "is_finite_ms_per_step": sum(ns for name, ns in per_op.items() if "is-finite" in name)
-            / 1e6
-            / steps,
+            "is_finite_ms_per_step": is_finite / 1e6 / steps,
             "networks_ms_per_step": dict(by_network),
             "unmatched_ms_per_step": unmatched,
             "top_ops": top,
@@ -385,10 +384,8 @@ def run_profile(args: argparse.Namespace) -> dict:
             "trace_files": [os.path.relpath(p, args.trace_dir) for p in paths],
         }
         _print_profile(f"{args.model} {mode} batch {args.batch}", results[mode])
-    device = jax.devices()[0]
     return {
-        "backend": jax.default_backend(),
-        "device": getattr(device, "device_kind", str(device)),
+        **_device_info(),
         "model": args.model,
         "batch": args.batch,
         "dtype": args.dtype,
@@ -442,13 +439,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
     start = time.perf_counter()
     run = {"quantizers": run_quantizers, "train_loss": run_train_loss, "profile": run_profile}
     result = run[args.task](args)
     result["seconds"] = time.perf_counter() - start
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.json, result, indent=1)
     print(f"{args.task}: done in {result['seconds']:.1f} s", flush=True)
     return 0
 

@@ -14,10 +14,12 @@ XLA convs use lbq's layout (NHWC activations, HWIO kernels); PyTorch uses its na
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lbq.io import write_json  # noqa: E402
 
 # (name, in channels, out channels, stride, input size, kernel, count in ResNet-20)
 SHAPES = (
@@ -136,20 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{1e3 * total['input_grad_s']:>12.1f}{1e3 * total['weight_grad_s']:>13.1f}"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "framework": args.framework,
-                    "batch": args.batch,
-                    "reps": args.reps,
-                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "rows": rows,
-                    "total": total,
-                    "load_average": os.getloadavg(),
-                },
-                f,
-                indent=2,
-            )
+        report = {
+            "framework": args.framework,
+            "batch": args.batch,
+            "reps": args.reps,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "rows": rows,
+            "total": total,
+            "load_average": os.getloadavg(),
+        }
+        write_json(args.json, report)
     return 0
 
 

@@ -28,7 +28,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+sys.path.insert(0, ROOT)
+from lbq.io import write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------- patches
 
@@ -153,7 +154,6 @@ PATCHES = {
 
 def worker(mode: str, patches: list[str], batch: int, model: str) -> None:
     """Builds lbq's step and answers ``run N`` lines with N step times (JSON)."""
-    sys.path.insert(0, ROOT)
     for name in patches:
         PATCHES[name]()
     from lbq.bench import build_step
@@ -182,19 +182,9 @@ def _command(spec: str, args: argparse.Namespace) -> tuple[list[str], dict[str, 
             raise SystemExit(f"unknown patches {unknown}; choose from {sorted(PATCHES)}")
         if flags:
             env["XLA_FLAGS"] = " ".join(f for f in flags.split(",") if f)
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--worker",
-            mode,
-            "--batch",
-            str(args.batch),
-            "--model",
-            args.model,
-        ]
-        for p in patches:
-            cmd += ["--patch", p]
-        return cmd, env
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode]
+        cmd += ["--batch", str(args.batch), "--model", args.model]
+        return cmd + [a for p in patches for a in ("--patch", p)], env
     if kind == "torch":
         mode, _, threads = rest.partition("@")
         cmd = [args.torch_python, os.path.join(ROOT, "benchmarks", "torch_fakequant.py")]
@@ -299,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"load average after: {report['load_average_after']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
     return 0
 
 

@@ -1,27 +1,20 @@
 """Host input pipeline throughput: images decoded and augmented per second per host core.
 
-Two data sets, both written as image folders and prepared with `lbq.data.prepare_folder` into a
-real TFDS (ArrayRecord) dataset, then read back through `lbq.data.train_iterator`, the trainer's
-own host pipeline:
+Two data sets are written as image folders, prepared with `lbq.data.prepare_folder` into a real
+TFDS (ArrayRecord) dataset and read back through `lbq.data.train_iterator`, the trainer's own
+host pipeline (benchmarks/RESULTS.md, "Input pipeline", has how the data is made and the
+figures):
 
-- ``cifar``: real CIFAR-10 JPEGs (32x32), a class-balanced subset of
-  /work/shared/data/cifar10-jpeg.tar.gz; CIFAR augmentation (pad-4 crop + flip).
-- ``imagenet``: ImageNet-like JPEGs of 500x375 (ImageNet's most common size), made from the
-  real CIFAR photographs, upscaled with bicubic interpolation, with Gaussian pixel noise (std 24)
-  so that the files carry fine detail like real photos (an upscaled 32 px image alone compresses
-  far better than a camera photo), saved at JPEG quality 90: about 105 KB per file, close to
-  ILSVRC-2012's average (about 110 KB). The file sizes are reported next to the rates.
-  Augmentation: random-resized crop to 224 + flip (with PIL's DCT-domain ``draft`` downscaling,
-  as the pipeline does).
+- ``cifar``: real CIFAR-10 JPEGs, a class-balanced subset of the archive; pad-4 crop + flip.
+- ``imagenet``: ImageNet-like 500x375 JPEGs made from the CIFAR photographs (bicubic upscale,
+  Gaussian pixel noise so that the files carry a photo's fine detail, quality 90; the file
+  sizes are reported next to the rates); random-resized crop to 224 + flip.
 
-For each data set the script reports two rates:
-
-- ``transform``: the per-example decode + augmentation function alone, on one thread, over the
-  encoded records in memory: the ceiling of one core.
-- ``pipeline``: `train_iterator` with ``workers`` threads (1 and 2), batches of ``--batch``,
-  after one warm-up batch. The per-core rate divides by ``min(workers, cores)``. For CIFAR the
-  pipeline decodes the whole train split into memory once by default (data config ``cache``),
-  so its steady state is crop + flip of arrays; ``pipeline_no_cache`` decodes every batch.
+Two rates per data set: ``transform``, the per-example decode + augmentation alone on one thread
+(the ceiling of one core), and ``pipeline``, `train_iterator` with 1 and 2 worker threads after
+one warm-up batch (per core: divided by ``min(workers, cores)``). For CIFAR the pipeline decodes
+the split into memory once by default (data config ``cache``); ``pipeline_no_cache`` decodes
+every batch.
 
     python benchmarks/input_pipeline.py --json /tmp/input.json
     python -m lbq.bench --input -- --datasets imagenet --workers 1,2
@@ -44,6 +37,9 @@ from typing import Any
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from lbq.io import write_json  # noqa: E402
+
 DEFAULT_ARCHIVE = "/work/shared/data/cifar10-jpeg.tar.gz"
 IMAGENET_SIZE = (500, 375)  # width, height: the most common ImageNet image size
 
@@ -222,11 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transform-seconds", type=float, default=5.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    sys.path.insert(0, ROOT)
     report = run(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
     return 0
 
 

@@ -1,21 +1,10 @@
 """Prepares, on this machine, what an accelerator call of the suite carries: data and wheels.
 
-A device machine starts bare and reaches no network: it has Python 3.12, JAX, Flax, Optax,
-Orbax, chex and PyTorch, but not the packages below (see /work/.library/device/KINDS.md). This
-script, run from the repository root before the call:
-
-1. copies the CIFAR-10 JPEG archive (19 MB; checked against its published sha256) to
-   ``DATA/cifar10-jpeg.tar.gz``, from which the suite builds the TFDS dataset on the device
-   (``/DATA/`` is git-ignored);
-2. downloads the missing packages as wheels for CPython 3.12 on manylinux x86-64 into
-   ``.whl/`` (pure-Python ones without a wheel on the index are built here with
-   ``pip wheel``), and adds ``/.whl/`` to ``.git/info/exclude``;
-3. records the source commit in ``DATA/source_commit.txt`` (the device copy has no .git);
-4. prints what the call would carry: the working tree that travels (tracked and untracked
-   files that git does not ignore) plus ``DATA`` and ``.whl``, against the 64 MiB limit.
+A device machine starts bare and reaches no network (docs/accelerator.md, "Before the call",
+lists what this does). Run from the repository root before the call:
 
     python benchmarks/prepare_device_data.py            # then: see docs/accelerator.md
-    python benchmarks/prepare_device_data.py --check    # only step 4
+    python benchmarks/prepare_device_data.py --check    # only print what the call carries
 
 The pinned versions are the ones this repository's CI environment tests.
 """
@@ -24,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from lbq.io import sha256  # noqa: E402
+
 ARCHIVE = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-jpeg.tar.gz")
 ARCHIVE_SHA256 = "097287809041e0a666355dfce11470ba1b3f2631fe910d8793c716253f10b297"
 CARRY = ("DATA", ".whl")
@@ -64,16 +55,6 @@ PLATFORMS = (
     "manylinux2014_x86_64",
     "manylinux1_x86_64",
 )
-
-
-def sha256(path: str) -> str:
-    # lbq.io.sha256 is the same; this script stays standard-library only so that it
-    # runs under any python3 before lbq and its dependencies are installed.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def copy_archive(source: str) -> str:
@@ -111,20 +92,13 @@ def download_wheels(folder: str) -> list[str]:
     subprocess.run(cmd + list(WHEELS), check=True)
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", folder]
     subprocess.run(build + list(SOURCE_ONLY), check=True)
-    wanted = {_normal(spec) for spec in WHEELS + SOURCE_ONLY}
-    for path in glob.glob(os.path.join(folder, "*.whl")):  # one version of each, no strays
+    # One version of each, no strays: 'array-record==0.8.6' is array_record-0.8.6-*.whl.
+    wanted = {spec.replace("-", "_").lower().replace("==", "-") for spec in WHEELS + SOURCE_ONLY}
+    for path in glob.glob(os.path.join(folder, "*.whl")):
         name, version = os.path.basename(path).split("-")[:2]
-        if (_normal(name), version) not in wanted:
+        if f"{name.lower()}-{version}" not in wanted:
             os.remove(path)
     return sorted(os.listdir(folder))
-
-
-def _normal(spec: str) -> tuple[str, str] | str:
-    """'array-record==0.8.6' -> ('array_record', '0.8.6'); a wheel's name part -> 'array_record'."""
-    if "==" in spec:
-        name, version = spec.split("==")
-        return name.replace("-", "_").lower(), version
-    return spec.replace("-", "_").lower()
 
 
 def exclude(pattern: str) -> None:

@@ -1,27 +1,19 @@
 """PyTorch fake-quant ResNets with a straight-through estimator: lbq's train steps in PyTorch.
 
 The networks, quantizers and losses of ``python -m lbq.bench`` written the way a PyTorch user
-writes them, so that lbq's step can be timed against PyTorch eager and ``torch.compile`` on the
-same machine in the same run (``benchmarks/accelerator_suite.py``):
+writes them, to time lbq's step against PyTorch eager and ``torch.compile`` on the same machine
+in the same run (docs/accelerator.md, "speed", lists what is the same and what differs):
 
-- **Quantizers** (DoReFa, Zhou et al. 2016, as SPEC section 1 and lbq/quant/quantizers.py):
-  weights ``2 Q_k(tanh(w) / (2 max|tanh w|) + 1/2) - 1`` per tensor, activations
-  ``Q_k(clip(a, 0, 1))`` in place of ReLU, ``Q_k(z) = round((2^k - 1) z) / (2^k - 1)`` with
-  ``round`` straight-through. The bit-width is a Python constant, as PyTorch code has it.
-- **Networks** (lbq/models/resnet.py): CIFAR ResNet-20 (option-A zero-pad shortcuts, 100
-  classes, 32 px) and ImageNet ResNet-18 (quantized 1x1 downsample convs, 1000 classes, 224 px).
-  The stem conv, the classifier, BatchNorm and the residual additions stay in full precision;
-  the activation after the last block is a plain ReLU; the stem's activation takes the first
-  block's precision.
-- **Modes** (lbq.bench.MODES): ``fp`` (plain ReLU network), ``w4a4``, ``w2a2``, ``w2a2_sp``
-  (stochastic precision: each block quantized with probability 0.5, drawn every step; an
-  unquantized block keeps the clip) and ``w2a2_kd`` (a full-precision teacher trained jointly:
-  student 0.7 CE + 0.7 KL, teacher 1.0 CE + 0.5 KL, T = 1; SPEC section 4).
-- **Step:** a uint8 NHWC batch already on the device, normalised in the step (CIFAR-100 or
-  ImageNet statistics); SGD with Nesterov momentum 0.9, weight decay 1e-4, lr 0.1; bfloat16
-  through ``torch.autocast`` (parameters in float32), channels-last memory format on CUDA.
-  ``torch.compile`` compiles the forward and backward of the loss (AOTAutograd); the optimizer
-  update runs eagerly (fused SGD where available).
+- DoReFa quantizers (SPEC section 1) with a straight-through round; the bit-width is a Python
+  constant, as PyTorch code has it;
+- CIFAR ResNet-20 (option-A shortcuts, 100 classes, 32 px) and ImageNet ResNet-18 (quantized
+  1x1 downsample convs, 1000 classes, 224 px), as lbq/models/resnet.py;
+- the modes of lbq.bench.MODES: ``fp``, ``w4a4``, ``w2a2``, ``w2a2_sp`` (each block quantized
+  with probability 0.5, drawn every step) and ``w2a2_kd`` (a jointly trained full-precision
+  teacher, SPEC section 4);
+- a uint8 NHWC batch normalised in the step, SGD Nesterov, bfloat16 autocast, channels-last
+  on CUDA; ``torch.compile`` compiles the loss's forward and backward, the (fused) optimizer
+  update runs eagerly.
 
 Run (one JSON line per (backend, mode) on stdout, also appended to ``--jsonl``):
 
@@ -30,9 +22,7 @@ Run (one JSON line per (backend, mode) on stdout, also appended to ``--jsonl``):
 
 ``--serve`` builds the first (backend, mode) only and answers ``run N`` lines on stdin with a
 JSON list of N step seconds (``quit`` ends it), so that ``benchmarks/cpu_compare.py`` can
-interleave it with lbq's steps on a shared machine.
-
-Needs only torch and numpy.
+interleave it with lbq's steps on a shared machine. Needs only torch and numpy.
 """
 
 from __future__ import annotations
@@ -345,27 +335,24 @@ class Bench:
         return time.perf_counter() - start
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def make_bench(args: argparse.Namespace, backend: str, mode: str, device: str) -> Bench:
+    """The `Bench` of one (backend, mode) with the command line's sizes and compile options."""
+    return Bench(
+        args.model,
+        mode,
+        batch=args.batch,
+        image_size=args.image_size,
+        dtype=args.dtype,
+        device=device,
+        compile_mode=args.compile_mode if backend == "compile" else None,
+        compile_backend=args.compile_backend,
+    )
 
 
-def run_one(
-    model: str,
-    mode: str,
-    backend: str,
-    *,
-    batch: int,
-    image_size: int | None,
-    dtype: str,
-    device: str,
-    steps: int,
-    warmup: int,
-    compile_mode: str = "default",
-    compile_backend: str = "inductor",
-) -> dict:
+def run_one(args: argparse.Namespace, backend: str, mode: str, device: str) -> dict:
     """Times one (model, mode, backend) like ``lbq.bench.run_mode``: the first step (which
-    compiles under ``torch.compile``), ``warmup`` untimed steps, ``steps`` timed steps each
-    waited for (median reported), then ``steps`` steps dispatched back to back.
+    compiles under ``torch.compile``), ``args.warmup`` untimed steps, ``args.steps`` timed steps
+    each waited for (median reported), then ``args.steps`` steps dispatched back to back.
 
     Returns:
       A JSON-ready dict: images_per_second (batch / median step), pipelined_images_per_second,
@@ -380,56 +367,50 @@ def run_one(
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    bench = Bench(
-        model,
-        mode,
-        batch=batch,
-        image_size=image_size,
-        dtype=dtype,
-        device=device,
-        compile_mode=compile_mode if backend == "compile" else None,
-        compile_backend=compile_backend,
-    )
+    bench = make_bench(args, backend, mode, device)
     first = bench.timed_steps(1)[0]
-    bench.timed_steps(warmup)
-    times = bench.timed_steps(steps)
-    pipelined = bench.pipelined(steps)
+    bench.timed_steps(args.warmup)
+    times = bench.timed_steps(args.steps)
+    pipelined = bench.pipelined(args.steps)
     loss = float(bench.last_loss)
     if not math.isfinite(loss):
-        raise RuntimeError(f"{model} {mode} {backend}: the loss is not finite")
+        raise RuntimeError(f"{args.model} {mode} {backend}: the loss is not finite")
     median = statistics.median(times)
     if cuda:
         peak, peak_kind = int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
         name = torch.cuda.get_device_name(device)
     else:
-        peak, peak_kind = _peak_rss_bytes(), "process peak RSS (ru_maxrss)"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak_kind = "process peak RSS (ru_maxrss)"
         name = platform.processor() or platform.machine()
     del bench
     if backend == "compile":
         torch._dynamo.reset()  # drop the compiled graphs, and the networks they hold on to
     gc.collect()
+    compiled = backend == "compile"
     return {
         "framework": "torch",
         "backend": backend,
-        "compile_mode": compile_mode if backend == "compile" else None,
-        "compile_backend": compile_backend if backend == "compile" else None,
-        "model": model,
+        "compile_mode": args.compile_mode if compiled else None,
+        "compile_backend": args.compile_backend if compiled else None,
+        "model": args.model,
         "mode": mode,
-        "batch": batch,
-        "image_size": image_size or (224 if model == "resnet18" else 32),
-        "dtype": dtype,
-        "images_per_second": batch / median,
-        "pipelined_images_per_second": batch * steps / pipelined,
+        "batch": args.batch,
+        "image_size": args.image_size or (224 if args.model == "resnet18" else 32),
+        "dtype": args.dtype,
+        "images_per_second": args.batch / median,
+        "pipelined_images_per_second": args.batch * args.steps / pipelined,
         "median_step_s": median,
         "min_step_s": min(times),
         "max_step_s": max(times),
         "first_step_s": first,
-        "compile_s": max(first - median, 0.0) if backend == "compile" else None,
+        "compile_s": max(first - median, 0.0) if compiled else None,
         "peak_bytes": peak,
         "peak_kind": peak_kind,
         "loss": loss,
         "device": name,
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -473,55 +454,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def serve(args: argparse.Namespace, device: str, batch: int) -> None:
-    """Answers ``run N`` with a JSON list of N step seconds, until ``quit`` or end of input."""
-    backend, mode = args.pairs[0]
-    bench = Bench(
-        args.model,
-        mode,
-        batch=batch,
-        image_size=args.image_size,
-        dtype=args.dtype,
-        device=device,
-        compile_mode=args.compile_mode if backend == "compile" else None,
-        compile_backend=args.compile_backend,
-    )
-    bench.timed_steps(1 + args.warmup)
-    print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
-    for line in sys.stdin:
-        words = line.split()
-        if not words or words[0] == "quit":
-            break
-        print(json.dumps(bench.timed_steps(int(words[1]))), flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    batch = args.batch or (256 if args.model == "resnet18" else 512)
+    args.batch = args.batch or (256 if args.model == "resnet18" else 512)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # as a tuned PyTorch training script sets it
-    if args.serve:
-        serve(args, device, batch)
+    if args.serve:  # answers 'run N' with a JSON list of N step seconds, until 'quit' or EOF
+        bench = make_bench(args, *args.pairs[0], device)
+        bench.timed_steps(1 + args.warmup)
+        print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
+        for line in sys.stdin:
+            words = line.split()
+            if not words or words[0] == "quit":
+                break
+            print(json.dumps(bench.timed_steps(int(words[1]))), flush=True)
         return 0
     for backend, mode in args.pairs:
-        result = run_one(
-            args.model,
-            mode,
-            backend,
-            batch=batch,
-            image_size=args.image_size,
-            dtype=args.dtype,
-            device=device,
-            steps=args.steps,
-            warmup=args.warmup,
-            compile_mode=args.compile_mode,
-            compile_backend=args.compile_backend,
-        )
-        result["threads"] = torch.get_num_threads()
-        line = json.dumps(result)
+        line = json.dumps(run_one(args, backend, mode, device))
         print(line, flush=True)
         if args.jsonl:  # written as each result comes, so a stopped process loses only its last
             with open(args.jsonl, "a") as f:
