@@ -41,26 +41,29 @@ def load_results(outdir: str) -> list[dict[str, Any]]:
     return records
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     mean = sum(values) / len(values)
     if len(values) < 2:
-        return mean, float("nan")
+        return mean, None
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    """{(method, bits): {'mean', 'std', 'n', 'seeds', 'epochs', 'seconds'}} of top-1 (%)."""
+    """{(method, bits): {'mean', 'std', 'n', 'seeds', 'top1', 'epochs', 'seconds'}}: top-1 (%)
+    mean and sample std (None for one seed), and the seeds with their top-1, in seed order."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["method"], r["bits"]), []).append(r)
     out = {}
     for key, rs in groups.items():
         mean, std = _mean_std([100 * r["top1"] for r in rs])
+        per_seed = sorted((r["seed"], 100 * r["top1"]) for r in rs)
         out[key] = {
             "mean": mean,
             "std": std,
             "n": len(rs),
-            "seeds": sorted(r["seed"] for r in rs),
+            "seeds": [s for s, _ in per_seed],
+            "top1": [t for _, t in per_seed],
             "epochs": sorted({round(r["epochs"], 2) for r in rs}),
             "seconds": sum(r["seconds"] for r in rs) / len(rs),
         }
@@ -122,7 +125,7 @@ def compare(
       ``{'columns': [[method, bits], ...], 'budgets': ['N steps, evaluated on SPLIT', ...],
       'control': {mean, std, n, top1} | None,
       'studies': {label: {'method wKaK': {mean, std, n, top1: [per seed], delta}}}}``;
-      top-1 in percent, ``std`` the sample std (NaN for one seed), ``delta`` the mean minus
+      top-1 in percent, ``std`` the sample std (None for one seed), ``delta`` the mean minus
       the control's mean (absent without a control).
     """
     summaries = {label: summarize(records) for label, records in studies}
@@ -137,12 +140,9 @@ def compare(
         "studies": {},
     }
     if fp is not None:
-        out["control"] = _cell(fp, control, ("fp", 32), None)
-    for label, records in studies:
-        cells = {}
-        for column in columns:
-            if column in summaries[label]:
-                cells[_name(column)] = _cell(summaries[label][column], records, column, fp)
+        out["control"] = _cell(fp, None)
+    for label, summary in summaries.items():
+        cells = {_name(c): _cell(summary[c], fp) for c in columns if c in summary}
         out["studies"][label] = cells
     return out
 
@@ -158,30 +158,23 @@ def _name(column: Column) -> str:
     return f"{method} w{bits}a{bits}"
 
 
-def _cell(summary: dict, records, column: Column, fp: dict | None) -> dict[str, Any]:
-    per_seed = sorted(
-        (r["seed"], 100 * r["top1"]) for r in records if (r["method"], r["bits"]) == column
-    )
-    cell = {
-        "mean": summary["mean"],
-        "std": summary["std"],
-        "n": summary["n"],
-        "seeds": [s for s, _ in per_seed],
-        "top1": [t for _, t in per_seed],
-    }
+def _cell(summary: dict[str, Any], fp: dict[str, Any] | None) -> dict[str, Any]:
+    cell = {key: summary[key] for key in ("mean", "std", "n", "seeds", "top1")}
     if fp is not None:
         cell["delta"] = summary["mean"] - fp["mean"]
     return cell
 
 
+def format_mean(summary: dict[str, Any], digits: int = 2) -> str:
+    """``mean ± std (n=N)`` of a `summarize` entry at ``digits`` decimals (no std for one seed)."""
+    std = "" if summary["std"] is None else f" ± {summary['std']:.{digits}f}"
+    return f"{summary['mean']:.{digits}f}{std} (n={summary['n']})"
+
+
 def _format(cell: dict | None) -> str:
     if cell is None:
         return "—"
-    std = "" if math.isnan(cell["std"]) else f" ± {cell['std']:.2f}"
-    text = f"{cell['mean']:.2f}{std} (n={cell['n']})"
-    if "delta" in cell:
-        text += f", {cell['delta']:+.2f}"
-    return text
+    return format_mean(cell) + (f", {cell['delta']:+.2f}" if "delta" in cell else "")
 
 
 def format_markdown(result: dict[str, Any]) -> str:
@@ -228,7 +221,7 @@ def plot(result: dict[str, Any], path: str, gaps: Sequence[float] = (), title: s
             if cell is None:
                 continue
             x = j - 0.4 + width * (i + 0.5)
-            err = 0.0 if math.isnan(cell["std"]) else cell["std"]
+            err = cell["std"] or 0.0
             ax.bar(x, cell["mean"], width, yerr=err, capsize=3, color=colour, label=legend)
             ax.plot([x] * len(cell["top1"]), cell["top1"], "k.", ms=4)
             legend = None  # one legend entry per study
@@ -256,15 +249,6 @@ def plot(result: dict[str, Any], path: str, gaps: Sequence[float] = (), title: s
     plt.close(fig)
 
 
-def _without_nan(value: Any) -> Any:
-    """``value`` with every NaN (the std of one seed) as None, so the file is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _without_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_nan(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     result = compare(args.study, args.control_records)
@@ -272,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_markdown(result)
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(table)
-    write_json(os.path.join(args.out, "comparison.json"), _without_nan(result), indent=1)
+    write_json(os.path.join(args.out, "comparison.json"), result, indent=1)
     plot(result, os.path.join(args.out, "comparison.png"), args.gaps, args.title)
     print(table, end="")
     print(f"wrote comparison.md, comparison.json and comparison.png in {args.out}")

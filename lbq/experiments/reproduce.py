@@ -3,40 +3,35 @@
 Runs, for each seed, full precision once and then each method at each bit-width, every run in
 its own workdir ``OUTDIR/<method>_w<k>a<k>_s<seed>`` (``fp_w32a32_s<seed>`` for full precision),
 through `lbq.train.train_and_evaluate`. Every run gets the same total number of training steps
-(equal budget); multi-stage methods split it between their stages (see `METHOD_NOTES`).
-
-Methods:
-  fp      full precision (plain ReLU network).
-  direct  weights and activations quantized together from the first step (the baseline).
-  ts      weights first: wKa32 for half the budget (lr 0.1), then wKaK (lr 0.01).
-  pq      decreasing bit-width: 32 -> 8 -> 4 -> 2 for W2A2 (40/20/20/20 %), 32 -> 8 -> 4 for
-          W4A4 (40/30/30 %); lr 0.1 at 32 bits, 0.01 below.
-  sp      stochastic precision: each block quantized with p linear from 0.5, reaching 1 at
-          half of the run.
-  kd      joint distillation with a full-precision teacher trained from scratch (SPEC weights).
-  best    the flagship combination (configs/cifar100_w2a2.py): the ladder 32 -> 4 -> 2
-          (40/30/30 %) for W2A2, 32 -> 4 (40/60 %) for W4A4, with a jointly trained teacher.
+(equal budget, ``--epochs``); multi-stage methods split it between their stages (the ladders
+of `lbq.configs.recipes`): `METHOD_NOTES` says what each method trains.
+``--last_stage_share`` gives a multi-stage method's last stage (the target bit-width) that
+fraction of the budget instead. docs/results/README.md gives the CIFAR-10 study's command.
 
 Quantizers and placement default to the paper's (DoReFa, block outputs), since this is the
-paper's comparison. What measured best at W2A2 (docs/results/w2a2) is
-``--weight_quantizer=lsq --activation_quantizer=lsq --activation_placement=conv_input``, with
-``--activation_range_at_bit_change=calibrate`` for methods that drop the bit-width (the default
-``keep`` measured best at block outputs only).
+paper's comparison. ``--lr_schedule``, ``--weight_quantizer``, ``--activation_quantizer``,
+``--weight_range_at_bit_change`` (LSQ weights: keep the range at a bit-width change, or set it
+again by LSQ's rule), ``--activation_placement`` (SPEC section 9),
+``--activation_calibration`` (of PACT and LSQ ranges calibrated on a start model) and
+``--activation_range_at_bit_change`` (PACT, LSQ: keep, or calibrate again) set their config
+field (`FIELD_FLAGS`) in every run; unset, the default config's. What measured best at W2A2
+(docs/results/w2a2) is ``--weight_quantizer=lsq --activation_quantizer=lsq
+--activation_placement=conv_input``, with ``--activation_range_at_bit_change=calibrate`` for
+methods that drop the bit-width (the default ``keep`` measured best at block outputs only).
+``--set=FIELD=VALUE`` (repeatable; VALUE a Python literal, else a string) sets any config field
+of every run after the method's own settings, e.g. ``--set=distill.student_ce=0.0``.
 
 Finished runs (a ``result.json`` in their workdir) are skipped; an interrupted run resumes from
 its checkpoint. After the runs, ``OUTDIR/results.md`` (table) and ``OUTDIR/accuracy_vs_bits.png``
 (`lbq.experiments.compare`'s bars: a bar per method and bit-width, the fp runs as the line)
-are written from every ``result.json`` found.
-
-Run (the CIFAR-10 study of docs/results/, on a 2-core CPU):
-
-    python -m lbq.experiments.reproduce --preset=cifar10 --outdir=/tmp/lbq_repro \
-        --seeds=0,1 --bits=2,4 --order=seed --epochs=1.5 --train_images=5000 \
-        --eval_split='test[:2000]' --lr_schedule=cosine --compile_cache=/tmp/lbq_repro_jaxcache
+are written from every ``result.json`` found (``--report``: only that).
 
 Fine-tuning from a trained full-precision model (the paper's ImageNet protocol): train fp
-first, then start every run from it (``--start_from=OUTDIR_FP/fp_w32a32_s0``); pq and best then
-skip their 32-bit stage and kd's teacher starts trained.
+first, then start every run from it, teachers included (``--start_from=OUTDIR_FP/fp_w32a32_s0``);
+pq and best then skip their 32-bit stage, every stage trains at ``--fine_tune_lr`` and teachers
+at 0.2x that (``--teacher_lr_scale``; the ImageNet recipe's 0.001 / 0.005). Where the start
+model is a quantized network trained at 32 bits (clip(0, 1) activations),
+``--teacher_start_from`` names a plain-ReLU run for kd's and best's teachers.
 
 List the runs without training: add ``--dry_run``. Tiny mode for tests (digits, 4 steps per
 run, enough for the four stages of pq at W2A2): ``--preset=tiny``.
@@ -49,7 +44,6 @@ import ast
 import dataclasses
 import functools
 import importlib.util
-import math
 import os
 import sys
 import tempfile
@@ -59,10 +53,12 @@ from typing import Any
 
 import ml_collections
 
+from lbq.configs import default, recipes
 from lbq.configs.recipes import METHODS
 from lbq.experiments import compare
 from lbq.experiments.compare import load_results, summarize
 from lbq.io import write_json
+from lbq.metrics import _clock
 
 METHOD_NOTES = {
     "fp": "full precision, plain ReLU",
@@ -75,16 +71,24 @@ METHOD_NOTES = {
 }
 # The same methods started from a trained full-precision model (--start_from).
 PRETRAINED_NOTES = {
+    **METHOD_NOTES,
     "fp": "full precision, plain ReLU, trained on at the fine-tuning lr",
-    "direct": "wKaK from the first step (baseline)",
     "ts": "wKa32 50 % -> wKaK 50 %",
     "pq": "W2A2: 8/4/2 bits, a third each; W4A4: 8/4 bits 50/50 %",
-    "sp": "blocks quantized with p linear 0.5 -> 1 at 50 % of the run, then all quantized",
     "kd": "joint teacher started trained; student 0.7 CE + 0.7 KL, teacher 1.0 CE + 0.5 KL, T=1",
     "best": "W2A2: 4/2 bits 50/50 %; W4A4: 4 bits (the same run as kd); + kd",
 }
-# Stage plans as (w_bits, a_bits or None for 'same as w', fraction of the budget, lr or None).
 FINE_TUNE_LR = 0.01
+# The flags that set one config field of every run, in the order they are set.
+FIELD_FLAGS = {
+    "lr_schedule": "schedule.lr_schedule",
+    "weight_quantizer": "quant.weight_quantizer",
+    "activation_quantizer": "quant.activation_quantizer",
+    "weight_range_at_bit_change": "quant.weight_range_at_bit_change",
+    "activation_placement": "model.activation_placement",
+    "activation_calibration": "quant.activation_calibration",
+    "activation_range_at_bit_change": "quant.activation_range_at_bit_change",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,25 +106,14 @@ class Run:
 
 def base_config(preset: str, args: argparse.Namespace) -> ml_collections.ConfigDict:
     """The settings every run shares, before the method is applied."""
-    from lbq.configs import default
-
     c = default.get_config()
     c.model.name = "resnet20"
     c.batch_size = 128
     c.schedule.lr = 0.1
     c.schedule.teacher_lr = 0.1
-    c.schedule.lr_schedule = args.lr_schedule
-    c.quant.weight_quantizer = args.weight_quantizer
-    c.quant.activation_quantizer = args.activation_quantizer
-    for field, value in (
-        ("quant.weight_range_at_bit_change", args.weight_range_at_bit_change),
-        ("model.activation_placement", args.activation_placement),
-        ("quant.activation_calibration", args.activation_calibration),
-        ("quant.activation_range_at_bit_change", args.activation_range_at_bit_change),
-    ):
-        if value is not None:  # else the default config's
-            section, name = field.split(".")
-            c[section][name] = value
+    for flag, field in FIELD_FLAGS.items():
+        if getattr(args, flag) is not None:  # else the default config's
+            set_field(c, field, getattr(args, flag))
     c.progress = False
     if preset == "tiny":
         c = default.tiny(c)
@@ -152,14 +145,18 @@ def stage_plan(
 ) -> list[tuple[int, int, float, float | None]]:
     """The stages of a method: (w_bits, a_bits, fraction of the budget, lr or None).
 
-    None is the run's lr (0.1); ``fine_tune_lr`` is that of stages that start from a previous
-    stage's weights. ``pretrained``: the run starts from a trained full-precision model (the
-    paper's ImageNet protocol), which stands in for the 32-bit stage of pq and best; the
-    remaining stages share the budget in the same proportions, all at ``fine_tune_lr``.
+    The method's ladder as the CIFAR configs define it (`lbq.configs.recipes.ladder`). None is
+    the run's lr (0.1); ``fine_tune_lr`` is that of stages that start from a previous stage's
+    weights. ``pretrained``: the run starts from a trained full-precision model (the paper's
+    ImageNet protocol), which stands in for the 32-bit stage of pq and best; the remaining
+    stages share the budget in the same proportions, all at ``fine_tune_lr``.
     ``last_stage_share``: the fraction of the budget of a multi-stage plan's last stage (the
     target bit-width); the earlier stages share the rest in their proportions.
     """
-    plan = _scratch_plan(method, bits, fine_tune_lr)
+    plan = [
+        (w, a, share, fine_tune_lr if lr == recipes.FINE_TUNE else None)
+        for w, a, share, lr in recipes.ladder(method, bits)
+    ]
     if pretrained:
         kept = [(w, a, f) for w, a, f, _ in plan if (w, a) != (32, 32) or method == "fp"]
         total = sum(f for _, _, f in kept)
@@ -170,18 +167,6 @@ def stage_plan(
     scale = (1.0 - last_stage_share) / earlier
     return [(w, a, f * scale, lr) for w, a, f, lr in plan[:-1]] + [
         (*plan[-1][:2], last_stage_share, plan[-1][3])
-    ]
-
-
-def _scratch_plan(
-    method: str, bits: int, fine_tune_lr: float
-) -> list[tuple[int, int, float, float | None]]:
-    """The method's ladder as the CIFAR configs define it (`lbq.configs.recipes.ladder`)."""
-    from lbq.configs import recipes
-
-    return [
-        (w, a, share, fine_tune_lr if lr == recipes.FINE_TUNE else None)
-        for w, a, share, lr in recipes.ladder(method, bits)
     ]
 
 
@@ -226,8 +211,6 @@ def run_config(
     `stage_plan`. ``overrides``: {dotted field: value} set last, over the method's own
     settings (``--set``).
     """
-    from lbq.configs import default, recipes
-
     c = ml_collections.ConfigDict(base.to_dict())
     c.seed = run.seed
     # The method's switches as its config file sets them; the stages below replace the
@@ -242,16 +225,8 @@ def run_config(
     stages = []
     for (w, a, _, lr), steps in zip(plan, lengths, strict=True):
         lr = c.schedule.lr if lr is None else lr
-        stages.append(
-            default.stage(
-                f"w{w}a{a}",
-                w_bits=w,
-                a_bits=a,
-                steps=steps,
-                lr=lr,
-                teacher_lr=lr * teacher_lr_scale,
-            )
-        )
+        rates = {"lr": lr, "teacher_lr": lr * teacher_lr_scale}
+        stages.append(default.stage(f"w{w}a{a}", w_bits=w, a_bits=a, steps=steps, **rates))
     c.stages = stages
     if c.distill.enabled:
         c.distill.teacher_init = teacher_start_from or start_from or None
@@ -297,23 +272,16 @@ def plan_runs(
     """
     if order not in ("seed", "bits"):
         raise ValueError(f"order={order!r} is not 'seed' or 'bits'")
+    fp = "fp" in methods
+    quantized = [m for m in methods if m != "fp"]
     if order == "bits":
-        runs = [Run("fp", 32, seed) for seed in seeds] if "fp" in methods else []
-        for k in bits:
-            for seed in seeds:
-                runs += [Run(m, k, seed) for m in methods if m != "fp"]
-        return runs
+        runs = [Run("fp", 32, seed) for seed in seeds] if fp else []
+        return runs + [Run(m, k, seed) for k in bits for seed in seeds for m in quantized]
     runs = []
     for seed in seeds:
-        runs += [Run("fp", 32, seed)] if "fp" in methods else []
-        for k in bits:
-            runs += [Run(m, k, seed) for m in methods if m != "fp"]
+        runs += [Run("fp", 32, seed)] if fp else []
+        runs += [Run(m, k, seed) for k in bits for m in quantized]
     return runs
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def execute(
@@ -368,25 +336,18 @@ def format_table(
         "|---" * (len(bits) + 4) + "|",
     ]
     for method in METHODS:
-        cells, epochs, secs = [], set(), []
-        keys = [(method, 32)] if method == "fp" else [(method, b) for b in bits]
-        for key in [(method, b) for b in bits] + [(method, 32)]:
-            s = summary.get(key)
-            if s is None:
-                cells.append("—" if key in keys else "")
-                continue
-            std = "" if math.isnan(s["std"]) else f" ± {s['std']:.1f}"
-            cells.append(f"{s['mean']:.1f}{std} (n={s['n']})")
-            epochs.update(s["epochs"])
-            secs.append(s["seconds"])
-        if not secs:
+        keys = [(method, b) for b in bits] + [(method, 32)]
+        found = [summary[key] for key in keys if key in summary]
+        if not found:
             continue
-        lines.append(
-            f"| {method} | "
-            + " | ".join(cells)
-            + f" | {'/'.join(f'{e:g}' for e in sorted(epochs))}"
-            + f" | {sum(secs) / len(secs):.0f} |"
-        )
+        expected = keys[-1:] if method == "fp" else keys[:-1]  # "—" where these have no run
+        cells = [
+            compare.format_mean(summary[key], 1) if key in summary else "—" * (key in expected)
+            for key in keys
+        ]
+        epochs = "/".join(f"{e:g}" for e in sorted({e for s in found for e in s["epochs"]}))
+        seconds = sum(s["seconds"] for s in found) / len(found)
+        lines.append(f"| {method} | {' | '.join(cells)} | {epochs} | {seconds:.0f} |")
     lines += ["", "Methods (every run has the same total number of training steps):", ""]
     lines += [f"- `{m}`: {notes[m]}" for m in METHODS]
     lines += [
@@ -448,47 +409,8 @@ def check_outputs_writable(outdir: str) -> None:
         raise SystemExit(f"lbq: error: cannot write into {outdir}: {error.strerror}") from None
 
 
-def _add_start_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of runs that start from a trained model (the paper's ImageNet protocol)."""
-    p.add_argument(
-        "--fine_tune_lr",
-        type=float,
-        default=FINE_TUNE_LR,
-        help="lr of the stages that start from a previous stage (ts, pq, best)",
-    )
-    p.add_argument(
-        "--start_from",
-        default="",
-        help="a trained full-precision run (workdir) that every run starts from, teachers "
-        "included: the paper's ImageNet protocol. pq and best then skip their 32-bit stage and "
-        "every stage trains at --fine_tune_lr",
-    )
-    p.add_argument(
-        "--teacher_start_from",
-        default="",
-        help="the run that kd and best teachers start from (default: --start_from). Use it when "
-        "--start_from is a quantized network trained at 32 bits (clip(0, 1) activations): the "
-        "teacher is a plain-ReLU network",
-    )
-    p.add_argument(
-        "--teacher_lr_scale",
-        type=float,
-        default=None,
-        help="teacher lr / student lr (default: 1 from scratch, 0.2 with --start_from, the "
-        "ImageNet recipe's 0.001 / 0.005)",
-    )
-    p.add_argument(
-        "--compile_cache",
-        default="",
-        help="JAX persistent compilation cache folder: runs that differ only in data (seed, "
-        "bits) then skip compilation",
-    )
-
-
 def _parsed_overrides(p: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Any]:
     """{field: value} of the ``--set`` flags, each checked against the default config."""
-    from lbq.configs import default
-
     overrides, defaults = {}, default.get_config()
     for item in items:
         field, sep, text = item.partition("=")
@@ -518,14 +440,9 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
             f"--weight_range_at_bit_change={args.weight_range_at_bit_change} needs "
             "--weight_quantizer=lsq"
         )
-    if args.activation_range_at_bit_change is not None and args.activation_quantizer not in (
-        "pact",
-        "lsq",
-    ):
-        p.error(
-            f"--activation_range_at_bit_change={args.activation_range_at_bit_change} needs "
-            "--activation_quantizer=pact or lsq"
-        )
+    rule = args.activation_range_at_bit_change
+    if rule is not None and args.activation_quantizer not in ("pact", "lsq"):
+        p.error(f"--activation_range_at_bit_change={rule} needs --activation_quantizer=pact or lsq")
     if args.last_stage_share is not None and not 0 < args.last_stage_share < 1:
         p.error(f"--last_stage_share={args.last_stage_share} must be in (0, 1)")
     args.set = _parsed_overrides(p, args.set)
@@ -539,99 +456,45 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line (see the module docstring, which ``--help`` prints); exits through
+    ``ArgumentParser.error`` for a flag that cannot be used."""
     p = argparse.ArgumentParser(
-        prog="python -m lbq.experiments.reproduce", description=__doc__.split("\n")[0]
+        prog="python -m lbq.experiments.reproduce",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--preset",
-        choices=("cifar10", "tiny"),
-        default="cifar10",
-        help="cifar10: ResNet-20 on a prepared CIFAR-10 (--dataset, --data_dir); tiny: a few "
-        "steps on the embedded digits data, for tests",
+    add = p.add_argument
+    add("--preset", choices=("cifar10", "tiny"), default="cifar10", help="tiny: digits, for tests")
+    add("--outdir", required=True, help="one workdir per run, the table and the plot")
+    add("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    add("--bits", default="2,4", help="in the order to run them")
+    add("--order", default="seed", choices=("seed", "bits"), help="see plan_runs")
+    add("--seeds", default="0,1", help="comma-separated; every run once per seed")
+    add("--epochs", type=float, default=4.0, help="total epochs of every run")
+    add("--dataset", default="cifar10_jpeg", help="TFDS name (from lbq.data.prepare or tfds)")
+    add("--data_dir", default="/tmp/lbq_tfds", help="the TFDS data directory")
+    add("--train_images", type=int, default=5000, help="0: the whole train split")
+    add("--eval_split", default="test", help="TFDS split evaluated after each stage")
+    add("--workers", type=int, default=2, help="host decode threads (data.workers)")
+    # Each sets the config field FIELD_FLAGS names in every run; None: the default config's.
+    add("--lr_schedule", default="cosine", choices=("cosine", "step", "constant"))
+    add("--weight_quantizer", default="dorefa", choices=("dorefa", "lsq"))
+    add("--activation_quantizer", default="dorefa", choices=("dorefa", "pact", "lsq"))
+    add("--weight_range_at_bit_change", choices=("keep", "lsq_rule"), help="LSQ weights only")
+    add("--activation_placement", choices=("block_output", "conv_input"), help="SPEC section 9")
+    add("--activation_calibration", choices=("percentile", "lsq"), help="of a start model's ranges")
+    add("--activation_range_at_bit_change", choices=("keep", "calibrate"), help="PACT, LSQ")
+    add("--last_stage_share", type=float, help="(0, 1); default: the ladder's (stage_plan)")
+    add(
+        "--fine_tune_lr", type=float, default=FINE_TUNE_LR, help="lr of stages from trained weights"
     )
-    p.add_argument("--outdir", required=True, help="one workdir per run, the table and the plot")
-    p.add_argument(
-        "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated, from {', '.join(METHODS)} (see lbq.configs.recipes.ladder)",
-    )
-    p.add_argument("--bits", default="2,4", help="in the order to run them")
-    p.add_argument("--order", default="seed", choices=("seed", "bits"), help="see plan_runs")
-    p.add_argument("--seeds", default="0,1", help="comma-separated; every run once per seed")
-    p.add_argument("--epochs", type=float, default=4.0, help="total epochs of every run")
-    p.add_argument(
-        "--dataset", default="cifar10_jpeg", help="TFDS name (from lbq.data.prepare or tfds)"
-    )
-    p.add_argument("--data_dir", default="/tmp/lbq_tfds", help="the TFDS data directory")
-    p.add_argument("--train_images", type=int, default=5000, help="0: the whole train split")
-    p.add_argument("--eval_split", default="test", help="TFDS split evaluated after each stage")
-    p.add_argument(
-        "--lr_schedule",
-        default="cosine",
-        choices=("cosine", "step", "constant"),
-        help="every stage's learning-rate schedule",
-    )
-    p.add_argument("--workers", type=int, default=2, help="host decode threads (data.workers)")
-    p.add_argument(
-        "--weight_quantizer",
-        default="dorefa",
-        choices=("dorefa", "lsq"),
-        help="quant.weight_quantizer of every quantized run",
-    )
-    p.add_argument(
-        "--activation_quantizer",
-        default="dorefa",
-        choices=("dorefa", "pact", "lsq"),
-        help="quant.activation_quantizer of every quantized run (pact and lsq learn their "
-        "ranges; with --start_from they are calibrated on the start model first)",
-    )
-    p.add_argument(
-        "--weight_range_at_bit_change",
-        default=None,
-        choices=("keep", "lsq_rule"),
-        help="quant.weight_range_at_bit_change (LSQ weights): keep the range at a bit-width "
-        "change, or set it again by LSQ's rule (default: the default config's)",
-    )
-    p.add_argument(
-        "--activation_placement",
-        default=None,
-        choices=("block_output", "conv_input"),
-        help="model.activation_placement (SPEC section 9; default: the default config's)",
-    )
-    p.add_argument(
-        "--activation_calibration",
-        default=None,
-        choices=("percentile", "lsq"),
-        help="quant.activation_calibration of PACT and LSQ ranges calibrated on a start model "
-        "(default: the default config's)",
-    )
-    p.add_argument(
-        "--last_stage_share",
-        type=float,
-        default=None,
-        help="fraction (0, 1) of a multi-stage method's budget for its last stage, the target "
-        "bit-width (default: the method's ladder; see stage_plan)",
-    )
-    p.add_argument(
-        "--activation_range_at_bit_change",
-        default=None,
-        choices=("keep", "calibrate"),
-        help="quant.activation_range_at_bit_change (PACT, LSQ): keep the range at a bit-width "
-        "change, or calibrate it again (default: the default config's)",
-    )
-    _add_start_arguments(p)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="a config field of every run, set after the method's own settings, e.g. "
-        "--set=distill.student_ce=0.0 (VALUE a Python literal, else a string); repeatable",
-    )
-    p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
-    p.add_argument(
-        "--report", action="store_true", help="only rewrite the table and plot from finished runs"
-    )
+    add("--start_from", default="", help="a trained fp run (workdir) every run starts from")
+    add("--teacher_start_from", default="", help="the teachers' start (default: --start_from)")
+    add("--teacher_lr_scale", type=float, help="default: 1 from scratch, 0.2 with --start_from")
+    add("--compile_cache", default="", help="JAX persistent compilation cache folder")
+    add("--set", action="append", default=[], metavar="FIELD=VALUE", help="any field; repeatable")
+    add("--dry_run", action="store_true", help="list the runs and exit")
+    add("--report", action="store_true", help="only rewrite the table and plot")
     return _checked(p, p.parse_args(argv))
 
 
@@ -708,22 +571,18 @@ def _train_pending(runs, pending, base, total_steps, steps_per_epoch, args, writ
     failed run does not end the study). ``write()`` rewrites the table and plot after each."""
     t0, finished, durations, failed = time.time(), 0, [], []
     for i, run in enumerate(runs, 1):
-        workdir = os.path.join(args.outdir, run.name)
         if run not in pending:
             continue
-        c = _config(base, run, total_steps, args)
-        elapsed = time.time() - t0
-        left = len(pending) - finished
-        eta = (
-            _fmt_time(sum(durations) / len(durations) * left) if durations else "unknown"
-        )  # distillation runs cost about 2x: the ETA is rough
+        config = _config(base, run, total_steps, args)
+        left = len(pending) - finished  # distillation runs cost about 2x: the ETA is rough
+        eta = _clock(sum(durations) / len(durations) * left) if durations else "unknown"
         print(
             f"[{i}/{len(runs)}] {run.name} (todo {finished + 1}/{len(pending)}); "
-            f"elapsed {_fmt_time(elapsed)}, ETA {eta}",
+            f"elapsed {_clock(time.time() - t0)}, ETA {eta}",
             flush=True,
         )
         try:
-            record = execute(run, c, workdir, steps_per_epoch)
+            record = execute(run, config, os.path.join(args.outdir, run.name), steps_per_epoch)
         except Exception as error:  # noqa: BLE001 - one failed run must not end the study
             failed.append(run.name)
             print(f"[{i}/{len(runs)}] {run.name} FAILED: {error!r}; rerun to retry", flush=True)
@@ -758,15 +617,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = lbq_data.get_info(base.data)
     steps_per_epoch = parse_config(base).steps_per_epoch(info.num_train)
     total_steps = 4 if args.preset == "tiny" else round(args.epochs * steps_per_epoch)
-    epochs = total_steps / steps_per_epoch
     header, title, notes = _describe_study(args, base, info, total_steps, steps_per_epoch)
     os.makedirs(args.outdir, exist_ok=True)
     check_outputs_writable(args.outdir)
 
-    pending = [r for r in runs if not os.path.exists(_result_path(args.outdir, r))]
+    done = [r for r in runs if os.path.exists(os.path.join(args.outdir, r.name, "result.json"))]
+    pending = [r for r in runs if r not in done]
     print(
-        f"{len(runs)} runs ({len(runs) - len(pending)} finished, {len(pending)} to do); "
-        f"equal budget: {total_steps} steps = {epochs:.2f} epochs each",
+        f"{len(runs)} runs ({len(done)} finished, {len(pending)} to do); equal budget: "
+        f"{total_steps} steps = {total_steps / steps_per_epoch:.2f} epochs each",
         flush=True,
     )
     if args.dry_run:
@@ -786,16 +645,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     failed = _train_pending(runs, pending, base, total_steps, steps_per_epoch, args, write)
     records = write()
-    print(f"total {_fmt_time(time.time() - t0)}; {len(records)} results in {args.outdir}")
+    print(f"total {_clock(time.time() - t0)}; {len(records)} results in {args.outdir}")
     if failed:
         print(f"failed (rerun to retry): {', '.join(failed)}")
     if records:
         print(format_table(records, header, bits, notes))
     return 1 if failed else 0
-
-
-def _result_path(outdir: str, run: Run) -> str:
-    return os.path.join(outdir, run.name, "result.json")
 
 
 if __name__ == "__main__":
