@@ -203,17 +203,16 @@ def format_markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: str, gaps: Sequence[float] = (), title: str = "") -> None:
     """Grouped bars (one group per method and bit-width, one bar per study) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     names = [_name(tuple(c)) for c in result["columns"]]
     labels = list(result["studies"])
     width = 0.8 / max(len(labels), 1)
     # Matplotlib's default cycle repeats after 10 colours; tab20 keeps up to 20 studies apart.
-    colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20").colors
-    fig, ax = plt.subplots(figsize=(1.6 + 2.0 * len(names), 5.0))
+    colours = colormaps["tab10" if len(labels) <= 10 else "tab20"].colors
+    fig = Figure(figsize=(1.6 + 2.0 * len(names), 5.0))
+    ax = fig.subplots()
     for i, label in enumerate(labels):
         legend, colour = label, colours[i % len(colours)]
         for j, name in enumerate(names):
@@ -230,23 +229,14 @@ def plot(result: dict[str, Any], path: str, gaps: Sequence[float] = (), title: s
         ax.axhline(control["mean"], color="k", lw=1, label=f"fp control {control['mean']:.2f}")
         for gap in gaps:
             ax.axhline(control["mean"] - gap, color="k", lw=1, ls=":")
-            ax.text(
-                -0.5,
-                control["mean"] - gap,
-                f"control − {gap:g}",
-                ha="left",
-                va="bottom",
-                fontsize=7,
-            )
+            ax.text(-0.5, control["mean"] - gap, f"control − {gap:g}", va="bottom", fontsize=7)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names)
+    ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title or "top-1 per study (bars: mean, error bars: std, dots: seeds)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
