@@ -140,8 +140,7 @@ def stage_starts(records: Sequence[dict]) -> list[tuple[int, str]]:
     for record in train:
         stage = (record.get("stage"), record["stage_name"])
         if stage != previous:
-            start = 0 if previous is None else last_step
-            starts.append((start, record["stage_name"]))
+            starts.append((last_step, record["stage_name"]))
             previous = stage
         last_step = record["step"]
     return starts
@@ -181,13 +180,11 @@ def plot_runs(runs: Sequence[Run]) -> Figure:
     axes[-1].set_xlabel("training step")
     axes[0].set_xlim(left=0)
     _mark_stages(axes, runs, colours)
-    handles, labels = axes[0].get_legend_handles_labels()
-    for ax in axes[1:]:  # a network that only one panel has still gets its legend entry
+    entries: dict[str, object] = {}  # label: handle, one per curve label over all panels
+    for ax in axes:  # a network that only one panel has still gets its legend entry
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize=8)
     return fig
 
 
@@ -237,11 +234,7 @@ def save_figure(fig: Figure, out: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns 0, or 2 after a one-line ``lbq: error:`` on stderr."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lbq.plot",
-        description="Draw training loss, training accuracy and evaluation top-1 against the "
-        "step from each WORKDIR/metrics.jsonl, with stage boundaries marked.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m lbq.plot", description=__doc__.split("\n")[0])
     parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="a run's workdir")
     parser.add_argument("--out", default="curves.png", help="image to write (default: curves.png)")
     args = parser.parse_args(argv)
