@@ -27,8 +27,6 @@ from typing import Any
 from lbq.configs.recipes import METHODS
 from lbq.io import write_json
 
-Column = tuple[str, int]  # (method, bits)
-
 
 def load_results(outdir: str) -> list[dict[str, Any]]:
     """Every finished run's record under ``outdir``."""
@@ -133,18 +131,15 @@ def compare(
     columns = sorted(found, key=lambda c: (METHODS.index(c[0]), -c[1]))
     fp = summarize(control).get(("fp", 32)) if control else None
     every_run = [r for _, records in studies for r in records] + list(control)
-    out: dict[str, Any] = {
+    return {
         "columns": [list(c) for c in columns],
         "budgets": sorted({_budget(r) for r in every_run}),
-        "control": None,
-        "studies": {},
+        "control": None if fp is None else _cell(fp, None),
+        "studies": {
+            label: {_name(c): _cell(summary[c], fp) for c in columns if c in summary}
+            for label, summary in summaries.items()
+        },
     }
-    if fp is not None:
-        out["control"] = _cell(fp, None)
-    for label, summary in summaries.items():
-        cells = {_name(c): _cell(summary[c], fp) for c in columns if c in summary}
-        out["studies"][label] = cells
-    return out
 
 
 def _budget(record: dict[str, Any]) -> str:
@@ -153,8 +148,8 @@ def _budget(record: dict[str, Any]) -> str:
     return f"{record['steps']} steps, evaluated on {split or 'an unrecorded split'}"
 
 
-def _name(column: Column) -> str:
-    method, bits = column
+def _name(column: tuple[str, int]) -> str:
+    method, bits = column  # a column of the table
     return f"{method} w{bits}a{bits}"
 
 

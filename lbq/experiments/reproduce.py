@@ -357,8 +357,7 @@ def format_table(
         "| run | stages (steps) | top-1 (%) | teacher top-1 (%) | train images/s | wall time (s) |",
         "|---|---|---|---|---|---|",
     ]
-    order = {m: i for i, m in enumerate(METHODS)}
-    for r in sorted(records, key=lambda r: (r["seed"], -r["bits"], order[r["method"]])):
+    for r in sorted(records, key=lambda r: (r["seed"], -r["bits"], METHODS.index(r["method"]))):
         stages = " -> ".join(f"w{s['w_bits']}a{s['a_bits']}:{s['steps']}" for s in r["stages"])
         teacher = r["final"].get("teacher", {}).get("top1")
         lines.append(
@@ -435,11 +434,9 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
         args.teacher_lr_scale = 0.2 if args.start_from else 1.0
     if args.teacher_start_from and not args.start_from:
         p.error("--teacher_start_from needs --start_from")
-    if args.weight_range_at_bit_change is not None and args.weight_quantizer != "lsq":
-        p.error(
-            f"--weight_range_at_bit_change={args.weight_range_at_bit_change} needs "
-            "--weight_quantizer=lsq"
-        )
+    rule = args.weight_range_at_bit_change
+    if rule is not None and args.weight_quantizer != "lsq":
+        p.error(f"--weight_range_at_bit_change={rule} needs --weight_quantizer=lsq")
     rule = args.activation_range_at_bit_change
     if rule is not None and args.activation_quantizer not in ("pact", "lsq"):
         p.error(f"--activation_range_at_bit_change={rule} needs --activation_quantizer=pact or lsq")
@@ -448,10 +445,9 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
     args.set = _parsed_overrides(p, args.set)
     for flag in ("start_from", "teacher_start_from"):
         path = getattr(args, flag)
-        if path:
-            setattr(args, flag, os.path.abspath(path))
-            if not os.path.isdir(getattr(args, flag)):
-                p.error(f"--{flag}={path}: no such run folder")
+        if path and not os.path.isdir(path):
+            p.error(f"--{flag}={path}: no such run folder")
+        setattr(args, flag, path and os.path.abspath(path))
     return args
 
 
@@ -485,9 +481,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add("--activation_calibration", choices=("percentile", "lsq"), help="of a start model's ranges")
     add("--activation_range_at_bit_change", choices=("keep", "calibrate"), help="PACT, LSQ")
     add("--last_stage_share", type=float, help="(0, 1); default: the ladder's (stage_plan)")
-    add(
-        "--fine_tune_lr", type=float, default=FINE_TUNE_LR, help="lr of stages from trained weights"
-    )
+    add("--fine_tune_lr", type=float, default=FINE_TUNE_LR, help="lr of fine-tuning stages")
     add("--start_from", default="", help="a trained fp run (workdir) every run starts from")
     add("--teacher_start_from", default="", help="the teachers' start (default: --start_from)")
     add("--teacher_lr_scale", type=float, help="default: 1 from scratch, 0.2 with --start_from")
@@ -496,20 +490,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add("--dry_run", action="store_true", help="list the runs and exit")
     add("--report", action="store_true", help="only rewrite the table and plot")
     return _checked(p, p.parse_args(argv))
-
-
-def _config(base: ml_collections.ConfigDict, run: Run, total_steps: int, args: argparse.Namespace):
-    return run_config(
-        base,
-        run,
-        total_steps,
-        args.fine_tune_lr,
-        args.start_from,
-        args.teacher_lr_scale,
-        args.teacher_start_from,
-        args.last_stage_share,
-        args.set,
-    )
 
 
 def _range_rule_note(base: ml_collections.ConfigDict) -> str:
@@ -555,10 +535,10 @@ def _describe_study(
     return header, title, notes
 
 
-def _list_runs(runs, pending, base, total_steps, args) -> None:
+def _list_runs(runs, pending, config_of) -> None:
     """Prints every run with its stages and whether it has finished (--dry_run)."""
     for i, run in enumerate(runs, 1):
-        c = _config(base, run, total_steps, args)
+        c = config_of(run)
         stages = " -> ".join(f"{s.name}:{s.steps}" for s in c.stages)
         done = "done" if run not in pending else "todo"
         extra = " +kd" if c.distill.enabled else ""
@@ -566,14 +546,15 @@ def _list_runs(runs, pending, base, total_steps, args) -> None:
         print(f"  {i:>3}/{len(runs)} [{done}] {run.name}: {stages}{extra}")
 
 
-def _train_pending(runs, pending, base, total_steps, steps_per_epoch, args, write) -> list[str]:
-    """Trains the runs not yet finished, in order; returns the names of those that failed (a
-    failed run does not end the study). ``write()`` rewrites the table and plot after each."""
+def _train_pending(runs, pending, config_of, steps_per_epoch, outdir, write) -> list[str]:
+    """Trains the runs not yet finished, in order, each with ``config_of(run)``; returns the
+    names of those that failed (a failed run does not end the study). ``write()`` rewrites the
+    table and plot after each."""
     t0, finished, durations, failed = time.time(), 0, [], []
     for i, run in enumerate(runs, 1):
         if run not in pending:
             continue
-        config = _config(base, run, total_steps, args)
+        config = config_of(run)
         left = len(pending) - finished  # distillation runs cost about 2x: the ETA is rough
         eta = _clock(sum(durations) / len(durations) * left) if durations else "unknown"
         print(
@@ -582,7 +563,7 @@ def _train_pending(runs, pending, base, total_steps, steps_per_epoch, args, writ
             flush=True,
         )
         try:
-            record = execute(run, config, os.path.join(args.outdir, run.name), steps_per_epoch)
+            record = execute(run, config, os.path.join(outdir, run.name), steps_per_epoch)
         except Exception as error:  # noqa: BLE001 - one failed run must not end the study
             failed.append(run.name)
             print(f"[{i}/{len(runs)}] {run.name} FAILED: {error!r}; rerun to retry", flush=True)
@@ -628,8 +609,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{total_steps} steps = {total_steps / steps_per_epoch:.2f} epochs each",
         flush=True,
     )
+    config_of = functools.partial(
+        run_config,
+        base,
+        total_steps=total_steps,
+        fine_tune_lr=args.fine_tune_lr,
+        start_from=args.start_from,
+        teacher_lr_scale=args.teacher_lr_scale,
+        teacher_start_from=args.teacher_start_from,
+        last_stage_share=args.last_stage_share,
+        overrides=args.set,
+    )
     if args.dry_run:
-        _list_runs(runs, pending, base, total_steps, args)
+        _list_runs(runs, pending, config_of)
         return 0
     write = functools.partial(write_outputs, args.outdir, header, title, bits, notes)
     if args.report:
@@ -643,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     t0 = time.time()
-    failed = _train_pending(runs, pending, base, total_steps, steps_per_epoch, args, write)
+    failed = _train_pending(runs, pending, config_of, steps_per_epoch, args.outdir, write)
     records = write()
     print(f"total {_clock(time.time() - t0)}; {len(records)} results in {args.outdir}")
     if failed:
