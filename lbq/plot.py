@@ -79,11 +79,8 @@ def read_records(workdir: str) -> list[dict]:
     for number, line, record in lines:
         if not line.strip() or not line.endswith("\n"):
             continue  # blank, or the last line cut short by a kill
-        if not (
-            isinstance(record, dict)
-            and isinstance(record.get("step"), int)
-            and isinstance(record.get("kind"), str)
-        ):
+        valid = isinstance(record, dict) and isinstance(record.get("step"), int)
+        if not (valid and isinstance(record.get("kind"), str)):
             raise PlotError(f"'{path}' line {number} is not a metrics record: {line.strip()[:60]}")
         records.append(record)
     if not any(r["kind"] in ("train", "eval") for r in records):
@@ -166,15 +163,10 @@ def plot_runs(runs: Sequence[Run]) -> Figure:
         for run, colour in zip(runs, colours, strict=True):
             for network in network_names(run.records, kind, metric):
                 steps, values = series(run.records, kind, metric, network)
-                ax.plot(
-                    steps,
-                    values,
-                    color=colour,
-                    linestyle=NETWORK_STYLES.get(network, OTHER_NETWORK_STYLE),
-                    marker="o" if len(steps) <= MARKERS_UP_TO else None,
-                    markersize=3,
-                    label=f"{run.label}: {network}",
-                )
+                style = NETWORK_STYLES.get(network, OTHER_NETWORK_STYLE)
+                marker = "o" if len(steps) <= MARKERS_UP_TO else None
+                label = f"{run.label}: {network}"
+                ax.plot(steps, values, color=colour, ls=style, marker=marker, ms=3, label=label)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("training step")
@@ -195,21 +187,14 @@ def _mark_stages(axes, runs: Sequence[Run], colours: Sequence[str]) -> None:
         if len(starts) > 1:  # one stage has no boundary worth marking
             for start in starts:
                 owners.setdefault(start, []).append(index)
+    above = axes[0].get_xaxis_transform()  # x in steps, y in axes fractions
     for (step, name), indices in owners.items():
         colour = colours[indices[0]] if len(indices) == 1 else "0.45"
         if step > 0:
             for ax in axes:
                 ax.axvline(step, color=colour, linestyle=":", linewidth=1, gid=f"stage:{name}")
-        axes[0].text(  # above the top panel, clear of the curves
-            step,
-            1.01,
-            name,
-            transform=axes[0].get_xaxis_transform(),
-            ha="left",
-            va="bottom",
-            fontsize=8,
-            color=colour,
-        )
+        # Above the top panel, clear of the curves.
+        axes[0].text(step, 1.01, name, transform=above, va="bottom", fontsize=8, color=colour)
 
 
 def save_figure(fig: Figure, out: str) -> None:

@@ -72,8 +72,7 @@ def probe_one(config) -> dict[str, float]:
     info = lbq_data.get_info(plan.data)
     trainer = build_trainer(plan, info)
     state = trainer.load_start_weights(trainer.init_state())
-    stage = lay_out(plan.stages, plan.steps_per_epoch(info.num_train))[0]
-    bits = trainer.stage_bits(stage)
+    bits = trainer.stage_bits(lay_out(plan.stages, plan.steps_per_epoch(info.num_train))[0])
     result = {"top1": evaluate_split(trainer, state, bits)["student"]["top1"]}
     if plan.calibration.recalibrate_bn_batches:
         reestimated = trainer.evaluation_state(state, bits)
