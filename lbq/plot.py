@@ -99,11 +99,9 @@ def network_names(records: Sequence[dict], kind: str, metric: str) -> list[str]:
 
     A train record of an older file with only a total ``loss`` gives the name "total".
     """
-    names: set[str] = set()
-    for record in records:
-        if record["kind"] == kind:
-            names.update(key.split("/")[0] for key in record if key.endswith(f"/{metric}"))
-    if not names and any(r["kind"] == kind and metric in r for r in records):
+    of_kind = [r for r in records if r["kind"] == kind]
+    names = {key.split("/")[0] for r in of_kind for key in r if key.endswith(f"/{metric}")}
+    if not names and any(metric in r for r in of_kind):
         return ["total"]
     return sorted(names, key=lambda name: (name != "student", name != "teacher", name))
 
@@ -225,10 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         labels = run_labels(args.workdirs)
-        runs = [
-            Run(label, read_records(workdir))
-            for label, workdir in zip(labels, args.workdirs, strict=True)
-        ]
+        runs = [Run(label, read_records(w)) for label, w in zip(labels, args.workdirs, strict=True)]
         save_figure(plot_runs(runs), args.out)
     except PlotError as error:
         print(f"lbq: error: {error}", file=sys.stderr)

@@ -2,24 +2,21 @@
 
 Runs, for each seed, full precision once and then each method at each bit-width, every run in
 its own workdir ``OUTDIR/<method>_w<k>a<k>_s<seed>`` (``fp_w32a32_s<seed>`` for full precision),
-through `lbq.train.train_and_evaluate`. Every run gets the same total number of training steps
-(equal budget, ``--epochs``); multi-stage methods split it between their stages (the ladders
-of `lbq.configs.recipes`): `METHOD_NOTES` says what each method trains.
-``--last_stage_share`` gives a multi-stage method's last stage (the target bit-width) that
-fraction of the budget instead. docs/results/README.md gives the CIFAR-10 study's command.
+through `lbq.train.train_and_evaluate`. Every run trains the same number of steps (``--epochs``);
+multi-stage methods split them between their stages as `lbq.configs.recipes.ladder` does, or
+give ``--last_stage_share`` to the last one (the target bit-width). `METHOD_NOTES` says what
+each method trains; docs/results/README.md gives the CIFAR-10 study's command line.
 
-Quantizers and placement default to the paper's (DoReFa, block outputs), since this is the
-paper's comparison. ``--lr_schedule``, ``--weight_quantizer``, ``--activation_quantizer``,
+Quantizers and placement default to the paper's (DoReFa, block outputs). The flags of
+`FIELD_FLAGS` set their config field in every run (unset: the default config's):
 ``--weight_range_at_bit_change`` (LSQ weights: keep the range at a bit-width change, or set it
-again by LSQ's rule), ``--activation_placement`` (SPEC section 9),
-``--activation_calibration`` (of PACT and LSQ ranges calibrated on a start model) and
-``--activation_range_at_bit_change`` (PACT, LSQ: keep, or calibrate again) set their config
-field (`FIELD_FLAGS`) in every run; unset, the default config's. What measured best at W2A2
-(docs/results/w2a2) is ``--weight_quantizer=lsq --activation_quantizer=lsq
+by LSQ's rule), ``--activation_calibration`` (of PACT and LSQ ranges on a start model) and
+``--activation_range_at_bit_change`` (PACT, LSQ: keep, or calibrate again) among them. Best at
+W2A2 (docs/results/w2a2): ``--weight_quantizer=lsq --activation_quantizer=lsq
 --activation_placement=conv_input``, with ``--activation_range_at_bit_change=calibrate`` for
-methods that drop the bit-width (the default ``keep`` measured best at block outputs only).
-``--set=FIELD=VALUE`` (repeatable; VALUE a Python literal, else a string) sets any config field
-of every run after the method's own settings, e.g. ``--set=distill.student_ce=0.0``.
+methods that drop the bit-width (``keep`` measured best at block outputs only). Any other field:
+``--set=FIELD=VALUE`` (repeatable; VALUE a Python literal, else a string), set after the
+method's own settings, e.g. ``--set=distill.student_ce=0.0``.
 
 Finished runs (a ``result.json`` in their workdir) are skipped; an interrupted run resumes from
 its checkpoint. After the runs, ``OUTDIR/results.md`` (table) and ``OUTDIR/accuracy_vs_bits.png``
@@ -29,9 +26,9 @@ are written from every ``result.json`` found (``--report``: only that).
 Fine-tuning from a trained full-precision model (the paper's ImageNet protocol): train fp
 first, then start every run from it, teachers included (``--start_from=OUTDIR_FP/fp_w32a32_s0``);
 pq and best then skip their 32-bit stage, every stage trains at ``--fine_tune_lr`` and teachers
-at 0.2x that (``--teacher_lr_scale``; the ImageNet recipe's 0.001 / 0.005). Where the start
-model is a quantized network trained at 32 bits (clip(0, 1) activations),
-``--teacher_start_from`` names a plain-ReLU run for kd's and best's teachers.
+at 0.2x that (``--teacher_lr_scale``; the ImageNet recipe's 0.001 / 0.005). For a start model
+trained at 32 bits with clip(0, 1) activations, ``--teacher_start_from`` names a plain-ReLU run
+for kd's and best's teachers.
 
 List the runs without training: add ``--dry_run``. Tiny mode for tests (digits, 4 steps per
 run, enough for the four stages of pq at W2A2): ``--preset=tiny``.
