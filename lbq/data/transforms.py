@@ -1,11 +1,8 @@
 """Host-side decoding and augmentation (NumPy + PIL), one example or one batch at a time.
 
-Items come either as decoded uint8 HxWx3 arrays (in-memory datasets) or as encoded image bytes
-(TFDS records). JPEGs are opened with PIL's ``draft`` so that large images are DCT-downscaled
-while decoding whenever the output needs fewer pixels than the file holds. Every image mode
-becomes 8-bit RGB through ``to_rgb``, the one conversion used by training, evaluation and
-``lbq.data.prepare``. Every file or record is opened by ``open_image``, which applies its EXIF
-orientation, so a rotated camera JPEG is used upright everywhere, as a viewer shows it.
+Items are decoded uint8 HxWx3 arrays (in-memory datasets) or encoded image bytes (TFDS records).
+Large JPEGs are DCT-downscaled while decoding (PIL's ``draft``) when the output needs fewer
+pixels. Every reader opens images with ``open_image`` and converts them with ``to_rgb``.
 """
 
 from __future__ import annotations
@@ -38,14 +35,15 @@ EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = frozenset(range(2, 9))
 
 
-def open_image(source: bytes | str, what: str) -> Any:
-    """Opens an image as a viewer shows it: the one way every lbq reader opens image files.
+def _refuse(what: str, reason: str, verb: str = "use") -> ImageReadError:
+    return ImageReadError(f"cannot {verb} {what}: {reason}", reason)
 
-    Training, evaluation, ``lbq.data.prepare``, its statistics and ``lbq.predict`` all open
-    images here. A file whose EXIF Orientation tag (0x0112) is 2..8 (a camera's rotated or
-    mirrored JPEG) is turned upright with Pillow's ``ImageOps.exif_transpose``, as image
-    viewers and browsers show it; any other file is opened lazily (header only), so that
-    ``_finish`` can still DCT-downscale a large JPEG while decoding it.
+
+def open_image(source: bytes | str, what: str) -> Any:
+    """Opens an image as a viewer shows it, for training, evaluation, ``lbq.data.prepare`` and
+    ``lbq.predict`` alike. A file whose EXIF Orientation tag (0x0112) is 2..8 (a camera's rotated
+    or mirrored JPEG) is turned upright (Pillow's ``ImageOps.exif_transpose``); any other file is
+    opened lazily (header only), so that ``_finish`` can still DCT-downscale a large JPEG.
 
     Args:
       source: encoded image bytes, or a file path.
@@ -67,14 +65,9 @@ def open_image(source: bytes | str, what: str) -> Any:
         return img
     except UnidentifiedImageError as e:
         reason = "cannot identify image file (not an image, or a format Pillow cannot read)"
-        raise ImageReadError(f"cannot decode {what}: {reason}", reason) from e
+        raise _refuse(what, reason, "decode") from e
     except Exception as e:  # PIL raises several unrelated types for corrupt data.
-        raise ImageReadError(f"cannot decode {what}: {one_line(e)}", one_line(e)) from e
-
-
-def _open(item: bytes, what: str) -> Any:
-    """Opens encoded bytes (`open_image`)."""
-    return open_image(item, what)
+        raise _refuse(what, one_line(e), "decode") from e
 
 
 # Pillow names in-memory files by their repr ("<_io.BytesIO object at 0x7f...>") in some
@@ -105,10 +98,6 @@ def composite_over_background(
     a = alpha.astype(np.int32)[..., None]
     out = (rgb.astype(np.int32) * a + background * (255 - a) + 127) // 255
     return out.astype(np.uint8)
-
-
-def _refuse(what: str, reason: str) -> ImageReadError:
-    return ImageReadError(f"cannot use {what}: {reason}", reason)
 
 
 def _high_depth_to_uint8(img: Any, values: np.ndarray, what: str) -> np.ndarray:
@@ -190,17 +179,8 @@ def to_rgb(img: Any, what: str = "image") -> np.ndarray:
     except ImageReadError:
         raise
     except Exception as e:  # PIL raises several unrelated types for corrupt or odd files.
-        raise ImageReadError(f"cannot decode {what}: {one_line(e)}", one_line(e)) from e
+        raise _refuse(what, one_line(e), "decode") from e
     return rgb if alpha is None else composite_over_background(rgb, alpha)
-
-
-def to_rgb_image(img: Any, what: str = "image") -> Any:
-    """``to_rgb`` as a PIL image; an RGB image without transparency is returned as is."""
-    if img.mode == "RGB" and "transparency" not in img.info:
-        return img
-    from PIL import Image
-
-    return Image.fromarray(to_rgb(img, what))
 
 
 def _to_pil(item: Any, what: str) -> Any:
@@ -208,7 +188,7 @@ def _to_pil(item: Any, what: str) -> Any:
         from PIL import Image
 
         return Image.fromarray(item)
-    return _open(item, what)
+    return open_image(item, what)
 
 
 def _finish(img: Any, size: int, box: tuple[float, float, float, float], what: str) -> np.ndarray:
@@ -217,29 +197,20 @@ def _finish(img: Any, size: int, box: tuple[float, float, float, float], what: s
 
     w, h = img.size
     bw, bh = box[2] - box[0], box[3] - box[1]
-    try:
-        if img.format == "JPEG":
-            # Largest DCT downscale that keeps at least `size` pixels across the crop box.
-            img.draft("RGB", (math.ceil(w * size / bw), math.ceil(h * size / bh)))
-            fx, fy = img.size[0] / w, img.size[1] / h
-            box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-        img = to_rgb_image(img, what)
-        if box == (0, 0, img.size[0], img.size[1]) and img.size == (size, size):
-            out = np.asarray(img)
-        else:
-            out = np.asarray(img.resize((size, size), Image.BILINEAR, box=box))
-    except ImageReadError:
-        raise
-    except Exception as e:
-        raise ImageReadError(f"cannot decode {what}: {one_line(e)}", one_line(e)) from e
-    return out
+    if img.format == "JPEG":
+        # Largest DCT downscale that keeps at least `size` pixels across the crop box.
+        img.draft("RGB", (math.ceil(w * size / bw), math.ceil(h * size / bh)))
+        fx, fy = img.size[0] / w, img.size[1] / h
+        box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+    rgb = to_rgb(img, what)
+    if box == (0, 0, rgb.shape[1], rgb.shape[0]) and rgb.shape[:2] == (size, size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR, box=box))
 
 
 def decode_rgb(item: Any, what: str = "image") -> np.ndarray:
     """Full-resolution uint8 HxWx3 array of an item (array passes through; see ``to_rgb``)."""
-    if isinstance(item, np.ndarray):
-        return item
-    return to_rgb(_open(item, what), what)
+    return item if isinstance(item, np.ndarray) else to_rgb(open_image(item, what), what)
 
 
 def eval_transform(item: Any, size: int, imagenet_style: bool, what: str = "image") -> np.ndarray:
@@ -284,13 +255,8 @@ def sample_crop_box(
             y = int(rng.integers(0, height - ch + 1))
             return (x, y, x + cw, y + ch)
     # Fallback: the largest centred crop whose aspect ratio is within range.
-    ratio = width / height
-    if ratio < CROP_RATIO[0]:
-        cw, ch = width, round(width / CROP_RATIO[0])
-    elif ratio > CROP_RATIO[1]:
-        cw, ch = round(height * CROP_RATIO[1]), height
-    else:
-        cw, ch = width, height
+    ratio = min(max(width / height, CROP_RATIO[0]), CROP_RATIO[1])
+    cw, ch = min(width, round(height * ratio)), min(height, round(width / ratio))
     x, y = (width - cw) // 2, (height - ch) // 2
     return (x, y, x + cw, y + ch)
 
@@ -311,17 +277,13 @@ def random_resized_crop(
       uint8 array [size, size, 3].
     """
     img = _to_pil(item, what)
-    box = sample_crop_box(img.size[0], img.size[1], rng)
-    do_flip = flip and rng.random() < 0.5
-    out = _finish(img, size, box, what)
-    return out[:, ::-1] if do_flip else out
+    out = _finish(img, size, sample_crop_box(*img.size, rng), what)
+    return out[:, ::-1] if flip and rng.random() < 0.5 else out
 
 
 def cifar_params(rng: np.random.Generator, num: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """Draws (offsets int [num, 2] in 0..2*pad, flips bool [num]) for ``pad_crop_flip``."""
-    offsets = rng.integers(0, 2 * pad + 1, size=(num, 2))
-    flips = rng.random(num) < 0.5
-    return offsets, flips
+    return rng.integers(0, 2 * pad + 1, size=(num, 2)), rng.random(num) < 0.5
 
 
 def pad_crop_flip(
