@@ -19,7 +19,7 @@ from lbq.data.folder import PreparedFolder, SkippedFile, prepare_folder
 from lbq.data.pipeline import eval_iterator, get_info, load_split_arrays, train_iterator
 from lbq.data.stats import STD_FLOOR
 
-_DEVICE_NAMES = ("device_augment", "device_augment_params", "device_train_batch")
+_DEVICE_NAMES = ("device_augment", "device_train_batch")
 
 __all__ = [
     "DataError",

@@ -12,37 +12,18 @@ import jax.numpy as jnp
 from lbq.data.config import steps_per_epoch
 
 
-def device_augment_params(
-    key: jax.Array, num: int, *, pad: int = 4, flip: bool = True
-) -> tuple[jax.Array, jax.Array]:
-    """The random draws of ``device_augment``.
-
-    Args:
-      key: PRNG key.
-      num: number of images.
-      pad: zero padding on each side.
-      flip: whether flips are drawn (otherwise all False).
-
-    Returns:
-      (offsets int32 [num, 2] (y, x) in 0..2*pad, flips bool [num]).
-    """
-    k_offset, k_flip = jax.random.split(key)
-    offsets = jax.random.randint(k_offset, (num, 2), 0, 2 * pad + 1, dtype=jnp.int32)
-    if flip:
-        flips = jax.random.bernoulli(k_flip, 0.5, (num,))
-    else:
-        flips = jnp.zeros((num,), jnp.bool_)
-    return offsets, flips
-
-
 def device_augment(
     images: jax.Array, key: jax.Array, *, pad: int = 4, flip: bool = True
 ) -> jax.Array:
     """Per-image random crop with zero padding ``pad`` and random horizontal flip.
 
+    With (offset_key, flip_key) = ``jax.random.split(key)``, image i is cropped at (y, x) =
+    ``randint(offset_key, (N, 2), 0, 2 * pad + 1)[i]`` of its padded copy and flipped where
+    ``bernoulli(flip_key, 0.5, (N,))[i]``.
+
     Args:
       images: [N, H, W, C] batch (any dtype).
-      key: PRNG key; offsets and flips are ``device_augment_params(key, N, pad, flip)``.
+      key: PRNG key.
       pad: zero padding on each side (0 disables the crop).
       flip: whether to flip with probability 1/2.
 
@@ -50,8 +31,9 @@ def device_augment(
       Array with the shape and dtype of ``images``.
     """
     n, h, w, c = images.shape
-    offsets, flips = device_augment_params(key, n, pad=pad, flip=flip)
+    k_offset, k_flip = jax.random.split(key)
     if pad:
+        offsets = jax.random.randint(k_offset, (n, 2), 0, 2 * pad + 1, dtype=jnp.int32)
         padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
         def crop(image: jax.Array, offset: jax.Array) -> jax.Array:
@@ -59,6 +41,7 @@ def device_augment(
 
         images = jax.vmap(crop)(padded, offsets)
     if flip:
+        flips = jax.random.bernoulli(k_flip, 0.5, (n,))
         images = jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
     return images
 
@@ -103,8 +86,5 @@ def device_train_batch(
     start = (step % epoch_steps) * global_batch
     idx = jax.lax.dynamic_slice_in_dim(perm, start, global_batch)
     batch_images = jnp.take(images, idx, axis=0)
-    batch_labels = jnp.take(labels, idx, axis=0)
-    batch_images = device_augment(
-        batch_images, jax.random.fold_in(aug_key, step), pad=pad, flip=flip
-    )
-    return batch_images, batch_labels
+    augmented = device_augment(batch_images, jax.random.fold_in(aug_key, step), pad=pad, flip=flip)
+    return augmented, jnp.take(labels, idx, axis=0)
