@@ -1,19 +1,19 @@
 """Host input pipelines: deterministic, resumable, host-sharded train batches and padded eval.
 
-Every batch is a pure function of (seed, step): the order comes from a per-epoch permutation
-drawn from (seed, epoch) and the augmentation from (seed, step, row of the global batch). Batches
-are built by a small thread pool and handed out in step order, with a few batches prefetched.
-Train splits of small fixed-size images (CIFAR) are decoded into memory once, because decoding
-tiny JPEGs is bound by per-image Python overhead, which threads cannot spread over cores.
+Every batch is a pure function of (seed, step): the order comes from (seed, epoch), the
+augmentation from (seed, step, row of the global batch). Batches are built on a small thread pool
+and handed out in step order, with a few batches prefetched.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -33,42 +33,25 @@ _ORDER_STREAM = 0
 _CIFAR_STREAM = 1
 _CROP_STREAM = 2
 
-T = TypeVar("T")
-R = TypeVar("R")
-
 
 def _ordered_map(
-    fn: Callable[[T], R], items: Iterable[T], num_workers: int, prefetch: int
-) -> Iterator[R]:
-    """Maps ``fn`` over ``items`` on a thread pool, yielding results in input order.
-
-    Args:
-      fn: the work for one item (one batch).
-      items: inputs, possibly infinite.
-      num_workers: threads; 0 runs everything on the caller's thread.
-      prefetch: how many items may be in flight (submitted but not yet yielded).
-
-    Returns:
-      An iterator of ``fn(item)``; closing it cancels pending work.
-    """
+    fn: Callable[[Any], Any], items: Iterable[Any], num_workers: int, prefetch: int
+) -> Iterator[Any]:
+    """``map(fn, items)`` on ``num_workers`` threads (0: the caller's), in input order, with at
+    most ``prefetch`` items in flight; ``items`` may be infinite. Closing it cancels the rest."""
     if num_workers == 0:
-        for item in items:
-            yield fn(item)
+        yield from map(fn, items)
         return
     pool = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="lbq-data")
-    pending: collections.deque = collections.deque()
     it = iter(items)
     try:
-        for item in it:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= prefetch:
-                break
+        pending = collections.deque(
+            pool.submit(fn, x) for x in itertools.islice(it, max(prefetch, 1))
+        )
         while pending:
             result = pending.popleft().result()
             # Refill before yielding so the workers stay busy while the consumer runs.
-            for item in it:
-                pending.append(pool.submit(fn, item))
-                break
+            pending.extend(pool.submit(fn, x) for x in itertools.islice(it, 1))
             yield result
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -142,13 +125,12 @@ def _describe(source: Source, index: int) -> str:
 def _eval_images(
     source: Source, items: Sequence[Any], indices: np.ndarray, s: Settings
 ) -> np.ndarray:
-    imagenet_style = s.augment == "imagenet"
-    if isinstance(items, np.ndarray) and not imagenet_style:
-        if items.shape[1:3] == (s.image_size, s.image_size):
-            return items  # decoded in-memory batch already at the model's size
+    size, imagenet_style = s.image_size, s.augment == "imagenet"
+    if isinstance(items, np.ndarray) and not imagenet_style and items.shape[1:3] == (size, size):
+        return items  # decoded in-memory batch already at the model's size
     return np.stack(
         [
-            transforms.eval_transform(item, s.image_size, imagenet_style, _describe(source, int(i)))
+            transforms.eval_transform(item, size, imagenet_style, _describe(source, int(i)))
             for item, i in zip(items, indices, strict=True)
         ]
     )
@@ -226,20 +208,14 @@ def train_iterator(
     row0 = process_index * per_host
     host_rows = np.arange(row0, row0 + per_host)
 
-    def plan() -> Iterator[tuple[int, np.ndarray]]:
-        epoch, perm = -1, None
-        step = start_step
-        while True:
-            e, b = divmod(step, epoch_steps)
-            if e != epoch:
-                epoch = e
-                perm = np.random.default_rng([seed, _ORDER_STREAM, e]).permutation(num_train)
-            start = b * global_batch + row0
-            yield step, perm[start : start + per_host]
-            step += 1
+    @functools.lru_cache(maxsize=2)  # the epochs of the batches in flight
+    def order(epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(num_train)
 
-    def make_batch(task: tuple[int, np.ndarray]) -> dict[str, np.ndarray]:
-        step, indices = task
+    def make_batch(step: int) -> dict[str, np.ndarray]:
+        epoch, b = divmod(step, epoch_steps)
+        start = b * global_batch + row0
+        indices = order(epoch)[start : start + per_host]
         items, labels = source.read(indices)
         if s.augment == "imagenet":
             images = np.stack(
@@ -264,7 +240,7 @@ def train_iterator(
                 )
         return {"image": np.ascontiguousarray(images), "label": labels}
 
-    return _ordered_map(make_batch, plan(), s.num_workers, s.prefetch)
+    return _ordered_map(make_batch, itertools.count(start_step), s.num_workers, s.prefetch)
 
 
 def eval_iterator(
@@ -293,12 +269,11 @@ def eval_iterator(
     source = ds.source(s.eval_split)
     num_eval = len(source)
     num_batches = math.ceil(num_eval / global_batch)
-    size = s.image_size
 
     def make_batch(b: int) -> dict[str, np.ndarray]:
         positions = b * global_batch + process_index * per_host + np.arange(per_host)
         mask = positions < num_eval
-        image = np.zeros((per_host, size, size, 3), np.uint8)
+        image = np.zeros((per_host, s.image_size, s.image_size, 3), np.uint8)
         label = np.zeros((per_host,), np.int32)
         indices = positions[mask]
         if len(indices):
