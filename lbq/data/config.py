@@ -73,16 +73,10 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The fields of a data config that ``lbq.data`` reads, validated.
-
-    Optional config fields beyond name/data_dir/splits/image_size/augment:
-      workers (alias num_workers): decode threads, 0 for none; default min(8, cpu count).
-      prefetch: batches in flight; default workers + 2.
-      cache: decode the train split into memory once (True/False); unset or 'auto': only for
-        images of one size with side <= 64 (CIFAR-like), never with augment='imagenet'.
-      mean, std: the input normalisation (per RGB channel, 0..255 units) instead of the
-        dataset's own statistics; set both or neither. A network converted from PyTorch
-        (`lbq.convert`) records the one its weights were trained with.
+    """The fields of a data config that ``lbq.data`` reads, validated (``configs/default.py``
+    describes them). Defaults: workers (alias num_workers) min(8, cpu count), prefetch (batches
+    in flight) workers + 2; cache None ('auto'): only for images of one size with side <= 64,
+    never with augment='imagenet'; mean and std (0..255 units) None: the dataset's own.
     """
 
     name: str
