@@ -26,7 +26,6 @@ CROP_RATIO = (3 / 4, 4 / 3)
 # that call Image.convert("RGB") (torchvision's ImageFolder, Keras) drop alpha instead.
 ALPHA_BACKGROUND = 255
 MAX_16BIT = 65535
-# Grey modes with more than 8 bits per pixel; Pillow's convert("RGB") clips them at 255.
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 _TIFF_BITS_PER_SAMPLE = 258
@@ -39,14 +38,14 @@ def _refuse(what: str, reason: str, verb: str = "use") -> ImageReadError:
     return ImageReadError(f"cannot {verb} {what}: {reason}", reason)
 
 
-def open_image(source: bytes | str, what: str) -> Any:
+def open_image(source: bytes | str | np.ndarray, what: str) -> Any:
     """Opens an image as a viewer shows it, for training, evaluation, ``lbq.data.prepare`` and
     ``lbq.predict`` alike. A file whose EXIF Orientation tag (0x0112) is 2..8 (a camera's rotated
     or mirrored JPEG) is turned upright (Pillow's ``ImageOps.exif_transpose``); any other file is
     opened lazily (header only), so that ``_finish`` can still DCT-downscale a large JPEG.
 
     Args:
-      source: encoded image bytes, or a file path.
+      source: encoded image bytes, a file path, or a decoded uint8 [H, W, 3] array.
       what: names the image in error messages, e.g. "image file /data/train/cat/1.jpg".
 
     Returns:
@@ -58,6 +57,8 @@ def open_image(source: bytes | str, what: str) -> Any:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
+        if isinstance(source, np.ndarray):
+            return Image.fromarray(source)
         img = Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source)
         if img.getexif().get(EXIF_ORIENTATION, 1) in _TRANSPOSED_ORIENTATIONS:
             with img:
@@ -96,8 +97,7 @@ def composite_over_background(
       uint8 [H, W, 3]; exact integer rounding (a tie cannot occur: 255 is odd).
     """
     a = alpha.astype(np.int32)[..., None]
-    out = (rgb.astype(np.int32) * a + background * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
+    return ((rgb.astype(np.int32) * a + background * (255 - a) + 127) // 255).astype(np.uint8)
 
 
 def _high_depth_to_uint8(img: Any, values: np.ndarray, what: str) -> np.ndarray:
@@ -167,28 +167,18 @@ def to_rgb(img: Any, what: str = "image") -> np.ndarray:
             return np.asarray(img)
         if mode in _HIGH_DEPTH_MODES:
             values = np.asarray(img)
-            rgb = np.repeat(_high_depth_to_uint8(img, values, what)[..., None], 3, axis=-1)
-            alpha = None
-            if transparency is not None:  # tRNS: one grey value is transparent
-                alpha = np.where(values == transparency, 0, 255).astype(np.uint8)
         elif mode in _ALPHA_MODES or transparency is not None:
             rgba = np.asarray(img.convert("RGBA"))
-            rgb, alpha = rgba[..., :3], rgba[..., 3]
+            return composite_over_background(rgba[..., :3], rgba[..., 3])
         else:
             return np.asarray(img.convert("RGB"))
-    except ImageReadError:
-        raise
     except Exception as e:  # PIL raises several unrelated types for corrupt or odd files.
         raise _refuse(what, one_line(e), "decode") from e
-    return rgb if alpha is None else composite_over_background(rgb, alpha)
-
-
-def _to_pil(item: Any, what: str) -> Any:
-    if isinstance(item, np.ndarray):
-        from PIL import Image
-
-        return Image.fromarray(item)
-    return open_image(item, what)
+    rgb = np.repeat(_high_depth_to_uint8(img, values, what)[..., None], 3, axis=-1)
+    if transparency is None:
+        return rgb
+    # tRNS: one grey value is transparent.
+    return composite_over_background(rgb, np.where(values == transparency, 0, 255).astype(np.uint8))
 
 
 def _finish(img: Any, size: int, box: tuple[float, float, float, float], what: str) -> np.ndarray:
@@ -228,7 +218,7 @@ def eval_transform(item: Any, size: int, imagenet_style: bool, what: str = "imag
     """
     if isinstance(item, np.ndarray) and not imagenet_style and item.shape[:2] == (size, size):
         return item
-    img = _to_pil(item, what)
+    img = open_image(item, what)
     w, h = img.size
     if imagenet_style:
         # Centre crop of the shorter-side-resized image, expressed in source pixels.
@@ -276,7 +266,7 @@ def random_resized_crop(
     Returns:
       uint8 array [size, size, 3].
     """
-    img = _to_pil(item, what)
+    img = open_image(item, what)
     out = _finish(img, size, sample_crop_box(*img.size, rng), what)
     return out[:, ::-1] if flip and rng.random() < 0.5 else out
 
