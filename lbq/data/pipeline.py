@@ -57,11 +57,6 @@ def _ordered_map(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _resolve(data_config: Any) -> tuple[Settings, Dataset]:
-    settings = read_settings(data_config)
-    return settings, open_dataset(settings)
-
-
 def get_info(data_config: Any) -> DatasetInfo:
     """Describes the dataset a data config selects.
 
@@ -71,16 +66,15 @@ def get_info(data_config: Any) -> DatasetInfo:
 
     Returns:
       ``DatasetInfo``; image_shape is (image_size, image_size, 3) since every path outputs RGB.
-      Its std is floored at ``STD_FLOOR`` whatever its source (metadata written by any version
-      of lbq.data.prepare, published constants, sampling), with a warning naming the channel.
+      Its std is floored at ``STD_FLOOR`` whatever its source, with a warning naming the channel.
 
     Raises:
-      DataError: for a bad config, a dataset that cannot be found or read, a dataset with
-        fewer than two classes (a one-class classifier trains to loss 0 and learns nothing), or
-        an eval split without images (every stage of a run ends with an evaluation on it);
-        raised before any image is decoded.
+      DataError: for a bad config, a dataset that cannot be found or read, fewer than
+        ``MIN_CLASSES`` classes, or an eval split without images (every stage of a run ends with
+        an evaluation on it); raised before any image is decoded.
     """
-    s, ds = _resolve(data_config)
+    s = read_settings(data_config)
+    ds = open_dataset(s)
     if ds.num_classes < MIN_CLASSES:
         raise DataError(
             f"dataset {s.name!r}{f' in {s.data_dir}' if s.data_dir else ''} has "
@@ -118,7 +112,7 @@ def _per_host(global_batch: int, process_index: int, process_count: int) -> int:
     return global_batch // process_count
 
 
-def _describe(source: Source, index: int) -> str:
+def _describe(source: Source, index: int | np.integer) -> str:
     return f"record {index} of {source.description}"
 
 
@@ -130,7 +124,7 @@ def _eval_images(
         return items  # decoded in-memory batch already at the model's size
     return np.stack(
         [
-            transforms.eval_transform(item, size, imagenet_style, _describe(source, int(i)))
+            transforms.eval_transform(item, size, imagenet_style, _describe(source, i))
             for item, i in zip(items, indices, strict=True)
         ]
     )
@@ -194,7 +188,8 @@ def train_iterator(
     Returns:
       Iterator of {'image': uint8 [B, H, W, 3], 'label': int32 [B]}.
     """
-    s, ds = _resolve(data_config)
+    s = read_settings(data_config)
+    ds = open_dataset(s)
     per_host = _per_host(global_batch, process_index, process_count)
     source = _maybe_cached(ds.source(s.train_split), ds, s)
     num_train = len(source)
@@ -218,15 +213,11 @@ def train_iterator(
         indices = order(epoch)[start : start + per_host]
         items, labels = source.read(indices)
         if s.augment == "imagenet":
+            rngs = (np.random.default_rng([seed, _CROP_STREAM, step, int(r)]) for r in host_rows)
             images = np.stack(
                 [
-                    transforms.random_resized_crop(
-                        item,
-                        s.image_size,
-                        np.random.default_rng([seed, _CROP_STREAM, step, int(row)]),
-                        what=_describe(source, int(i)),
-                    )
-                    for item, i, row in zip(items, indices, host_rows, strict=True)
+                    transforms.random_resized_crop(x, s.image_size, rng, what=_describe(source, i))
+                    for x, i, rng in zip(items, indices, rngs, strict=True)
                 ]
             )
         else:
@@ -264,7 +255,8 @@ def eval_iterator(
     Returns:
       Iterator of {'image': uint8 [B, H, W, 3], 'label': int32 [B], 'mask': bool [B]}.
     """
-    s, ds = _resolve(data_config)
+    s = read_settings(data_config)
+    ds = open_dataset(s)
     per_host = _per_host(global_batch, process_index, process_count)
     source = ds.source(s.eval_split)
     num_eval = len(source)
@@ -277,9 +269,8 @@ def eval_iterator(
         label = np.zeros((per_host,), np.int32)
         indices = positions[mask]
         if len(indices):
-            items, labels = source.read(indices)
+            items, label[mask] = source.read(indices)
             image[mask] = _eval_images(source, items, indices, s)
-            label[mask] = labels
         return {"image": image, "label": label, "mask": mask}
 
     return _ordered_map(make_batch, range(num_batches), s.num_workers, s.prefetch)
@@ -287,21 +278,16 @@ def eval_iterator(
 
 def _decode_all(source: Source, s: Settings) -> tuple[np.ndarray, np.ndarray]:
     """Every example of a source through the eval transform, decoded on the thread pool."""
-    n = len(source)
-    chunk = 1024
-
-    def load(start: int) -> tuple[np.ndarray, np.ndarray]:
-        indices = np.arange(start, min(start + chunk, n))
-        items, labels = source.read(indices)
-        return _eval_images(source, items, indices, s), labels
-
+    n, chunk = len(source), 1024
     images = np.zeros((n, s.image_size, s.image_size, 3), np.uint8)
     labels = np.zeros((n,), np.int32)
-    starts = range(0, n, chunk)
-    results = _ordered_map(load, starts, s.num_workers, s.prefetch)
-    for start, (x, y) in zip(starts, results, strict=True):
-        images[start : start + len(y)] = x
-        labels[start : start + len(y)] = y
+
+    def load(start: int) -> None:  # each chunk fills its own rows
+        indices = np.arange(start, min(start + chunk, n))
+        items, labels[indices] = source.read(indices)
+        images[indices] = _eval_images(source, items, indices, s)
+
+    collections.deque(_ordered_map(load, range(0, n, chunk), s.num_workers, s.prefetch), maxlen=0)
     return images, labels
 
 
@@ -315,5 +301,5 @@ def load_split_arrays(data_config: Any, split: str) -> tuple[np.ndarray, np.ndar
     Returns:
       (uint8 [N, image_size, image_size, 3], int32 [N]).
     """
-    s, ds = _resolve(data_config)
-    return _decode_all(ds.source(split), s)
+    s = read_settings(data_config)
+    return _decode_all(open_dataset(s).source(split), s)
