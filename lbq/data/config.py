@@ -94,11 +94,8 @@ class Settings:
 
 def _field(cfg: Any, key: str, default: Any) -> Any:
     """Reads ``key`` from a ConfigDict, a mapping or any attribute object."""
-    if isinstance(cfg, Mapping):
-        value = cfg.get(key, default)
-    else:
-        # ConfigDict raises AttributeError for missing fields, like plain objects.
-        value = getattr(cfg, key, default)
+    # ConfigDict raises AttributeError for missing fields, like plain objects.
+    value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
     return default if value is None else value
 
 
@@ -203,9 +200,7 @@ def _cache_setting(cfg: Any) -> bool | None:
 def known_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """Published mean/std for a TFDS name ('cifar10', 'imagenet2012:5.1.0', ...), else None."""
     base = name.split(":")[0].split("/")[0]
-    if base in KNOWN_STATS:
-        return KNOWN_STATS[base]
     # ImageNet variants (subsets, v2, real labels) share ImageNet's pixel statistics.
     if base.startswith("imagenet2012") or base in ("imagenet_v2", "imagenet_a", "imagenet_r"):
-        return KNOWN_STATS["imagenet2012"]
-    return None
+        base = "imagenet2012"
+    return KNOWN_STATS.get(base)

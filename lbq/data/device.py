@@ -81,10 +81,8 @@ def device_train_batch(
     # Separate keys so the order of epoch e and the augmentation of step e never coincide.
     order_key, aug_key = jax.random.split(key)
     step = jnp.asarray(step, jnp.int32)
-    epoch = step // epoch_steps
-    perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), num_train)
-    start = (step % epoch_steps) * global_batch
-    idx = jax.lax.dynamic_slice_in_dim(perm, start, global_batch)
+    perm = jax.random.permutation(jax.random.fold_in(order_key, step // epoch_steps), num_train)
+    idx = jax.lax.dynamic_slice_in_dim(perm, (step % epoch_steps) * global_batch, global_batch)
     batch_images = jnp.take(images, idx, axis=0)
     augmented = device_augment(batch_images, jax.random.fold_in(aug_key, step), pad=pad, flip=flip)
     return augmented, jnp.take(labels, idx, axis=0)
