@@ -3,10 +3,6 @@
 Run:
 
     python -m lbq.main --config=configs/cifar100_alexnet_w2a2.py --workdir=WORKDIR
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/cifar100_alexnet_w2a2.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

@@ -17,10 +17,6 @@ DoReFa, PACT and LSQ alike at W2A2 (docs/results/w2a2); the LSQ and PACT recipes
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2.py --workdir=WORKDIR
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/cifar100_w2a2.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

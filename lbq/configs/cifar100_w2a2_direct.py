@@ -3,10 +3,6 @@
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2_direct.py --workdir=WORKDIR
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/cifar100_w2a2_direct.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

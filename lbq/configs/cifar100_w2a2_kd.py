@@ -6,10 +6,6 @@ networks from scratch, 200 epochs, lr 0.1 each.
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2_kd.py --workdir=WORKDIR
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/cifar100_w2a2_kd.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

@@ -21,10 +21,6 @@ APoT). With LSQ at W2A2 it measured above the authors' block-output placement fo
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2_lsq.py --workdir=WORKDIR
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/cifar100_w2a2_lsq.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import cifar100_w2a2, recipes

@@ -20,10 +20,6 @@ docs/results/w2a2).
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2_pact.py --workdir=WORKDIR
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/cifar100_w2a2_pact.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import cifar100_w2a2, recipes

@@ -6,10 +6,6 @@ indistinguishable from full precision for training, so the split has the same re
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2_pq16.py --workdir=WORKDIR
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/cifar100_w2a2_pq16.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

@@ -7,10 +7,6 @@ the evaluated network.
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2_sp.py --workdir=WORKDIR
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/cifar100_w2a2_sp.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

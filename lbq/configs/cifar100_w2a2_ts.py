@@ -7,10 +7,6 @@ from a converged network, so a tenth of the learning rate fine-tunes rather than
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2_ts.py --workdir=WORKDIR
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/cifar100_w2a2_ts.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

@@ -8,10 +8,6 @@ stays 200 epochs.
 Run:
 
     python -m lbq.main --config=configs/cifar100_w2a2_ts_pq.py --workdir=WORKDIR
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/cifar100_w2a2_ts_pq.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

@@ -9,11 +9,6 @@ BatchNorm: the converted AlexNet-BN is exact in evaluation only (docs/convert.md
 Run:
 
     python -m lbq.main --config=configs/imagenet_alexnet_w2a2.py --workdir=WORKDIR
-    # ResNet-50: --config=configs/imagenet_alexnet_w2a2.py:resnet50
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/imagenet_alexnet_w2a2.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

@@ -10,10 +10,6 @@ Run:
 
     python -m lbq.main --config=configs/imagenet_fp.py --workdir=WORKDIR
     # ResNet-50: --config=configs/imagenet_fp.py:resnet50
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/imagenet_fp.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

@@ -26,10 +26,6 @@ Run:
 
     python -m lbq.main --config=configs/imagenet_w2a2.py --workdir=WORKDIR
     # ResNet-50: --config=configs/imagenet_w2a2.py:resnet50
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/imagenet_w2a2.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

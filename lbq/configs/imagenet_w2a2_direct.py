@@ -2,19 +2,12 @@
 
 Set --config.init_from=WORKDIR_OF_imagenet_fp.
 
-WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted: download them
-on a machine with network, then `python -m lbq.convert --from=torchvision --model=resnet18
---weights=resnet18.pth --out=RUN` and set init_from=RUN (README, "Starting from torchvision or
-timm weights").
+WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted (`imagenet_fp.py`).
 
 Run:
 
     python -m lbq.main --config=configs/imagenet_w2a2_direct.py --workdir=WORKDIR
     # ResNet-50: --config=configs/imagenet_w2a2_direct.py:resnet50
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/imagenet_w2a2_direct.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import default, recipes

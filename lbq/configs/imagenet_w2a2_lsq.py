@@ -6,10 +6,7 @@ full-precision teacher), with LSQ (SPEC section 7) for every quantized conv and 
 the first step, the activation ranges on the fine-tuned network when the W2A2 stage starts
 (`lbq.calibrate`).
 
-WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted: download them
-on a machine with network, then `python -m lbq.convert --from=torchvision --model=resnet18
---weights=resnet18.pth --out=RUN` and set init_from=RUN (README, "Starting from torchvision or
-timm weights").
+WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted (`imagenet_fp.py`).
 
 Ranges: the defaults measured best (docs/learned_ranges.md): activation ranges by LSQ's rule,
 LSQ weight ranges set again by it at each bit-width drop.
@@ -24,10 +21,6 @@ Run:
 
     python -m lbq.main --config=configs/imagenet_w2a2_lsq.py --workdir=WORKDIR
     # ResNet-50: --config=configs/imagenet_w2a2_lsq.py:resnet50
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/imagenet_w2a2_lsq.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import imagenet_w2a2, recipes

@@ -6,10 +6,7 @@ Weights stay DoReFa's, as in the PACT paper. Set --config.init_from=WORKDIR_OF_i
 clips are then calibrated on that model's own activations before the first step
 (``quant.activation_calibration``, ``quant.calibration_batches``; `lbq.calibrate`).
 
-WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted: download them
-on a machine with network, then `python -m lbq.convert --from=torchvision --model=resnet18
---weights=resnet18.pth --out=RUN` and set init_from=RUN (README, "Starting from torchvision or
-timm weights").
+WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted (`imagenet_fp.py`).
 
 Clips: calibrated by LSQ's rule, the default measured best (docs/learned_ranges.md).
 
@@ -22,10 +19,6 @@ Run:
 
     python -m lbq.main --config=configs/imagenet_w2a2_pact.py --workdir=WORKDIR
     # ResNet-50: --config=configs/imagenet_w2a2_pact.py:resnet50
-
-Tiny variant for tests (a few CPU steps on the embedded digits data):
-
-    python -m lbq.main --config=configs/imagenet_w2a2_pact.py:tiny --workdir=WORKDIR
 """
 
 from lbq.configs import imagenet_w2a2, recipes
