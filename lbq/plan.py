@@ -3,14 +3,17 @@
 `parse_config` is the only reader of an ml_collections config below `lbq.main`. Every module
 after it takes the typed part it needs: the trainer a `RunPlan`, the network builder a
 `ModelSpec` and `NetworkSpec`s, the data layer `lbq.data.config.Settings`, the loop the stages.
-Every error is a `ConfigError` whose message starts with the dotted name of the field, raised
-before anything is written or compiled.
+Every error is a `ConfigError` (`lbq.validate`) whose message starts with the dotted name of
+the field, raised before anything is written or compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,21 +24,12 @@ from lbq.models import CIFAR_MODELS, MODEL_NAMES, get_model
 from lbq.models.common import ACTIVATION_PLACEMENTS, BLOCK_OUTPUT
 from lbq.quant.layers import ACTIVATION_QUANTIZERS, DEFAULT_QUANTIZER, WEIGHT_QUANTIZERS
 from lbq.quant.precision import make_precision
-from lbq.quant.quantizers import check_lsq_weight_bits
+from lbq.quant.quantizers import check_bits, check_lsq_weight_bits
 from lbq.quant.stochastic import SCHEDULES as STOCHASTIC_SCHEDULES
 from lbq.quant.stochastic import ProbabilitySchedule
 from lbq.stages import LR_SCHEDULES, STAGE_FIELDS, StageSpec, parse_stages
 from lbq.steps import LossWeights
-from lbq.validate import (
-    ConfigError,
-    check_bits_value,
-    check_choice,
-    check_path,
-    check_type,
-    did_you_mean,
-    get_field,
-    is_number,
-)
+from lbq.validate import ConfigError, did_you_mean, get_field
 
 OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -55,10 +49,10 @@ class ModelSpec:
     per_channel: bool
     logit_scale: bool
     shortcut: str
-    weight_quantizer: str = DEFAULT_QUANTIZER
-    activation_quantizer: str = DEFAULT_QUANTIZER
-    pact_init_clip: float = 10.0
-    activation_placement: str = BLOCK_OUTPUT
+    weight_quantizer: str
+    activation_quantizer: str
+    pact_init_clip: float
+    activation_placement: str
 
     @property
     def learned_ranges(self) -> bool:
@@ -88,29 +82,22 @@ class ModelSpec:
 class CalibrationSpec:
     """How learned ranges start, and BatchNorm re-estimation (`lbq.calibrate`).
 
-    Attributes:
-      batches: training batches that calibrate the ranges of a run started from ``init_from``.
-      percentile: with ``activation_rule='percentile'``, an activation's clip or range is this
-        percentile (0-100] of its input after ReLU.
-      activation_rule: 'percentile' or 'lsq' (LSQ's ``s = 2 mean|x| / sqrt(Q_P)``).
-      recalibrate_bn_batches: before each evaluation, recompute the evaluated networks'
-        BatchNorm statistics over this many training batches (0: off).
-      weight_range_at_bit_change: 'lsq_rule' (an LSQ weight range whose bit-width a stage
-        changes is set again by LSQ's rule at the new bit-width;
-        `lbq.calibrate.changed_weight_bits`) or 'keep' (SPEC section 7: it keeps its clipped
-        interval). No effect on DoReFa weights.
-      activation_range_at_bit_change: 'keep' (SPEC section 7) or 'calibrate' (a PACT clip or
-        LSQ activation range whose bit-width a stage changes is set again by ``activation_rule``
-        at the new bit-width; `lbq.calibrate.changed_activation_bits`). No effect on DoReFa
-        activations.
+    Attributes (configs/default.py's comments on their fields say what each does):
+      batches: quant.calibration_batches.
+      percentile: quant.calibration_percentile, in (0, 100].
+      activation_rule: quant.activation_calibration, 'percentile' or 'lsq'.
+      recalibrate_bn_batches: eval.recalibrate_bn_batches (0: off).
+      weight_range_at_bit_change: 'lsq_rule' or 'keep' (`lbq.calibrate.changed_weight_bits`).
+      activation_range_at_bit_change: 'keep' or 'calibrate'
+        (`lbq.calibrate.changed_activation_bits`).
     """
 
-    batches: int = 4
-    percentile: float = 99.99
-    activation_rule: str = "lsq"
-    recalibrate_bn_batches: int = 0
-    weight_range_at_bit_change: str = "lsq_rule"
-    activation_range_at_bit_change: str = "keep"
+    batches: int
+    percentile: float
+    activation_rule: str
+    recalibrate_bn_batches: int
+    weight_range_at_bit_change: str
+    activation_range_at_bit_change: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +183,7 @@ class RunPlan:
     distributed: bool
     progress: bool
     record: Mapping[str, Any] = dataclasses.field(compare=False, repr=False)
-    calibration: CalibrationSpec = CalibrationSpec()
+    calibration: CalibrationSpec
 
     def steps_per_epoch(self, num_train: int) -> int:
         """Training steps in one pass over ``num_train`` images (the last partial batch is
@@ -211,14 +198,68 @@ class RunPlan:
             raise ConfigError(str(error)) from None
 
 
+# ----------------------------------------------------------------------------- field checks
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+_KINDS = {
+    "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    "number": is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+}
+
+
+def check_type(config: Any, field: str, kind: str, *, low=None, high=None, optional=False):
+    """Checks one field: kind is 'int', 'number', 'bool' or 'str'; low/high are inclusive.
+
+    Returns:
+      The value (None for an unset optional field).
+
+    Raises:
+      ConfigError: naming the field.
+    """
+    value = get_field(config, field)
+    if value is None and optional:
+        return None
+    if not _KINDS[kind](value):
+        raise ConfigError(f"{field}={value!r} has type {type(value).__name__}; expected {kind}")
+    if kind == "number" and not math.isfinite(value):
+        raise ConfigError(f"{field}={value!r} must be a finite number")
+    if low is not None and value < low:
+        raise ConfigError(f"{field}={value!r} must be >= {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{field}={value!r} must be <= {high}")
+    return value
+
+
+def check_choice(config: Any, field: str, choices: tuple) -> Any:
+    value = get_field(config, field)
+    if value not in choices:
+        raise ConfigError(f"{field}={value!r} is not one of {choices}")
+    return value
+
+
+def check_bits_value(value: Any, field: str) -> int:
+    """A bit-width (a whole number in 1..32) of config field ``field``."""
+    try:
+        return check_bits(value, field)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_path(config: Any, field: str) -> str | None:
+    """An optional local path that must exist (remote ``gs://`` paths are checked on read)."""
+    path = check_type(config, field, "str", optional=True)
+    if path and "://" not in path and not os.path.exists(path):
+        raise ConfigError(f"{field}={path!r} does not exist")
+    return path or None
+
+
 # ----------------------------------------------------------------------------- unknown fields
-
-
-def _schema() -> tuple[dict[str, Any], set[str]]:
-    """The default config's fields (the schema every config extends) and a stage's fields."""
-    from lbq.configs import default
-
-    return default.get_config().to_dict(), set(STAGE_FIELDS)
 
 
 def _unknown(name: str, known: Any, path: str) -> ConfigError:
@@ -231,7 +272,7 @@ def check_known_fields(config: Any) -> None:
     A config file may add a misspelled field (``chekpoint_every_steps``) that nothing reads;
     ml_collections accepts it, so it is caught here.
     """
-    schema, stage_fields = _schema()
+    from lbq.configs import default
 
     def walk(node: Mapping[str, Any], known: Mapping[str, Any], path: str) -> None:
         for name, value in node.items():
@@ -240,14 +281,14 @@ def check_known_fields(config: Any) -> None:
             if isinstance(known[name], Mapping) and known[name] and isinstance(value, Mapping):
                 walk(value, known[name], f"{path}{name}.")
 
-    walk(_as_dict(config), schema, "")
+    walk(_as_dict(config), default.get_config().to_dict(), "")
     stages = get_field(config, "stages")
     if isinstance(stages, (list, tuple)):
         for index, entry in enumerate(stages):
             if isinstance(entry, Mapping) or hasattr(entry, "to_dict"):
                 for name in _as_dict(entry):
-                    if name not in stage_fields:
-                        raise _unknown(name, stage_fields, f"stages[{index}].")
+                    if name not in STAGE_FIELDS:
+                        raise _unknown(name, STAGE_FIELDS, f"stages[{index}].")
 
 
 def _as_dict(node: Any) -> dict[str, Any]:
@@ -264,21 +305,15 @@ def _model(config: Any) -> ModelSpec:
         for f in ("quantized", "per_channel", "logit_scale")
     ]
     shortcut = check_choice(config, "model.shortcut", ("A", "B"))
-    weight_quantizer = check_choice(config, "quant.weight_quantizer", WEIGHT_QUANTIZERS)
-    activation_quantizer = check_choice(config, "quant.activation_quantizer", ACTIVATION_QUANTIZERS)
+    quantizers = (
+        check_choice(config, "quant.weight_quantizer", WEIGHT_QUANTIZERS),
+        check_choice(config, "quant.activation_quantizer", ACTIVATION_QUANTIZERS),
+    )
     init_clip = check_type(config, "quant.pact_init_clip", "number")
     if init_clip <= 0:
         raise ConfigError(f"quant.pact_init_clip={init_clip!r} must be > 0 (a clip value)")
     placement = check_choice(config, "model.activation_placement", ACTIVATION_PLACEMENTS)
-    return ModelSpec(
-        name,
-        *flags,
-        shortcut,
-        weight_quantizer,
-        activation_quantizer,
-        float(init_clip),
-        placement,
-    )
+    return ModelSpec(name, *flags, shortcut, *quantizers, float(init_clip), placement)
 
 
 def _calibration(config: Any) -> CalibrationSpec:
@@ -477,10 +512,6 @@ def _check_full_precision_stages(model: ModelSpec, stages: tuple[StageSpec, ...]
             )
 
 
-def _record(config: Any) -> dict[str, Any]:
-    return json.loads(config.to_json_best_effort())
-
-
 def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -> RunPlan:
     """Validates a whole config and returns its `RunPlan`.
 
@@ -542,7 +573,7 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
         ),
         distributed=check_type(config, "distributed", "bool"),
         progress=check_type(config, "progress", "bool"),
-        record=_record(config),
+        record=json.loads(config.to_json_best_effort()),
         calibration=calibration,
     )
 

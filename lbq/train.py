@@ -23,11 +23,11 @@ from lbq import data as lbq_data
 from lbq import metrics as lbq_metrics
 from lbq import report
 from lbq.mesh import maybe_initialize_distributed
-from lbq.plan import RunPlan, parse_config, shadowed_overrides
+from lbq.plan import RunPlan, check_type, parse_config, shadowed_overrides
 from lbq.resume import commit, resume_or_start
 from lbq.stages import Stage, lay_out, stage_at
 from lbq.trainer import build_trainer, check_networks_build, evaluate_split, train_batches
-from lbq.validate import ConfigError, check_type
+from lbq.validate import ConfigError
 from lbq.workdir import (
     PREEMPTED_EXIT_CODE,
     Preempted,

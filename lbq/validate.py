@@ -1,4 +1,5 @@
-"""Field checks of the config parser (`lbq.plan.parse_config`).
+"""The config's error and dotted field names, shared by its parser (`lbq.plan.parse_config`),
+the command line and the workdir's recorded config.
 
 Every error is a `ConfigError` whose message starts with the dotted name of the field.
 """
@@ -6,13 +7,8 @@ Every error is a `ConfigError` whose message starts with the dotted name of the 
 from __future__ import annotations
 
 import difflib
-import math
-import numbers
-import os
 from collections.abc import Iterable
 from typing import Any
-
-from lbq.quant.quantizers import check_bits
 
 
 class ConfigError(ValueError):
@@ -50,72 +46,9 @@ def flat_fields(tree: Any, prefix: str = "") -> dict[str, Any]:
     of the config's fields, for the record's comparison and the "did you mean" of overrides.
     """
     if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(flat_fields(value, f"{prefix}{key}."))
-        return out
-    if isinstance(tree, (list, tuple)) and tree and isinstance(tree[0], dict):
-        out = {}
-        for index, entry in enumerate(tree):
-            out.update(flat_fields(entry, f"{prefix[:-1]}[{index}]."))
-        return out
-    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-_KINDS = {
-    "int": is_int,
-    "number": is_number,
-    "bool": lambda v: isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-}
-
-
-def check_type(config: Any, field: str, kind: str, *, low=None, high=None, optional=False):
-    """Checks one field: kind is 'int', 'number', 'bool' or 'str'; low/high are inclusive.
-
-    Returns:
-      The value (None for an unset optional field).
-    """
-    value = get_field(config, field)
-    if value is None and optional:
-        return None
-    if not _KINDS[kind](value):
-        raise ConfigError(f"{field}={value!r} has type {type(value).__name__}; expected {kind}")
-    if kind == "number" and not math.isfinite(value):
-        raise ConfigError(f"{field}={value!r} must be a finite number")
-    if low is not None and value < low:
-        raise ConfigError(f"{field}={value!r} must be >= {low}")
-    if high is not None and value > high:
-        raise ConfigError(f"{field}={value!r} must be <= {high}")
-    return value
-
-
-def check_choice(config: Any, field: str, choices: tuple) -> Any:
-    value = get_field(config, field)
-    if value not in choices:
-        raise ConfigError(f"{field}={value!r} is not one of {choices}")
-    return value
-
-
-def check_bits_value(value: Any, field: str) -> int:
-    """A bit-width (a whole number in 1..32) of config field ``field``."""
-    try:
-        return check_bits(value, field)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-
-
-def check_path(config: Any, field: str) -> str | None:
-    """An optional local path that must exist (remote ``gs://`` paths are checked on read)."""
-    path = check_type(config, field, "str", optional=True)
-    if path and "://" not in path and not os.path.exists(path):
-        raise ConfigError(f"{field}={path!r} does not exist")
-    return path or None
+        children = [(f"{prefix}{key}.", value) for key, value in tree.items()]
+    elif isinstance(tree, (list, tuple)) and tree and isinstance(tree[0], dict):
+        children = [(f"{prefix[:-1]}[{index}].", entry) for index, entry in enumerate(tree)]
+    else:
+        return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+    return {k: v for path, child in children for k, v in flat_fields(child, path).items()}
