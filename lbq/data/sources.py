@@ -22,6 +22,7 @@ from lbq.data.config import DEFAULT_IMAGE_SIZE, Settings, known_stats
 from lbq.data.errors import DataError, DatasetNotFoundError, UnknownDatasetError
 from lbq.data.stats import PixelStats
 from lbq.data.transforms import eval_transform
+from lbq.validate import did_you_mean
 
 PREPARE_HINT = "python -m lbq.data.prepare --root=ROOT --data_dir=DIR --name=NAME"
 STATS_SAMPLE = 512  # images decoded to estimate mean/std when nothing better is known
@@ -309,8 +310,6 @@ def _prepared_names(data_dir: str | None) -> list[str]:
 def _unknown(name: str, data_dir: str | None, registered: list[str]) -> UnknownDatasetError:
     prepared = _prepared_names(data_dir)
     candidates = [digits.NAME, *prepared, *registered]
-    from lbq.validate import did_you_mean  # here: lbq.validate imports jax; lbq.data must not
-
     hint = did_you_mean(name, candidates, n=5)
     where = (
         f" (datasets prepared in {data_dir}: {', '.join(prepared) or 'none'})" if data_dir else ""
