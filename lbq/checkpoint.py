@@ -2,23 +2,18 @@
 
 A checkpoint holds the whole `TrainState` (parameters, BatchNorm statistics, optimizer state
 with the stochastic-precision keys, step) and a small JSON record (stage, epoch, and a CRC-32 of
-every array). The data position is a function of the step, so it needs no extra state.
+every array: a file whose bytes were damaged in place can restore without any error, seen with
+orbax-checkpoint 0.12.8 and its zstd-compressed OCDBT files). The data position is a function
+of the step, so it needs no extra state.
 
-Resuming picks the newest checkpoint that restores *and* matches its checksums. Orbax raises
-when an array file is truncated or missing, but a file whose bytes were damaged in place can
-restore without any error (seen with orbax-checkpoint 0.12.8 and its zstd-compressed OCDBT
-files), hence the checksums. A damaged checkpoint is reported with a warning naming its step,
-moved to ``WORKDIR/checkpoints_unreadable`` (so that later saves of that step are not skipped)
-and the previous one is used. A save that was interrupted leaves an
-``<step>.orbax-checkpoint-tmp*`` folder, which is reported the same way and removed; when
-nothing else is there (the first save was cut), the run starts from step 0. A workdir that
-holds finished checkpoints is never silently restarted from scratch: when none of them can be
-read, `CheckpointError` is raised. A checkpoint whose arrays are intact but do not fit this
-run's structure (another model, another optimizer) is not damaged: it is refused
-(`CheckpointMismatch`) or, for the optimizer state alone, restored without it.
-
-Saves run in the background; a save that fails raises `CheckpointWriteError` naming its step
-at the next `poll`, `save`, `wait` or `close`, and the checkpoints saved before it stay intact.
+Resuming uses the newest checkpoint that restores *and* matches its checksums. Damaged ones and
+interrupted saves (``<step>.orbax-checkpoint-tmp*`` folders) are reported by step and set aside;
+finished checkpoints of which none can be read are never silently replaced by a fresh start
+(`CheckpointError`); one whose arrays are intact but do not fit this run's structure is refused
+(`CheckpointMismatch`) or, for the optimizer state alone, restored without it. Saves run in the
+background; a save that fails raises `CheckpointWriteError` naming its step at the next `poll`,
+`save`, `wait` or `close`, and the checkpoints saved before it stay intact. Each case is
+described in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -32,7 +27,9 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
+import traceback
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +45,11 @@ log = logging.getLogger("lbq")
 UNREADABLE_DIR = "checkpoints_unreadable"  # next to WORKDIR/checkpoints
 _PARTIAL = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 _CHECKSUMS = "checksums"
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__))
+# How long a reader keeps retrying when a running trainer's retention deletes the checkpoints it
+# reads (`load_saved_variables`).
+READ_RETRY_SECONDS = 120.0
 
 
 class CheckpointError(RuntimeError):
@@ -107,22 +109,23 @@ def _manager(directory: str, keep: int = 0, create: bool = True) -> ocp.Checkpoi
 # ----------------------------------------------------------------------------- checksums
 
 
-def _key_name(entry: Any) -> str:
-    for attr in ("name", "key", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
+def _leaves(tree: Any) -> dict[str, Any]:
+    """{dotted path: leaf}. Paths use the field, key and index names only, so a TrainState and
+    the nested dicts that Orbax restores without a target give the same paths."""
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="."): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
-def _host_arrays(tree: Any) -> dict[str, np.ndarray]:
-    """{dotted path: host copy} of every array leaf, fetched in one transfer.
+def checksums(tree: Any) -> dict[str, str]:
+    """CRC-32 of the bytes of every array of ``tree``, by dotted path (`_leaves`).
 
-    Paths use the field, key and index names only, so a TrainState and the nested dicts that
-    Orbax restores without a target give the same paths. Arrays sharded over several hosts
-    (none today: the state is replicated) are left out; Orbax checks their shards itself.
+    The arrays are fetched to the host in one transfer. Arrays sharded over several hosts (none
+    today: the state is replicated) are left out; Orbax checks their shards itself.
     """
-    paths, arrays = [], []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    arrays = {}
+    for path, leaf in _leaves(tree).items():
         if isinstance(leaf, jax.Array):
             if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
                 leaf = jax.random.key_data(leaf)
@@ -130,16 +133,11 @@ def _host_arrays(tree: Any) -> dict[str, np.ndarray]:
                 if not leaf.is_fully_replicated:
                     continue
                 leaf = leaf.addressable_data(0)
-        paths.append(".".join(_key_name(entry) for entry in path))
-        arrays.append(leaf)
-    return dict(zip(paths, (np.asarray(a) for a in jax.device_get(arrays)), strict=True))
-
-
-def checksums(tree: Any) -> dict[str, str]:
-    """CRC-32 of the bytes of every array of ``tree``, by dotted path."""
+        arrays[path] = leaf
+    host = jax.device_get(list(arrays.values()))
     return {
         path: f"{zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8)):08x}"
-        for path, array in _host_arrays(tree).items()
+        for path, array in zip(arrays, host, strict=True)
     }
 
 
@@ -152,12 +150,22 @@ def _verify(tree: Any, expected: dict[str, str] | None) -> None:
             raise ValueError(f"{path} does not match the checksum written when it was saved")
 
 
-def _reason(error: BaseException) -> str:
-    """The most specific line of an error chain (TensorStore's own message is the deepest)."""
-    deepest = error
-    while deepest.__cause__ is not None or deepest.__context__ is not None:
-        deepest = deepest.__cause__ or deepest.__context__
-    for candidate in (deepest, error):
+def _reason(error: BaseException, os_words: bool = False) -> str:
+    """The cause of ``error`` in one line: the first line of the deepest error of its chain
+    (TensorStore's own message), or with ``os_words`` the OS's words where there are some.
+
+    Python's own I/O raises OSError; TensorStore reports an OS error inside a long message that
+    starts with the file's path (``... Failed to write ... [os_error_code='28']``).
+    """
+    chain = [error]
+    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if os_words:
+        codes = [e.errno for e in chain if isinstance(e, OSError) and e.errno]
+        codes += [int(m.group(1)) for e in chain if (m := _OS_ERROR_CODE.search(str(e)))]
+        if codes:
+            return f"{os.strerror(codes[0])} ({errno.errorcode.get(codes[0], codes[0])})"
+    for candidate in (chain[-1], error):
         text = str(candidate).strip()
         if text:
             line = text.splitlines()[0].split(" See full TensorStore details")[0]
@@ -166,99 +174,53 @@ def _reason(error: BaseException) -> str:
     return type(error).__name__
 
 
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+# ----------------------------------------------------------------------------- Orbax's reports
 
 
-def _write_reason(error: BaseException) -> str:
-    """The cause of a failed write, for one line: the OS's words where there are some.
+def _not_an_orbax_failure(record: logging.LogRecord) -> bool:
+    """A logging filter: False for Orbax's own error reports, and for exceptions raised inside
+    Orbax that asyncio reports as never retrieved."""
+    if record.levelno < logging.ERROR:
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    files = [record.pathname or ""] + [
+        frame.f_code.co_filename
+        for frame, _ in traceback.walk_tb(getattr(error, "__traceback__", None))
+    ]
+    return not any(name.startswith(_ORBAX_DIR) for name in files)
 
-    TensorStore reports an OS error inside a long message that starts with the file's path
-    (``... Failed to write ... [os_error_code='28']``); Python's own I/O raises OSError.
+
+def _quiet_orbax() -> None:
+    """Keeps off the console, once per process, Orbax's reports of failures that lbq reports
+    itself in one line (from `save`, `poll`, `wait`, `close` or a restore).
+
+    A save that fails on a full disk makes Orbax's background threads log each failed write
+    with its traceback (about 350 lines seen with orbax-checkpoint 0.12.8), and asyncio adds
+    "exception was never retrieved" for the rest: a filter on those two loggers drops them. A
+    restore that fails abandons its other reads, which Python reports when they are collected
+    unfinished or finish later on the restore's closed loop: an unraisable hook drops those,
+    and stays installed, since they can report long after the restore returned. Other loggers,
+    lbq's own messages and every other unraisable report are untouched.
     """
-    chain, seen = [], error
-    while seen is not None and len(chain) < 20:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    for candidate in chain:
-        if isinstance(candidate, OSError) and candidate.errno:
-            name = errno.errorcode.get(candidate.errno, str(candidate.errno))
-            return f"{os.strerror(candidate.errno)} ({name})"
-    for candidate in chain:
-        match = _OS_ERROR_CODE.search(str(candidate))
-        if match:
-            code = int(match.group(1))
-            return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
-    return _reason(error)
-
-
-# ----------------------------------------------------------------------------- restore
-
-
-def _is_abandoned_read_report(unraisable: Any) -> bool:
-    """A report left by a read that a failed Orbax restore abandoned."""
-    code = getattr(unraisable.object, "cr_code", None)
-    if "orbax" in getattr(code, "co_filename", ""):
-        return True  # the abandoned read itself, collected unfinished
-    # A read still in flight that finishes later and reports to the restore's closed loop.
-    error = unraisable.exc_value
-    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
-
-
-def _drop_abandoned_read_reports() -> None:
-    """Installs, once per process, an unraisable hook that drops only those reports.
-
-    It stays installed: reads in flight can finish, and report, long after the restore that
-    abandoned them returned. Every other report still reaches the hook that was there before.
-    """
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if _not_an_orbax_failure not in logger.filters:
+            logger.addFilter(_not_an_orbax_failure)
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_reads", False):
         return
 
     def hook(unraisable: Any) -> None:
-        if not _is_abandoned_read_report(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        error = unraisable.exc_value
+        if not (
+            "orbax" in getattr(code, "co_filename", "")
+            or (isinstance(error, RuntimeError) and "Event loop is closed" in str(error))
+        ):
             previous(unraisable)
 
     hook.drops_abandoned_reads = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-
-
-_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__))
-
-
-def _reports_orbax_failure(record: logging.LogRecord) -> bool:
-    """Whether a log record is Orbax's own error report, or an exception raised inside Orbax
-    that asyncio reports as never retrieved."""
-    if record.levelno < logging.ERROR:
-        return False
-    if (record.pathname or "").startswith(_ORBAX_DIR):
-        return True
-    trace = record.exc_info[1].__traceback__ if record.exc_info and record.exc_info[1] else None
-    while trace is not None:
-        if trace.tb_frame.f_code.co_filename.startswith(_ORBAX_DIR):
-            return True
-        trace = trace.tb_next
-    return False
-
-
-class _DropOrbaxFailureReports(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _reports_orbax_failure(record)
-
-
-def _quiet_orbax_failure_reports() -> None:
-    """Drops Orbax's own tracebacks of failures that lbq reports itself (once per process).
-
-    A save that fails on a full disk makes Orbax's background threads log each failed write
-    with its traceback (about 350 lines seen with orbax-checkpoint 0.12.8), and asyncio adds
-    "exception was never retrieved" for the rest. The same exception reaches lbq (from `save`,
-    `poll`, `wait`, `close` or a restore), which reports it in one line; the copies would bury
-    that line. Other loggers and lbq's own messages are untouched.
-    """
-    for name in ("absl", "asyncio"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropOrbaxFailureReports) for f in logger.filters):
-            logger.addFilter(_DropOrbaxFailureReports())
-    _drop_abandoned_read_reports()
 
 
 @contextlib.contextmanager
@@ -271,7 +233,7 @@ def _quiet_failed_reads() -> Iterator[list[int]]:
     to the yielded list when a restore failed: the abandoned reads are then collected before
     leaving, while asyncio's log is off.
     """
-    _drop_abandoned_read_reports()
+    _quiet_orbax()
     asyncio_log = logging.getLogger("asyncio")
     was_disabled = asyncio_log.disabled
     asyncio_log.disabled = True
@@ -282,6 +244,9 @@ def _quiet_failed_reads() -> Iterator[list[int]]:
         if failed:
             gc.collect()  # collect the abandoned reads now, while asyncio's log is off
         asyncio_log.disabled = was_disabled
+
+
+# ----------------------------------------------------------------------------- restore
 
 
 def _abstract_from_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
@@ -300,14 +265,6 @@ def _abstract_from_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
     )
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """{dotted path: shape} of every leaf (arrays, ShapeDtypeStructs or Orbax's metadata)."""
-    return {
-        ".".join(_key_name(entry) for entry in path): tuple(getattr(leaf, "shape", ()))
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-
-
 def _structure_mismatch(
     manager: ocp.CheckpointManager, step: int, abstract_state: Any
 ) -> tuple[str, str] | None:
@@ -317,14 +274,18 @@ def _structure_mismatch(
       ('weights' or 'optimizer', the first differing array and both shapes), or None when the
       structures agree or the checkpoint's metadata cannot be read (then it is damaged).
     """
+
+    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:  # of arrays, structs or metadata
+        return {path: tuple(getattr(leaf, "shape", ())) for path, leaf in _leaves(tree).items()}
+
     try:
         metadata = manager.item_metadata(step)["state"]
-        saved = _shapes(getattr(metadata, "tree", metadata)) if metadata is not None else {}
+        saved = shapes(getattr(metadata, "tree", metadata)) if metadata is not None else {}
     except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
         return None
     if not saved:  # no metadata (a lost _METADATA file): damaged, not another structure
         return None
-    ours = _shapes(abstract_state)
+    ours = shapes(abstract_state)
     differing = sorted(
         (p for p in set(saved) | set(ours) if saved.get(p) != ours.get(p)),
         key=lambda p: (not p.startswith("params."), p),  # a parameter names a model best
@@ -394,32 +355,69 @@ class Restored:
     failures: tuple[tuple[int, str], ...] = ()
 
 
-def _note_unreadable(
-    directory: str, step: int, error: BaseException, failures: list[tuple[int, str]]
-) -> None:
-    """Logs that the checkpoint at ``step`` cannot be read and appends (step, reason)."""
-    reason = _reason(error)
-    log.warning(
-        "checkpoint at step %d in %s is unreadable (%s); trying an older one",
-        step,
-        directory,
-        reason,
-    )
-    failures.append((step, reason))
+class _StepDeleted(Exception):
+    """A checkpoint's folder disappeared while it was read (not damage)."""
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-links ``src`` as ``dst``, or copies it where links cannot be made (another
+    filesystem)."""
+    try:
+        os.link(src, dst)
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def _reader(directory: str, step: int, snapshot: bool) -> Iterator[ocp.CheckpointManager]:
+    """A manager of ``directory``; with ``snapshot``, of a hard-linked copy of ``step``'s files,
+    which a trainer deleting the step (its retention) cannot take away during the read.
+
+    Raises:
+      _StepDeleted: when the step disappears before its copy is complete.
+    """
+    with contextlib.ExitStack() as stack:
+        if snapshot:
+            source = os.path.join(directory, str(step))
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="lbq-read-"))
+            try:
+                target = os.path.join(directory, str(step))
+                shutil.copytree(source, target, copy_function=_link_or_copy)
+            except OSError:  # shutil.Error too; a file deleted meanwhile, or the copy failed
+                if not _vanished(source):
+                    raise
+            if not os.path.isdir(source):  # deleted during the copy: it may be incomplete
+                raise _StepDeleted(step)
+        manager = _manager(directory, create=False)
+        stack.callback(manager.close)
+        yield manager
+
+
+def _vanished(path: str, wait: float = 2.0) -> bool:
+    """Whether ``path`` is gone within ``wait`` seconds: a retention that deletes a step
+    removes its files first and its folder last, while a damaged step stays."""
+    deadline = time.monotonic() + wait
+    while os.path.isdir(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _restore_newest(
-    manager: ocp.CheckpointManager,
     directory: str,
     steps: list[int],
-    abstract_state: Any | None,
+    abstract_state: Any | None = None,
     allow_new_optimizer: bool = False,
-    deleted_raises: bool = False,
+    *,
+    manager: ocp.CheckpointManager | None = None,
+    snapshot: bool = False,
 ) -> Restored:
-    """Tries ``steps`` newest first.
-
-    With ``deleted_raises``, a step whose folder is gone after its read failed (a running
-    trainer's retention deleted it) raises `_StepDeleted` instead of counting as unreadable.
+    """Tries ``steps`` newest first, with ``manager``, or else as a reader of a run that may be
+    training: with a `_reader` per step, and a step whose folder is gone after its read failed
+    (deleted by the trainer's retention) raises `_StepDeleted` instead of counting as unreadable.
 
     A checkpoint that fails to restore is damaged unless its saved structure differs from
     ``abstract_state``'s: then it belongs to another configuration, and is refused or (only the
@@ -432,28 +430,29 @@ def _restore_newest(
     failures: list[tuple[int, str]] = []
     with _quiet_failed_reads() as failed:
         for step in sorted(steps, reverse=True):
-            try:
-                state, meta = _restore_step(manager, step, abstract_state)
-                return Restored(step, state, meta, True, tuple(failures))
-            except Exception as error:  # noqa: BLE001 - damaged, or another structure
-                failed.append(step)
-                if deleted_raises and _vanished(os.path.join(directory, str(step))):
-                    raise _StepDeleted(step) from None
-                mismatch = None
-                if abstract_state is not None:
-                    mismatch = _structure_mismatch(manager, step, abstract_state)
-                if mismatch is None:
-                    _note_unreadable(directory, step, error, failures)
-                    continue
-            part, where = mismatch
-            if part == "weights" or not allow_new_optimizer:
-                raise CheckpointMismatch(step, part, where, directory)
-            try:
-                state, meta = _restore_step(manager, step, None)
-            except Exception as error:  # noqa: BLE001 - any failure means "unreadable"
-                _note_unreadable(directory, step, error, failures)
-                continue
-            return Restored(step, state, meta, False, tuple(failures))
+            opened = (
+                contextlib.nullcontext(manager)
+                if manager is not None
+                else _reader(directory, step, snapshot)
+            )
+            with opened as reader:
+                try:
+                    state, meta, whole = _restore_fitting(
+                        reader, directory, step, abstract_state, allow_new_optimizer, failed
+                    )
+                    return Restored(step, state, meta, whole, tuple(failures))
+                except CheckpointMismatch:
+                    raise
+                except Exception as error:  # noqa: BLE001 - damaged, or deleted while read
+                    if manager is None and _vanished(os.path.join(directory, str(step))):
+                        raise _StepDeleted(step) from None
+                    failures.append((step, _reason(error)))
+                    log.warning(
+                        "checkpoint at step %d in %s is unreadable (%s); trying an older one",
+                        step,
+                        directory,
+                        failures[-1][1],
+                    )
     raise CheckpointError(
         f"no readable checkpoint in {directory} ("
         + "; ".join(f"step {s}: {r}" for s, r in failures)
@@ -461,16 +460,39 @@ def _restore_newest(
     )
 
 
+def _restore_fitting(
+    manager: ocp.CheckpointManager,
+    directory: str,
+    step: int,
+    abstract_state: Any | None,
+    allow_new_optimizer: bool,
+    failed: list[int],
+) -> tuple[Any, dict[str, Any], bool]:
+    """(state, meta, whether the optimizer state was restored) of one step of
+    `_restore_newest`; appends ``step`` to ``failed`` when a restore fails, and raises
+    `CheckpointMismatch` or what `_restore_step` raises."""
+    try:
+        return (*_restore_step(manager, step, abstract_state), True)
+    except Exception:
+        failed.append(step)
+        mismatch = abstract_state is not None and _structure_mismatch(manager, step, abstract_state)
+        if not mismatch:
+            raise
+    part, where = mismatch
+    if part == "weights" or not allow_new_optimizer:
+        raise CheckpointMismatch(step, part, where, directory)
+    return (*_restore_step(manager, step, None), False)
+
+
 def partial_saves(directory: str) -> dict[int, str]:
     """{step: folder name} of saves that were interrupted before Orbax committed them."""
     if not os.path.isdir(directory):
         return {}
-    found = {}
-    for name in sorted(os.listdir(directory)):
-        match = _PARTIAL.match(name)
-        if match:
-            found[int(match.group(1))] = name
-    return found
+    return {
+        int(match.group(1)): name
+        for name in sorted(os.listdir(directory))
+        if (match := _PARTIAL.match(name))
+    }
 
 
 class Checkpoints:
@@ -486,7 +508,7 @@ class Checkpoints:
     def __init__(self, workdir: str, keep: int, create: bool = True):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
-        _quiet_orbax_failure_reports()
+        _quiet_orbax()
         self.manager = _manager(self.directory, keep, create=create)
         self._pending: int | None = None  # the step of the save running in the background
         self._failed = False
@@ -505,7 +527,7 @@ class Checkpoints:
           CheckpointWriteError: when this save, or the previous one, failed.
         """
         step = int(jax.device_get(state.step))
-        self._finish_pending()
+        self.wait()
         if step in self.manager.all_steps():
             return
         meta = {**meta, "step": step, _CHECKSUMS: checksums(state)}
@@ -537,7 +559,7 @@ class Checkpoints:
             step, self._pending = self._pending, None
             self._fail(step, error)
         if not self.manager.is_saving_in_progress():
-            self._finish_pending()
+            self.wait()
 
     def wait(self) -> None:
         """Blocks until the background save is written.
@@ -545,9 +567,6 @@ class Checkpoints:
         Raises:
           CheckpointWriteError: when it failed.
         """
-        self._finish_pending()
-
-    def _finish_pending(self) -> None:
         if self._pending is None:
             return
         step, self._pending = self._pending, None
@@ -560,11 +579,10 @@ class Checkpoints:
         """Raises the one-line `CheckpointWriteError`, after removing the failed save's files
         (they may fill a disk; a rerun would discard them anyway)."""
         self._failed = True
-        reason = _write_reason(error)
-        if jax.process_index() == 0:
-            for partial_step, name in partial_saves(self.directory).items():
-                if partial_step == step:
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        reason = _reason(error, os_words=True)
+        name = partial_saves(self.directory).get(step)
+        if name and jax.process_index() == 0:
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         raise CheckpointWriteError(step, reason, self.directory) from None
 
     def restore(self, abstract_state: Any, *, allow_new_optimizer: bool = False) -> Restored | None:
@@ -588,11 +606,9 @@ class Checkpoints:
           CheckpointMismatch: when the newest readable checkpoint holds another structure.
           CheckpointError: when finished checkpoints exist but none can be read.
         """
-        steps = self.steps()
-        partial = partial_saves(self.directory)
-        newest = steps[-1] if steps else -1
+        steps, partial = self.steps(), partial_saves(self.directory)
         for step, name in partial.items():
-            if step > newest:
+            if step > (steps[-1] if steps else -1):
                 log.warning(
                     "checkpoint at step %d in %s was only partly written (%s: the save "
                     "was interrupted); ignoring it",
@@ -611,7 +627,7 @@ class Checkpoints:
             return None
         try:
             restored = _restore_newest(
-                self.manager, self.directory, steps, abstract_state, allow_new_optimizer
+                self.directory, steps, abstract_state, allow_new_optimizer, manager=self.manager
             )
         except CheckpointMismatch:
             raise
@@ -666,13 +682,16 @@ class Checkpoints:
           CheckpointWriteError: when the last save failed.
         """
         try:
-            self._finish_pending()
+            self.wait()
         finally:
             if self._failed:  # Orbax re-raises the failed save's error on closing
                 with contextlib.suppress(Exception):
                     self.manager.close()
             else:
                 self.manager.close()
+
+
+# ----------------------------------------------------------------------------- reading a run
 
 
 def load_variables(path: str) -> dict[str, Any]:
@@ -686,109 +705,6 @@ def load_variables(path: str) -> dict[str, Any]:
     return load_saved_variables(path)[1]
 
 
-# How long a reader keeps retrying when a running trainer's retention deletes the checkpoints it
-# reads (`load_saved_variables`).
-READ_RETRY_SECONDS = 120.0
-# Listings of a checkpoint folder that may meet a step being deleted (`_committed_steps`).
-LISTING_ATTEMPTS = 20
-
-
-class _StepDeleted(Exception):
-    """A checkpoint's folder disappeared while it was read (not damage)."""
-
-
-def _link_tree(source: str, target: str) -> None:
-    """Hard-links every file of ``source`` into ``target`` (copies across filesystems).
-
-    Raises:
-      _StepDeleted: when ``source`` or one of its files disappears meanwhile.
-    """
-    try:
-        for root, _, files in os.walk(source, onerror=_raise):
-            into = os.path.join(target, os.path.relpath(root, source))
-            os.makedirs(into, exist_ok=True)
-            for name in files:
-                src, dst = os.path.join(root, name), os.path.join(into, name)
-                try:
-                    os.link(src, dst)
-                except OSError as error:
-                    if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                        raise
-                    shutil.copy2(src, dst)
-    except FileNotFoundError:
-        raise _StepDeleted(source) from None
-    if not os.path.isdir(source):
-        raise _StepDeleted(source)
-
-
-def _raise(error: OSError) -> None:
-    raise error
-
-
-def _vanished(path: str, wait: float = 2.0) -> bool:
-    """Whether ``path`` is gone within ``wait`` seconds: a retention that deletes a step
-    removes its files first and its folder last, while a damaged step stays."""
-    deadline = time.monotonic() + wait
-    while os.path.isdir(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _read_snapshots(directory: str, steps: list[int]) -> Restored:
-    """Reads ``steps`` newest first, each from a hard-linked copy of its files, which a
-    trainer deleting the step (its retention) cannot take away during the read.
-
-    Raises:
-      _StepDeleted: when a step disappeared before its copy was complete (retry the newest).
-      CheckpointError: when every step is damaged.
-    """
-    import tempfile
-
-    failures: list[tuple[int, str]] = []
-    with _quiet_failed_reads() as failed:
-        for step in sorted(steps, reverse=True):
-            with tempfile.TemporaryDirectory(prefix="lbq-read-") as copy:
-                _link_tree(os.path.join(directory, str(step)), os.path.join(copy, str(step)))
-                manager = _manager(copy, create=False)
-                try:
-                    state, meta = _restore_step(manager, step, None)
-                    return Restored(step, state, meta, False, tuple(failures))
-                except Exception as error:  # noqa: BLE001 - damaged, or deleted while copied
-                    failed.append(step)
-                    if _vanished(os.path.join(directory, str(step))):
-                        raise _StepDeleted(step) from None
-                    _note_unreadable(directory, step, error, failures)
-                finally:
-                    manager.close()
-    raise CheckpointError(
-        f"no readable checkpoint in {directory} ("
-        + "; ".join(f"step {s}: {r}" for s, r in failures)
-        + ")"
-    )
-
-
-def _committed_steps(directory: str) -> list[int]:
-    """The finished steps in ``directory`` (a fresh listing: a trainer may be saving). Orbax
-    reads each step's metadata while it lists; a step that a running trainer's retention
-    deletes meanwhile raises FileNotFoundError there, and the folder is listed again."""
-
-    def list_once() -> list[int]:
-        manager = _manager(directory, create=False)
-        try:
-            return list(manager.all_steps())
-        finally:
-            manager.close()
-
-    for _ in range(LISTING_ATTEMPTS - 1):
-        try:
-            return list_once()
-        except FileNotFoundError:
-            time.sleep(0.05)
-    return list_once()
-
-
 def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
     """(step, {network: {'params', 'batch_stats'}}) of a run's workdir or checkpoint folder.
 
@@ -799,8 +715,7 @@ def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
     A run may be training and saving meanwhile: a checkpoint whose folder disappears while it
     is read was deleted by the trainer's retention (``keep_checkpoints``), not damaged. The
     reader then lists the steps again and reads the newest from a hard-linked copy of its files
-    (`_read_snapshots`, copied where links cannot be made), which the trainer cannot delete
-    under it, for up to `READ_RETRY_SECONDS`.
+    (`_reader`), for up to `READ_RETRY_SECONDS`.
 
     Raises:
       CheckpointError: when there is no checkpoint or none can be read, or a step's folder
@@ -811,19 +726,17 @@ def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
         path = os.path.join(path, "checkpoints")
     step_dir = os.path.basename(path)
     if step_dir.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        directory, steps = os.path.dirname(path), [int(step_dir)]
         try:
-            restored = _read_snapshots(directory, steps)
+            restored = _restore_newest(os.path.dirname(path), [int(step_dir)], snapshot=True)
         except _StepDeleted:
             raise CheckpointError(
                 f"checkpoint {path} was deleted while it was read (a running trainer keeps "
                 "only its newest checkpoints: read the newest instead)"
             ) from None
+    elif not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
     else:
-        directory = path
-        if not os.path.isdir(directory):
-            raise CheckpointError(f"checkpoint folder {path} does not exist")
-        restored = _read_newest_while_saving(directory, path)
+        restored = _read_newest_while_saving(path)
     state = restored.state
     return restored.step, {
         name: {"params": state["params"][name], "batch_stats": state["batch_stats"].get(name, {})}
@@ -831,58 +744,33 @@ def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
     }
 
 
-def _steps_or_saving(directory: str) -> tuple[list[int], bool]:
-    """(the committed steps, whether a save is in progress) of a folder a trainer may be saving
-    into. The save in progress is listed first, so one that commits between the two listings
-    is seen as a step; and "nothing at all" is believed only when a second round agrees,
-    because a save can start, have the old step deleted and commit between two listings."""
-    for _ in range(2):
-        saving = bool(partial_saves(directory))
-        steps = _committed_steps(directory)
-        if steps or saving:
-            return steps, saving
-        time.sleep(0.05)
-    return [], False
+def _read_newest_while_saving(directory: str) -> Restored:
+    """`_restore_newest` of ``directory``, into which a trainer may be saving and deleting.
 
-
-def _restore_newest_in(directory: str, steps: list[int]) -> Restored:
-    """`_restore_newest` with a manager of its own (whose listing, like any, may meet a step
-    being deleted: FileNotFoundError)."""
-    manager = _manager(directory, create=False)
-    try:
-        return _restore_newest(manager, directory, steps, None, deleted_raises=True)
-    finally:
-        manager.close()
-
-
-def _read_newest_while_saving(directory: str, path: str) -> Restored:
-    """`_restore_newest` of ``directory``'s steps; when a step is deleted under the read, the
-    newest again from a hard-linked copy (see `load_saved_variables`)."""
-    steps, saving = _steps_or_saving(directory)
-    if not steps and not saving:
-        raise CheckpointError(f"no checkpoint found in {path}")
-    if steps:
-        try:
-            return _restore_newest_in(directory, steps)
-        except (_StepDeleted, FileNotFoundError):  # deleted under the read: read as below
-            pass
+    A listing or a read that meets a deleted step starts again, reading from a snapshot; so
+    does a listing that finds only a save in progress. That save is listed first, so one that
+    commits between the two listings is seen as a step; and "nothing at all" is believed only
+    when the next round agrees (a save can start, have the old step deleted and commit between
+    two listings).
+    """
     deadline = time.monotonic() + READ_RETRY_SECONDS
-    deleted = 1
+    attempt = empty = 0  # empty: rounds in a row that found neither a step nor a save
     while True:
+        attempt += 1
         try:
-            steps, saving = _steps_or_saving(directory)
-            if not steps:
-                if not saving:
-                    raise CheckpointError(f"no checkpoint found in {path}")
-                raise _StepDeleted(directory)  # the old one deleted, the new one not committed
-            return _read_snapshots(directory, steps)
-        except _StepDeleted:
-            deleted += 1
-        except FileNotFoundError:  # the listing met a step being deleted
-            deleted += 1
+            saving = bool(partial_saves(directory))
+            with _reader(directory, 0, snapshot=False) as manager:
+                steps = list(manager.all_steps())
+            if steps:
+                return _restore_newest(directory, steps, snapshot=attempt > 1)
+            empty = 0 if saving else empty + 1
+            if empty == 2:
+                raise CheckpointError(f"no checkpoint found in {directory}")
+        except (_StepDeleted, FileNotFoundError):  # deleted under the listing or the read
+            pass
         if time.monotonic() > deadline:
             raise CheckpointError(
-                f"{deleted} checkpoints in {directory} were deleted while they were read, for "
+                f"{attempt} checkpoints in {directory} were deleted while they were read, for "
                 f"{READ_RETRY_SECONDS:.0f} s: the running trainer deletes them faster than "
                 "they can be copied; raise its keep_checkpoints or read after it ends"
             )
