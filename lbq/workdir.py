@@ -86,17 +86,13 @@ def _holder_text(raw: bytes) -> str:
 class WorkdirLock:
     """Exclusive use of a workdir by one run: an exclusive `fcntl.flock` on ``WORKDIR/lbq.lock``.
 
-    The kernel drops the lock when its process ends, however it ends (SIGKILL, out of memory,
-    a lost node whose lock server notices), so a lock left by a dead run never needs a person:
-    the file stays, but the next run takes it. The file records the holder's host, pid and
-    start time for the message of a refused run. Released normally, the file is removed, and
-    so is the workdir when this run created it and left nothing else in it.
-
-    Across machines the lock is only as good as the filesystem's locks: NFSv4 and NFSv3 with
-    lockd, Lustre mounted with ``-o flock`` and GPFS lock across nodes; with NFS ``nolock`` or
-    Lustre ``localflock`` the lock is per node and two runs on different nodes are not
-    detected. Where the filesystem has no locks at all (ENOLCK, EOPNOTSUPP, ENOSYS), lbq warns
-    and runs without one.
+    The kernel drops the lock when its process ends, however it ends, so a lock left by a dead
+    run never needs a person: the file stays, but the next run takes it. The file records the
+    holder's host, pid and start time for the message of a refused run. Released normally, the
+    file is removed, and so is the workdir when this run created it and left nothing else in
+    it. Where the filesystem has no locks (ENOLCK, EOPNOTSUPP, ENOSYS), lbq warns and runs
+    without one; across machines the lock is as good as the filesystem's locks (NFS, Lustre and
+    GPFS mounts: docs/reliability.md).
     """
 
     # Our own flock, not the filelock package: filelock is not a dependency of lbq (only of torch
@@ -243,13 +239,10 @@ def _defaults() -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _added_later_at_default(key: str, value: Any, defaults: tuple[dict, dict]) -> bool:
     """Whether ``key``, absent from a recorded config, holds its default value."""
-    run_defaults, stage_defaults = defaults
-    stage_field = _STAGE_FIELD.match(key)
+    known, stage_field = defaults[0], _STAGE_FIELD.match(key)
     if stage_field:
-        return stage_field.group(1) in stage_defaults and _same(
-            stage_defaults[stage_field.group(1)], value
-        )
-    return key in run_defaults and _same(run_defaults[key], value)
+        known, key = defaults[1], stage_field.group(1)
+    return key in known and _same(known[key], value)
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
