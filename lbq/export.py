@@ -1,29 +1,16 @@
 """Export a trained run as a low-bit model: ``python -m lbq.export --workdir=W --out=DIR``.
 
-For the student (and every extra student) it writes, at the checkpoint stage's bit-widths:
-
-- ``DIR/<network>/packed.npz``: integer weight codes packed k bits per value, the scales and the
-  full-precision parts (`lbq.deploy.package`), which the integer reference forward
-  (`lbq.deploy.integer`) runs on its own;
-- ``DIR/<network>/model.qonnx.onnx``: the same network as QONNX (`lbq.deploy.qonnx_export`);
-- ``DIR/manifest.json``: network, layer order, bit-widths, operations, dataset mean/std, class
-  names, preprocessing, sizes and checksums.
-
-With ``--check_images=N`` (default 64) it then reads the written files back and compares the
-integer forward and the QONNX graph (run by qonnx's executor) with lbq's fake-quantized forward
-in float32 on the first N eval images; the figures go into the manifest. When either falls
-outside the tolerance (``--check_min_agreement``, ``--check_max_rel_diff``; defaults in
-`lbq.deploy.verify`), the command fails with one line saying what disagreed (the files stay,
-and the manifest records the failed check). A run that evaluates in another dtype (bfloat16)
-is also run in that dtype, and the report says how far its top-1 lies from the float32 one.
-
-An existing, non-empty ``DIR`` is only written with ``--overwrite``; a ``DIR`` that another
-process is exporting into (its ``lbq.lock`` is held, `lbq.workdir.WorkdirLock`) is refused.
+For the student (and every extra student), at the checkpoint stage's bit-widths, it writes
+``DIR/<network>/packed.npz`` (`lbq.deploy.package`, run by `lbq.deploy.integer`),
+``DIR/<network>/model.qonnx.onnx`` (`lbq.deploy.qonnx_export`) and ``DIR/manifest.json``, then
+checks them against lbq's fake-quantized forward on ``--check_images`` eval images. The folder,
+the check, its tolerance and the folder lock are described in docs/deploy.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Any
@@ -35,8 +22,6 @@ from lbq.deploy.verify import CHECK_MAX_REL_DIFF, CHECK_MIN_AGREEMENT
 from lbq.io import write_json
 from lbq.workdir import LOCK_FILE, WorkdirError, WorkdirLock
 
-DEFAULT_CHECK_IMAGES = 64
-
 
 class CheckFailed(DeployError):
     """The export's own check exceeded its tolerance; ``manifest`` is what was written."""
@@ -46,64 +31,28 @@ class CheckFailed(DeployError):
         self.manifest = manifest
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m lbq.export", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--workdir", required=True, help="the run's folder")
-    parser.add_argument("--out", required=True, help="the folder to write")
-    parser.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
-    parser.add_argument("--data_dir", default=None, help="where the run's dataset is now")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
-    parser.add_argument(
-        "--check_images",
-        type=int,
-        default=DEFAULT_CHECK_IMAGES,
-        help="eval images to compare the written model with lbq's forward on (0: none)",
-    )
-    parser.add_argument(
-        "--check_min_agreement",
-        type=float,
-        default=CHECK_MIN_AGREEMENT,
-        help="fail when the integer forward or QONNX agrees with lbq's top-1 on fewer than "
-        "this fraction of the check images",
-    )
-    parser.add_argument(
-        "--check_max_rel_diff",
-        type=float,
-        default=CHECK_MAX_REL_DIFF,
-        help="fail when a logit differs from lbq's by more than this fraction of the image's "
-        "largest |logit| (at least 1)",
-    )
-    return parser.parse_args(argv)
-
-
 def prepare_folder(out: str, overwrite: bool) -> None:
-    """Makes ``out`` ready: new or empty, or (with ``overwrite``) cleared of an earlier export.
-
-    Only files an earlier lbq export listed in its manifest are removed; other files stay.
+    """Makes the existing folder ``out`` ready: empty (but for its ``lbq.lock``), or with
+    ``overwrite`` cleared of the files an earlier lbq export listed in its manifest (other
+    files stay).
 
     Raises:
-      DeployError: when ``out`` is a file, or a non-empty folder without ``overwrite``.
+      DeployError: when ``out`` is not empty and ``overwrite`` is not given.
     """
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DeployError(f"--out={out} is a file, not a folder")
-    if os.path.isdir(out) and set(os.listdir(out)) - {LOCK_FILE}:
-        earlier = os.path.isfile(os.path.join(out, package.MANIFEST))
-        if not overwrite:
-            what = "an earlier lbq export" if earlier else "files lbq did not write"
-            raise DeployError(f"--out={out} is not empty (it holds {what}); pass --overwrite")
-        if earlier:
-            _remove_export(out)
-    os.makedirs(out, exist_ok=True)
-
-
-def _remove_export(out: str) -> None:
+    if not set(os.listdir(out)) - {LOCK_FILE}:
+        return
+    manifest_path = os.path.join(out, package.MANIFEST)
+    earlier = os.path.isfile(manifest_path)
+    if not overwrite:
+        what = "an earlier lbq export" if earlier else "files lbq did not write"
+        raise DeployError(f"--out={out} is not empty (it holds {what}); pass --overwrite")
+    if not earlier:
+        return
     try:
         manifest = package.read_manifest(out)
     except DeployError:
         manifest = {}
-    os.remove(os.path.join(out, package.MANIFEST))  # first: a half-replaced folder has none
+    os.remove(manifest_path)  # first: a half-replaced folder has none
     root = os.path.realpath(out)
     for entry in manifest.get("networks", {}).values():
         for relative in entry.get("files", {}).values():
@@ -173,15 +122,15 @@ def check_export(
     from lbq.deploy.verify import check_verdict, compare, fake_quant_logits
 
     images, labels = run.eval_images(count)
+    mean, std = run.info.mean, run.info.std
     checks = {}
     for net in run.students:
         loaded = package.load_model(out, net.name, check_qonnx=True)
         w_bits = [layer["w_bits"] for layer in loaded.program.layers]
         a_bits = [layer["a_bits"] for layer in loaded.program.layers]
-        reference = fake_quant_logits(
-            net.model, run.variables[net.name], w_bits, a_bits, images, run.info.mean, run.info.std
-        )
-        integer = IntegerForward(loaded.program, run.info.mean, run.info.std)(images)
+        lbq_forward = functools.partial(fake_quant_logits, net.model, run.variables[net.name])
+        reference = lbq_forward(w_bits, a_bits, images, mean, std)
+        integer = IntegerForward(loaded.program, mean, std)(images)
         qonnx = run_qonnx(loaded.file("qonnx"), images)
         check = {
             "data": f"first {len(images)} images of {run.plan.data.name}"
@@ -199,16 +148,7 @@ def check_export(
         ]
         own_dtype = jnp.dtype(getattr(net.model, "dtype", None) or jnp.float32)
         if own_dtype != jnp.float32:
-            own = fake_quant_logits(
-                net.model,
-                run.variables[net.name],
-                w_bits,
-                a_bits,
-                images,
-                run.info.mean,
-                run.info.std,
-                dtype=own_dtype,
-            )
+            own = lbq_forward(w_bits, a_bits, images, mean, std, dtype=own_dtype)
             check["run_forward"] = {"dtype": own_dtype.name, **compare(reference, own)}
             check["top1_accuracy"][f"lbq_{own_dtype.name}"] = _accuracy(own, labels)
         checks[net.name] = check
@@ -278,11 +218,8 @@ def export(
     min_agreement: float = CHECK_MIN_AGREEMENT,
     max_rel_diff: float = CHECK_MAX_REL_DIFF,
 ) -> dict[str, Any]:
-    """Writes the export folder of a loaded run; returns its manifest.
-
-    The folder's ``lbq.lock`` (`lbq.workdir.WorkdirLock`) is held from before the folder is
-    inspected until the manifest is final, so two exports into one folder cannot interleave:
-    the second is refused, and a finished export holds exactly what it reported.
+    """Writes the export folder of a loaded run, holding its ``lbq.lock`` from before the folder
+    is inspected until the manifest is final; returns the manifest.
 
     Raises:
       DeployError: for a folder that may not be written or that another process is writing,
@@ -291,6 +228,7 @@ def export(
       CheckFailed: when the check on ``check_images`` images exceeds the tolerance (after the
         files and the manifest, which records the failed check, are written).
     """
+    from lbq.deploy import run as runs
     from lbq.deploy.program import build_program
 
     out = os.path.abspath(out)
@@ -309,15 +247,46 @@ def export(
         )
         for net in run.students
     }
-    lock = WorkdirLock(out)
+    lock = WorkdirLock(out)  # creates ``out``
     try:
         lock.acquire()
     except WorkdirError as error:
         raise DeployError(f"--out={out}: {_busy(error)}") from None
     try:
-        return _export_locked(
-            run, out, overwrite, check_images, programs, min_agreement, max_rel_diff
-        )
+        prepare_folder(out, overwrite)
+        manifest = {
+            "format": package.FORMAT,
+            "version": package.VERSION,
+            "written_by": "lbq.export",
+            "source": {"workdir": run.workdir, "step": run.step, "stage": run.stage.name},
+            "dataset": {
+                "name": run.plan.data.name,
+                "num_classes": run.info.num_classes,
+                "class_names": runs.class_names(run),
+                "mean": list(run.info.mean),
+                "std": list(run.info.std),
+                **run.preprocessing(),
+            },
+            "default_network": "student",
+            "networks": {name: _write_network(run, name, p, out) for name, p in programs.items()},
+        }
+        manifest_path = os.path.join(out, package.MANIFEST)
+        write_json(manifest_path, manifest, indent=1)
+        if check_images > 0:
+            manifest["checks"] = check_export(run, out, check_images, min_agreement, max_rel_diff)
+            write_json(manifest_path, manifest, indent=1)
+            failures = [
+                f"{name}: {failure}"
+                for name, check in manifest["checks"].items()
+                for failure in check["failures"]
+            ]
+            if failures:
+                raise CheckFailed(
+                    f"export check failed ({'; '.join(failures)}); the files are in {out} and "
+                    f"{package.MANIFEST} records the check",
+                    manifest,
+                )
+        return manifest
     finally:
         lock.release()
 
@@ -329,50 +298,6 @@ def _busy(error: WorkdirError) -> str:
         holder = text.split("(", 1)[1].split(")", 1)[0]
         return f"another process is writing this folder ({holder}); wait for it to end"
     return text
-
-
-def _export_locked(run, out, overwrite, check_images, programs, min_agreement, max_rel_diff):
-    from lbq.deploy import run as runs
-
-    prepare_folder(out, overwrite)
-    manifest = {
-        "format": package.FORMAT,
-        "version": package.VERSION,
-        "written_by": "lbq.export",
-        "source": {"workdir": run.workdir, "step": run.step, "stage": run.stage.name},
-        "dataset": {
-            "name": run.plan.data.name,
-            "num_classes": run.info.num_classes,
-            "class_names": runs.class_names(run),
-            "mean": list(run.info.mean),
-            "std": list(run.info.std),
-            **run.preprocessing(),
-        },
-        "default_network": "student",
-        "networks": {
-            name: _write_network(run, name, program, out) for name, program in programs.items()
-        },
-    }
-    _write_manifest(out, manifest)
-    if check_images > 0:
-        manifest["checks"] = check_export(run, out, check_images, min_agreement, max_rel_diff)
-        _write_manifest(out, manifest)
-        failures = [
-            f"{name}: {failure}"
-            for name, check in manifest["checks"].items()
-            for failure in check["failures"]
-        ]
-        if failures:
-            raise CheckFailed(
-                f"export check failed ({'; '.join(failures)}); the files are in {out} and "
-                f"{package.MANIFEST} records the check",
-                manifest,
-            )
-    return manifest
-
-
-def _write_manifest(out: str, manifest: dict[str, Any]) -> None:
-    write_json(os.path.join(out, package.MANIFEST), manifest, indent=1)
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -387,15 +312,9 @@ def export_command(args: argparse.Namespace) -> int:
     if not args.check_max_rel_diff >= 0.0:  # NaN too
         raise DeployError(f"--check_max_rel_diff={args.check_max_rel_diff} must be >= 0")
     run = runs.load_run(args.workdir, args.step, data_dir=args.data_dir)
+    check = (args.check_images, args.check_min_agreement, args.check_max_rel_diff)
     try:
-        manifest = export(
-            run,
-            args.out,
-            args.overwrite,
-            args.check_images,
-            args.check_min_agreement,
-            args.check_max_rel_diff,
-        )
+        manifest = export(run, args.out, args.overwrite, *check)
     except CheckFailed as failure:
         print(summary(failure.manifest))
         raise
@@ -405,7 +324,35 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m lbq.export", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--workdir", required=True, help="the run's folder")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
+    parser.add_argument("--data_dir", default=None, help="where the run's dataset is now")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    parser.add_argument(
+        "--check_images",
+        type=int,
+        default=64,
+        help="eval images to compare the written model with lbq's forward on (0: none)",
+    )
+    parser.add_argument(
+        "--check_min_agreement",
+        type=float,
+        default=CHECK_MIN_AGREEMENT,
+        help="fail when the integer forward or QONNX agrees with lbq's top-1 on fewer than "
+        "this fraction of the check images",
+    )
+    parser.add_argument(
+        "--check_max_rel_diff",
+        type=float,
+        default=CHECK_MAX_REL_DIFF,
+        help="fail when a logit differs from lbq's by more than this fraction of the image's "
+        "largest |logit| (at least 1)",
+    )
+    args = parser.parse_args(argv)
     return run_command(lambda: export_command(args))
 
 
