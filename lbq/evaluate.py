@@ -1,12 +1,8 @@
 """Evaluate a trained run without training: ``python -m lbq.evaluate --workdir=W``.
 
-Loads the newest readable checkpoint (or ``--step``), builds the run's networks, and evaluates
-every one of them (students fully quantized at the checkpoint stage's bit-widths, or at
-``--w_bits``/``--a_bits``; the teacher in full precision) with lbq's own eval step on the run's
-eval split, another split (``--split``), or another dataset with the same classes, such as an
-image folder prepared with ``python -m lbq.data.prepare`` (``--dataset``, ``--data_dir``),
-optionally after re-estimating the BatchNorm statistics (``--recalibrate_bn_batches=N``).
-Prints top-1, top-5 and loss as JSON and writes the same JSON to ``--output`` (default
+Evaluates every network of the newest readable checkpoint (or ``--step``) with lbq's own eval
+step, on the run's eval split or other data (docs/deploy.md). Prints top-1, top-5 and loss as
+JSON and writes the same JSON to ``--output`` (default
 ``WORKDIR/evaluations/step<N>-<split>[-w<W>a<A>].json``).
 """
 
@@ -31,36 +27,13 @@ def _bits_field(value: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m lbq.evaluate", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--workdir", required=True, help="the run's folder")
-    parser.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
-    parser.add_argument("--split", default=None, help="eval split (default: the run's)")
-    parser.add_argument("--dataset", default=None, help="evaluate on this dataset instead")
-    parser.add_argument("--data_dir", default=None, help="TFDS data dir of the dataset")
-    parser.add_argument("--w_bits", type=_bits_field, default=None, help="students' weight bits")
-    parser.add_argument("--a_bits", type=_bits_field, default=None, help="students' act. bits")
-    parser.add_argument(
-        "--recalibrate_bn_batches",
-        type=int,
-        default=None,
-        help="re-estimate BatchNorm statistics over N training batches first (default: the "
-        "run's eval.recalibrate_bn_batches)",
-    )
-    parser.add_argument("--output", default=None, help="JSON file to write")
-    return parser.parse_args(argv)
-
-
 def _bits_summary(bits) -> dict:
     """{student: 'w2a2'} for uniform bit-widths, else the per-layer lists."""
     out = {}
     for name, (w, a) in bits.items():
-        if len(set(map(int, w))) == 1 and len(set(map(int, a))) == 1:
-            out[name] = f"w{int(w[0])}a{int(a[0])}"
-        else:
-            out[name] = {"w_bits": [int(v) for v in w], "a_bits": [int(v) for v in a]}
+        w, a = [int(v) for v in w], [int(v) for v in a]
+        uniform = len(set(w)) == len(set(a)) == 1
+        out[name] = f"w{w[0]}a{a[0]}" if uniform else {"w_bits": w, "a_bits": a}
     return out
 
 
@@ -104,7 +77,25 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m lbq.evaluate", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--workdir", required=True, help="the run's folder")
+    parser.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
+    parser.add_argument("--split", default=None, help="eval split (default: the run's)")
+    parser.add_argument("--dataset", default=None, help="evaluate on this dataset instead")
+    parser.add_argument("--data_dir", default=None, help="TFDS data dir of the dataset")
+    parser.add_argument("--w_bits", type=_bits_field, default=None, help="students' weight bits")
+    parser.add_argument("--a_bits", type=_bits_field, default=None, help="students' act. bits")
+    parser.add_argument(
+        "--recalibrate_bn_batches",
+        type=int,
+        default=None,
+        help="re-estimate BatchNorm statistics over N training batches first (default: the "
+        "run's eval.recalibrate_bn_batches)",
+    )
+    parser.add_argument("--output", default=None, help="JSON file to write")
+    args = parser.parse_args(argv)
     return run_command(lambda: evaluate_command(args))
 
 

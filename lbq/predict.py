@@ -20,18 +20,6 @@ from lbq.deploy.cli import error, run_command
 ENGINES = ("integer", "qonnx")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m lbq.predict", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--model", required=True, help="a folder written by lbq.export")
-    parser.add_argument("--network", default=None, help="which network (default: the student)")
-    parser.add_argument("--engine", choices=ENGINES, default="integer", help="what runs it")
-    parser.add_argument("--top", type=int, default=5, help="classes to print per image")
-    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    return parser.parse_args(argv)
-
-
 def read_image(path: str, dataset: dict) -> np.ndarray:
     """The eval-preprocessed uint8 [H, W, 3] image of a file.
 
@@ -68,17 +56,15 @@ def predict_command(args: argparse.Namespace) -> int:
         error(f"--top={args.top} must be at least 1")
         return 1
     model = load_model(args.model, args.network, check_qonnx=args.engine == "qonnx")
-    images, paths, failed = [], [], 0
+    images, paths = [], []
     for path in args.images:
         try:
             images.append(read_image(path, model.dataset))
             paths.append(path)
         except DataError as failure:  # names the file: "cannot decode PATH: ..."
             error(failure)
-            failed += 1
         except OSError as failure:
             error(f"cannot read image {path}: {failure.strerror or failure}")
-            failed += 1
     if images:
         batch = np.stack(images)
         if args.engine == "qonnx":
@@ -93,11 +79,19 @@ def predict_command(args: argparse.Namespace) -> int:
         names = list(model.dataset["class_names"])
         for path, p in zip(paths, softmax(logits), strict=True):
             print(format_top(path, p, names, min(args.top, len(names))))
-    return 1 if failed else 0
+    return 1 if len(paths) < len(args.images) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m lbq.predict", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--model", required=True, help="a folder written by lbq.export")
+    parser.add_argument("--network", default=None, help="which network (default: the student)")
+    parser.add_argument("--engine", choices=ENGINES, default="integer", help="what runs it")
+    parser.add_argument("--top", type=int, default=5, help="classes to print per image")
+    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    args = parser.parse_args(argv)
     return run_command(lambda: predict_command(args))
 
 
