@@ -11,12 +11,6 @@ from lbq.validate import ConfigError
 _PROCESS_VARIABLES = ("LBQ_COORDINATOR_ADDRESS", "LBQ_NUM_PROCESSES", "LBQ_PROCESS_ID")
 
 
-def distributed_requested(configured: bool) -> bool:
-    """Whether ``distributed=True`` or the LBQ_DISTRIBUTED environment variable asks for a
-    multi-process run."""
-    return configured or os.environ.get("LBQ_DISTRIBUTED", "") not in ("", "0")
-
-
 def maybe_initialize_distributed(configured: bool) -> None:
     """Calls `jax.distributed.initialize()` when ``configured`` or LBQ_DISTRIBUTED asks for it.
 
@@ -29,7 +23,8 @@ def maybe_initialize_distributed(configured: bool) -> None:
       ConfigError: when only some of the LBQ_* variables are set, they are not integers, or
         no cluster can be found (one line, instead of JAX's traceback).
     """
-    if not distributed_requested(configured) or _distributed_is_initialized():
+    requested = configured or os.environ.get("LBQ_DISTRIBUTED", "") not in ("", "0")
+    if not requested or jax.distributed.is_initialized():
         return
     given = [os.environ.get(name, "") for name in _PROCESS_VARIABLES]
     if not any(given):
@@ -66,15 +61,6 @@ def _initialize(failure: str, **kwargs) -> None:
     except (ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"distributed=True: {failure} ({reason})") from None
-
-
-def _distributed_is_initialized() -> bool:
-    try:
-        from jax._src import distributed
-
-        return distributed.global_state.client is not None
-    except (ImportError, AttributeError):
-        return False
 
 
 def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
