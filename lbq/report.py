@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from lbq.plan import RunPlan
 from lbq.stages import Stage, bits_label
 
+LSQ_RULE = "LSQ weight ranges at a bit-width change"
+
 
 def network_bits(plan: RunPlan, stage: Stage) -> str:
     """The bit-widths a stage trains the student at: 'w2a2', with per-block ones, or 'fp'."""
@@ -40,19 +42,12 @@ def quantizers_text(plan: RunPlan) -> str:
     text = f"weights {weights} ({scale}), activations {activations}"
     if plan.model.quantized and plan.model.activation_placement != "block_output":
         text += f" at {plan.model.activation_placement}"
-    rule = weight_range_rule(plan)
-    text += f"; LSQ weight ranges at a bit-width change: {rule}" if rule else ""
+    if weights == "lsq":
+        text += f"; {LSQ_RULE}: {plan.calibration.weight_range_at_bit_change}"
     if activations in ("pact", "lsq"):
         rule = plan.calibration.activation_range_at_bit_change
         text += f"; activation ranges at a bit-width change: {rule}"
     return text
-
-
-def weight_range_rule(plan: RunPlan) -> str | None:
-    """``quant.weight_range_at_bit_change`` of a run with LSQ weights, else None."""
-    if quantizer_names(plan)[0] != "lsq":
-        return None
-    return plan.calibration.weight_range_at_bit_change
 
 
 def methods(plan: RunPlan, stages: Sequence[Stage]) -> str:
@@ -141,20 +136,20 @@ def eval_text(result: Mapping[str, Mapping[str, float]]) -> str:
 
 def stage_result(plan: RunPlan, stage: Stage, evaluation: Mapping[str, Any]) -> dict[str, Any]:
     """The record of a finished stage kept in checkpoints and the summary."""
+    weights, activations = quantizer_names(plan)
     record = {
         "name": stage.name,
         "w_bits": stage.w_bits,
         "a_bits": stage.a_bits,
         "bits": network_bits(plan, stage),
-        "weight_quantizer": quantizer_names(plan)[0],
-        "activation_quantizer": quantizer_names(plan)[1],
+        "weight_quantizer": weights,
+        "activation_quantizer": activations,
         "steps": stage.num_steps,
         "eval": dict(evaluation),
         "eval_split": plan.data.eval_split,
     }
-    rule = weight_range_rule(plan)
-    if rule:
-        record["weight_range_at_bit_change"] = rule
+    if weights == "lsq":
+        record["weight_range_at_bit_change"] = plan.calibration.weight_range_at_bit_change
     return record
 
 
@@ -181,7 +176,7 @@ def format_summary(result, workdir: str) -> str:
             lines.append(
                 f"quantizers: weights {last['weight_quantizer']}, "
                 f"activations {last['activation_quantizer']}"
-                + (f"; LSQ weight ranges at a bit-width change: {rule}" if rule else "")
+                + (f"; {LSQ_RULE}: {rule}" if rule else "")
             )
     which = "final" if result.status == "completed" else "last evaluation of"
     for net, m in result.final.items():
