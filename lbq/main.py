@@ -34,11 +34,8 @@ def configure_logging() -> None:
 
 def overridden_fields(argv: list[str]) -> list[str]:
     """The config fields set on the command line: ``--config.quant.w_bits=4`` -> quant.w_bits."""
-    fields = []
-    for arg in argv:
-        if arg.startswith("--config."):
-            fields.append(arg[len("--config.") :].split("=", 1)[0])
-    return fields
+    prefix = "--config."
+    return [arg[len(prefix) :].split("=", 1)[0] for arg in argv if arg.startswith(prefix)]
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -51,9 +48,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as error:
-        _exit_with(f"{error}")
+        sys.exit(_error(f"{error}"))
     except (KeyError, AttributeError, ValueError, TypeError) as error:
-        _exit_with(_override_error(argv, error))
+        sys.exit(_error(_override_error(argv, error)))
 
 
 def _override_error(argv: list[str], error: BaseException) -> str:
@@ -74,9 +71,10 @@ def _override_error(argv: list[str], error: BaseException) -> str:
     return f"could not load the config: {type(error).__name__}: {message}"
 
 
-def _exit_with(message: str) -> None:
+def _error(message: object, status: int = 1) -> int:
+    """Prints one ``lbq: error: ...`` line on stderr; returns ``status``."""
     print(f"lbq: error: {message}", file=sys.stderr)
-    sys.exit(1)
+    return status
 
 
 SECOND_INTERRUPT = (
@@ -121,8 +119,7 @@ def main(argv) -> int:
     with PreemptionWatcher():
         configure_logging()
         if FLAGS.workdir is None:
-            print("lbq: error: --workdir is required", file=sys.stderr)
-            return 2
+            return _error("--workdir is required", 2)
         try:  # the outer try: a second Ctrl-C may come while the heavy imports run
             from lbq.checkpoint import CheckpointError
             from lbq.data import DataError
@@ -136,11 +133,9 @@ def main(argv) -> int:
                     FLAGS.config, FLAGS.workdir, overridden=overridden_fields(argv)
                 )
             except errors as error:
-                print(f"lbq: error: {error}", file=sys.stderr)
-                return 1
+                return _error(error)
             except OSError as error:  # a write to the workdir (metrics, events) failed
-                print(f"lbq: error: {_os_error_text(error)}", file=sys.stderr)
-                return 1
+                return _error(_os_error_text(error))
             if result.status == "completed":
                 return 0
             message = stop_message(result)

@@ -108,12 +108,10 @@ class Progress:
     # until the end off a terminal), and this is 25 lines.
 
     def __init__(self, total: int, start: int, enabled: bool, stream=None):
-        self.total, self.start = total, start
-        self.enabled = enabled
+        self.total, self.start, self.enabled = total, start, enabled
         # sys.stderr as it is now, not at import: it may have been replaced since (notebooks).
-        stream = sys.stderr if stream is None else stream
-        self.stream = stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.time()
 
     def update(self, step: int, text: str) -> None:

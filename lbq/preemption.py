@@ -23,13 +23,12 @@ class Preempted(Exception):
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM/SIGINT into a stop request that the trainer checks at safe points.
+    """Turns SIGTERM/SIGINT into a stop request that the trainer checks at safe points
+    (docs/reliability.md).
 
     The handlers are installed on entering and restored on leaving. A watcher entered while
-    another one is installed shares that one (``with`` gives the installed watcher): `lbq.main`
-    installs one on its first line, so a signal during start-up, restore or the first compile
-    is a stop request too, which `train_plan` honours before it writes anything (`Preempted`)
-    or at the next step boundary (a checkpoint, then status 'preempted').
+    another one is installed shares it (``with`` gives the installed watcher), so the one that
+    `lbq.main` installs on its first line covers start-up, restore and the first compile too.
     """
 
     # Our own handlers, not Orbax's `CheckpointManager.reached_preemption`: that asks JAX's
