@@ -22,14 +22,11 @@ LSQ_RULE = "LSQ weight ranges at a bit-width change"
 
 def network_bits(plan: RunPlan, stage: Stage) -> str:
     """The bit-widths a stage trains the student at: 'w2a2', with per-block ones, or 'fp'."""
-    if not plan.model.quantized:
-        return "fp (model.quantized=False)"
-    return stage.bits_label
+    return stage.bits_label if plan.model.quantized else "fp (model.quantized=False)"
 
 
 def quantizer_names(plan: RunPlan) -> tuple[str, str]:
-    """(weight quantizer, activation quantizer) of the student; 'none' for a full-precision
-    model."""
+    """(weight quantizer, activation quantizer) of the student; 'none' for a full-precision one."""
     if not plan.model.quantized:
         return "none", "none"
     return plan.model.weight_quantizer, plan.model.activation_quantizer
@@ -62,11 +59,8 @@ def methods(plan: RunPlan, stages: Sequence[Stage]) -> str:
         )
     if plan.distill.enabled:
         extra = ", ".join(f"w{w}a{a}" for w, a in plan.distill.extra_students)
-        on.append(
-            f"joint distillation ({plan.distill.teacher} teacher"
-            + (f", extra students {extra}" if extra else "")
-            + ")"
-        )
+        extra = f", extra students {extra}" if extra else ""
+        on.append(f"joint distillation ({plan.distill.teacher} teacher{extra})")
     return "; ".join(on) or "none (direct training)"
 
 
@@ -119,12 +113,11 @@ def _rates(rates: Mapping[str, float]) -> str:
 def progress_text(values: Mapping[str, float]) -> str:
     """Each network's loss and accuracy for the progress bar, labelled by network."""
     names = sorted({k.split("/")[0] for k in values if k.endswith("/loss")})
-    if names == ["student"]:
-        return f"loss {values['student/loss']:.3f} acc {values['student/accuracy']:.3f}"
-    return " ".join(
+    text = " ".join(
         f"{name} loss {values[f'{name}/loss']:.3f} acc {values[f'{name}/accuracy']:.3f}"
         for name in names
     )
+    return text.removeprefix("student ") if names == ["student"] else text
 
 
 def eval_text(result: Mapping[str, Mapping[str, float]]) -> str:
