@@ -12,12 +12,9 @@ _PROCESS_VARIABLES = ("LBQ_COORDINATOR_ADDRESS", "LBQ_NUM_PROCESSES", "LBQ_PROCE
 
 
 def maybe_initialize_distributed(configured: bool) -> None:
-    """Calls `jax.distributed.initialize()` when ``configured`` or LBQ_DISTRIBUTED asks for it.
-
-    With LBQ_COORDINATOR_ADDRESS, LBQ_NUM_PROCESSES and LBQ_PROCESS_ID all set (launch/local.sh,
-    launch/gpu_slurm.sh), they are passed explicitly and JAX's cluster detection is switched
-    off, so every local device stays visible to the process. Otherwise JAX detects the cluster
-    itself (Cloud TPU, SLURM, Open MPI).
+    """Calls `jax.distributed.initialize()` when ``configured`` or LBQ_DISTRIBUTED asks for it:
+    with the LBQ_* process variables when they are set, else with JAX's own cluster detection
+    (the table in docs/launch.md).
 
     Raises:
       ConfigError: when only some of the LBQ_* variables are set, they are not integers, or
@@ -27,18 +24,16 @@ def maybe_initialize_distributed(configured: bool) -> None:
     if not requested or jax.distributed.is_initialized():
         return
     given = [os.environ.get(name, "") for name in _PROCESS_VARIABLES]
+    names = ", ".join(_PROCESS_VARIABLES)
     if not any(given):
         _initialize(
-            "no cluster was detected (Cloud TPU, SLURM or Open MPI); set "
-            + ", ".join(_PROCESS_VARIABLES)
-            + " or run with distributed=False"
+            f"no cluster was detected (Cloud TPU, SLURM or Open MPI); set {names} or run with "
+            "distributed=False"
         )
         return
     if not all(given):
         missing = ", ".join(n for n, v in zip(_PROCESS_VARIABLES, given, strict=True) if not v)
-        raise ConfigError(
-            f"distributed run: {missing} unset; set all of {', '.join(_PROCESS_VARIABLES)}"
-        )
+        raise ConfigError(f"distributed run: {missing} unset; set all of {names}")
     try:
         count, index = int(given[1]), int(given[2])
     except ValueError:

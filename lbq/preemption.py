@@ -18,8 +18,7 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: rerun the same command to resume
 
 
 class Preempted(Exception):
-    """A stop was requested before the first training step; the message says what the workdir
-    holds."""
+    """A stop requested before the first training step; the message says what the workdir holds."""
 
 
 class PreemptionWatcher:
@@ -80,8 +79,7 @@ class PreemptionWatcher:
         import numpy as np
         from jax.experimental import multihost_utils
 
-        flags = multihost_utils.process_allgather(np.int32(self.requested))
-        return bool(np.any(flags))
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def raise_if_requested(self, written: str) -> None:
         """Raises `Preempted` when a stop was requested (every process agrees first).
