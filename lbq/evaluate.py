@@ -65,8 +65,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         "quantizers": dict(zip(("weight", "activation"), run.quantizers(), strict=True)),
         "results": results,
     }
-    text = json.dumps(record, indent=2)
-    print(text)
+    print(json.dumps(record, indent=2))
     path = args.output or default_output(
         run.workdir, run.step, data["split"], args.w_bits, args.a_bits
     )
@@ -77,25 +76,23 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lbq.evaluate", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--workdir", required=True, help="the run's folder")
-    parser.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
-    parser.add_argument("--split", default=None, help="eval split (default: the run's)")
-    parser.add_argument("--dataset", default=None, help="evaluate on this dataset instead")
-    parser.add_argument("--data_dir", default=None, help="TFDS data dir of the dataset")
-    parser.add_argument("--w_bits", type=_bits_field, default=None, help="students' weight bits")
-    parser.add_argument("--a_bits", type=_bits_field, default=None, help="students' act. bits")
-    parser.add_argument(
+    p = argparse.ArgumentParser(prog="python -m lbq.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="the run's folder")
+    p.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
+    p.add_argument("--split", default=None, help="eval split (default: the run's)")
+    p.add_argument("--dataset", default=None, help="evaluate on this dataset instead")
+    p.add_argument("--data_dir", default=None, help="TFDS data dir of the dataset")
+    p.add_argument("--w_bits", type=_bits_field, default=None, help="students' weight bits")
+    p.add_argument("--a_bits", type=_bits_field, default=None, help="students' act. bits")
+    p.add_argument(
         "--recalibrate_bn_batches",
         type=int,
         default=None,
         help="re-estimate BatchNorm statistics over N training batches first (default: the "
         "run's eval.recalibrate_bn_batches)",
     )
-    parser.add_argument("--output", default=None, help="JSON file to write")
-    args = parser.parse_args(argv)
+    p.add_argument("--output", default=None, help="JSON file to write")
+    args = p.parse_args(argv)
     return run_command(lambda: evaluate_command(args))
 
 

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any
 
+import numpy as np
+
 from lbq.deploy import package
 from lbq.deploy.cli import run_command
 from lbq.deploy.errors import DeployError
@@ -156,8 +158,6 @@ def check_export(
 
 
 def _accuracy(logits, labels) -> float:
-    import numpy as np
-
     return float(np.mean(np.argmax(logits, -1) == labels)) if len(labels) else 0.0
 
 
@@ -168,9 +168,7 @@ def _human(n: float) -> str:
 def summary(manifest: dict[str, Any]) -> str:
     lines = []
     for name, entry in manifest["networks"].items():
-        layers = entry["layers"]
-        ws = sorted({layer["w_bits"] for layer in layers})
-        as_ = sorted({layer["a_bits"] for layer in layers})
+        ws, as_ = (sorted({layer[k] for layer in entry["layers"]}) for k in ("w_bits", "a_bits"))
         lines.append(f"{name}: {entry['model']['name']}, weight bits {ws}, activation bits {as_}")
         for kind in ("quantized_convs", "quantized_dense"):
             if kind in entry["size"]:
@@ -205,8 +203,7 @@ def summary(manifest: dict[str, Any]) -> str:
                     f"{100 * own['top1_agreement']:.2f} %, max |logit diff| "
                     f"{own['max_abs_diff']:.2e}"
                 )
-            for failure in check.get("failures", []):
-                lines.append(f"  CHECK FAILED: {failure}")
+            lines += [f"  CHECK FAILED: {failure}" for failure in check.get("failures", [])]
     return "\n".join(lines)
 
 
@@ -324,35 +321,33 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lbq.export", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--workdir", required=True, help="the run's folder")
-    parser.add_argument("--out", required=True, help="the folder to write")
-    parser.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
-    parser.add_argument("--data_dir", default=None, help="where the run's dataset is now")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
-    parser.add_argument(
+    p = argparse.ArgumentParser(prog="python -m lbq.export", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="the run's folder")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
+    p.add_argument("--data_dir", default=None, help="where the run's dataset is now")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    p.add_argument(
         "--check_images",
         type=int,
         default=64,
         help="eval images to compare the written model with lbq's forward on (0: none)",
     )
-    parser.add_argument(
+    p.add_argument(
         "--check_min_agreement",
         type=float,
         default=CHECK_MIN_AGREEMENT,
         help="fail when the integer forward or QONNX agrees with lbq's top-1 on fewer than "
         "this fraction of the check images",
     )
-    parser.add_argument(
+    p.add_argument(
         "--check_max_rel_diff",
         type=float,
         default=CHECK_MAX_REL_DIFF,
         help="fail when a logit differs from lbq's by more than this fraction of the image's "
         "largest |logit| (at least 1)",
     )
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     return run_command(lambda: export_command(args))
 
 

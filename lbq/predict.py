@@ -17,8 +17,6 @@ import numpy as np
 
 from lbq.deploy.cli import error, run_command
 
-ENGINES = ("integer", "qonnx")
-
 
 def read_image(path: str, dataset: dict) -> np.ndarray:
     """The eval-preprocessed uint8 [H, W, 3] image of a file.
@@ -83,15 +81,13 @@ def predict_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lbq.predict", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--model", required=True, help="a folder written by lbq.export")
-    parser.add_argument("--network", default=None, help="which network (default: the student)")
-    parser.add_argument("--engine", choices=ENGINES, default="integer", help="what runs it")
-    parser.add_argument("--top", type=int, default=5, help="classes to print per image")
-    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    args = parser.parse_args(argv)
+    p = argparse.ArgumentParser(prog="python -m lbq.predict", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="a folder written by lbq.export")
+    p.add_argument("--network", default=None, help="which network (default: the student)")
+    p.add_argument("--engine", choices=("integer", "qonnx"), default="integer", help="what runs it")
+    p.add_argument("--top", type=int, default=5, help="classes to print per image")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    args = p.parse_args(argv)
     return run_command(lambda: predict_command(args))
 
 
