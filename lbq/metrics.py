@@ -123,7 +123,7 @@ class Progress:
         width = 24
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
-        line = f"[{bar}] {step}/{self.total} {text} eta {_clock(eta)}"
+        line = f"[{bar}] {step}/{self.total} {text} eta {clock(eta)}"
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         self.stream.flush()
 
@@ -132,6 +132,7 @@ class Progress:
             self.stream.write("\n")
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """``H:MM:SS`` of a duration in seconds (rounded down; negative counts as 0)."""
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -198,3 +198,12 @@ def test_mean_of_averages_each_key_over_the_records():
     assert means["loss"] == pytest.approx(np.mean(losses.astype(np.float64)), rel=1e-6)
     assert means["top1"] == pytest.approx(np.mean(accuracies.astype(np.float64)), rel=1e-6)
     assert mean_of([]) == {}
+
+
+def test_clock_is_hours_minutes_seconds_rounded_down():
+    from lbq.metrics import clock
+
+    assert clock(0) == "0:00:00"
+    assert clock(3725.9) == "1:02:05"  # 1 h, 2 min, 5.9 s
+    assert clock(36_000 + 59) == "10:00:59"
+    assert clock(-4.0) == "0:00:00"

@@ -55,7 +55,7 @@ from lbq.configs.recipes import METHODS
 from lbq.experiments import compare
 from lbq.experiments.compare import load_results, summarize
 from lbq.io import write_json
-from lbq.metrics import _clock
+from lbq.metrics import clock
 
 METHOD_NOTES = {
     "fp": "full precision, plain ReLU",
@@ -553,10 +553,10 @@ def _train_pending(runs, pending, config_of, steps_per_epoch, outdir, write) -> 
             continue
         config = config_of(run)
         left = len(pending) - finished  # distillation runs cost about 2x: the ETA is rough
-        eta = _clock(sum(durations) / len(durations) * left) if durations else "unknown"
+        eta = clock(sum(durations) / len(durations) * left) if durations else "unknown"
         print(
             f"[{i}/{len(runs)}] {run.name} (todo {finished + 1}/{len(pending)}); "
-            f"elapsed {_clock(time.time() - t0)}, ETA {eta}",
+            f"elapsed {clock(time.time() - t0)}, ETA {eta}",
             flush=True,
         )
         try:
@@ -634,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     failed = _train_pending(runs, pending, config_of, steps_per_epoch, args.outdir, write)
     records = write()
-    print(f"total {_clock(time.time() - t0)}; {len(records)} results in {args.outdir}")
+    print(f"total {clock(time.time() - t0)}; {len(records)} results in {args.outdir}")
     if failed:
         print(f"failed (rerun to retry): {', '.join(failed)}")
     if records:
