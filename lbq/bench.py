@@ -356,7 +356,7 @@ def _run_isolated(model: str, mode: str, args: argparse.Namespace) -> Result:
     return Result(**json.loads(proc.stdout)["results"][0])
 
 
-def format_table(results: list[Result]) -> str:
+def results_table(results: list[Result]) -> str:
     """A plain-text table of the results, with each mode's ratio to fp of the same model."""
     fp = {r.model: r.images_per_second for r in results if r.mode == "fp"}
     lines = [
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model} {mode}: {result.images_per_second:.1f} images/s", flush=True)
     report = {"environment": _environment(), "results": [dataclasses.asdict(r) for r in results]}
     if not args.quiet:
-        print(format_table(results))
+        print(results_table(results))
     if args.json == "-":
         print(json.dumps(report))
     elif args.json:

@@ -426,7 +426,7 @@ def _unit_batch_norms(variables: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the run folder
 
 
-def run_config(
+def converted_run_config(
     model: str,
     *,
     data: str = "imagenet2012",
@@ -466,7 +466,7 @@ def convert(
       model: 'resnet18', 'resnet34', 'resnet50', or (torchvision) 'alexnet'.
       weights: the file (`read_state_dict`).
       out: the run folder to create; it must not hold a run already.
-      **config_fields: `run_config`'s data, data_dir, train_split, eval_split, image_size,
+      **config_fields: `converted_run_config`'s data, data_dir, train_split, eval_split, image_size,
         mean, std.
 
     Returns:
@@ -493,7 +493,7 @@ def convert(
         "sha256": sha256(weights),
         "num_classes": num_classes,
     }
-    _write_run(out, run_config(model, **config_fields), variables, record)
+    _write_run(out, converted_run_config(model, **config_fields), variables, record)
     return {**record, "out": os.path.abspath(out)}
 
 

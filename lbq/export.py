@@ -33,7 +33,7 @@ class CheckFailed(DeployError):
         self.manifest = manifest
 
 
-def prepare_folder(out: str, overwrite: bool) -> None:
+def prepare_export_folder(out: str, overwrite: bool) -> None:
     """Makes the existing folder ``out`` ready: empty (but for its ``lbq.lock``), or with
     ``overwrite`` cleared of the files an earlier lbq export listed in its manifest (other
     files stay).
@@ -113,7 +113,8 @@ def check_export(
     run too and compared with that reference (``run_forward``).
 
     Returns:
-      {network: {'data', 'reference', 'integer_vs_lbq', 'qonnx_vs_lbq' (`compare`'s figures),
+      {network: {'data', 'reference', 'integer_vs_lbq', 'qonnx_vs_lbq' (`logit_agreement`'s
+      figures),
       'tolerance', 'failures' (`check_verdict` lines; empty when the check passed),
       'top1_accuracy', and 'run_forward' for a run in another dtype}}.
     """
@@ -121,7 +122,7 @@ def check_export(
 
     from lbq.deploy.integer import IntegerForward
     from lbq.deploy.qonnx_export import run_qonnx
-    from lbq.deploy.verify import check_verdict, compare, fake_quant_logits
+    from lbq.deploy.verify import check_verdict, fake_quant_logits, logit_agreement
 
     images, labels = run.eval_images(count)
     mean, std = run.info.mean, run.info.std
@@ -138,8 +139,8 @@ def check_export(
             "data": f"first {len(images)} images of {run.plan.data.name}"
             f"[{run.plan.data.eval_split}]",
             "reference": "lbq's fake-quantized forward in float32",
-            "integer_vs_lbq": compare(reference, integer),
-            "qonnx_vs_lbq": compare(reference, qonnx),
+            "integer_vs_lbq": logit_agreement(reference, integer),
+            "qonnx_vs_lbq": logit_agreement(reference, qonnx),
             "tolerance": {"min_top1_agreement": min_agreement, "max_rel_diff": max_rel_diff},
             "top1_accuracy": {"lbq_float32": _accuracy(reference, labels)},
         }
@@ -151,7 +152,7 @@ def check_export(
         own_dtype = jnp.dtype(getattr(net.model, "dtype", None) or jnp.float32)
         if own_dtype != jnp.float32:
             own = lbq_forward(w_bits, a_bits, images, mean, std, dtype=own_dtype)
-            check["run_forward"] = {"dtype": own_dtype.name, **compare(reference, own)}
+            check["run_forward"] = {"dtype": own_dtype.name, **logit_agreement(reference, own)}
             check["top1_accuracy"][f"lbq_{own_dtype.name}"] = _accuracy(own, labels)
         checks[net.name] = check
     return checks
@@ -250,7 +251,7 @@ def export(
     except WorkdirError as error:
         raise DeployError(f"--out={out}: {_busy(error)}") from None
     try:
-        prepare_folder(out, overwrite)
+        prepare_export_folder(out, overwrite)
         manifest = {
             "format": package.FORMAT,
             "version": package.VERSION,

@@ -41,7 +41,7 @@ from lbq.deploy.integer import Codes, IntegerForward
 from lbq.deploy.pack import pack_codes, packed_size, unpack_codes
 from lbq.deploy.program import build_program
 from lbq.deploy.qonnx_export import INPUT, to_qonnx
-from lbq.deploy.verify import LOGIT_RTOL, compare, fake_quant_logits
+from lbq.deploy.verify import LOGIT_RTOL, fake_quant_logits, logit_agreement
 from lbq.models import get_model
 from lbq.quant.precision import make_precision
 
@@ -250,7 +250,7 @@ def test_integer_forward_equals_lbq_forward(network, programs, images):
             std,
             float64=True,
         )
-        result = compare(reference, integer)
+        result = logit_agreement(reference, integer)
         assert result["top1_agreement"] == 1.0, (bits, result)
         assert result["max_rel_diff"] <= FLOAT64_RTOL, (bits, result)
         for op in loaded.ops:  # every quantized layer's codes fit in k bits

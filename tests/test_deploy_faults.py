@@ -22,7 +22,7 @@ from lbq.deploy import measure as measure_cli
 from lbq.deploy.integer import Codes, IntegerForward
 from lbq.deploy.program import Program
 from lbq.deploy.qonnx_export import _emit_quantize, _Graph, _weight
-from lbq.deploy.quantizers import dorefa_weight, lsq_weight
+from lbq.deploy.quantizers import dorefa_weight_grid, lsq_weight_grid
 from lbq.deploy.verify import CHECK_MAX_REL_DIFF, CHECK_MIN_AGREEMENT, check_verdict
 from lbq.quant.quantizers import lsq_quantize, pact_activation, quantize_activation
 from lbq.workdir import WorkdirLock
@@ -190,10 +190,10 @@ def test_weight_codes_and_qonnx_weight_nodes(bits):
     kernel = _weight_kernel(bits)
     n = (1 << bits) - 1
     cases = [
-        ("dorefa", dorefa_weight({"kernel": kernel}, bits, False, "w")),
+        ("dorefa", dorefa_weight_grid({"kernel": kernel}, bits, False, "w")),
         (
             "lsq",
-            lsq_weight({"kernel": kernel, "weight_range": F32(1.6)}, bits, False, "w"),
+            lsq_weight_grid({"kernel": kernel, "weight_range": F32(1.6)}, bits, False, "w"),
         ),
     ]
     for name, grid in cases:

@@ -24,7 +24,7 @@ class _StderrHandler(logging.StreamHandler):
         del value
 
 
-def configure_logging() -> None:
+def _configure_logging() -> None:
     """lbq's warnings on stderr with the ``lbq:`` prefix; libraries only from WARNING."""
     logging.getLogger("absl").setLevel(logging.WARNING)
     logger = logging.getLogger("lbq")
@@ -46,7 +46,7 @@ def run_command(command: Callable[[], int]) -> int:
     """Runs ``command``; the errors a user can cause become one line and exit status 1."""
     from lbq.deploy.run import RUN_ERRORS
 
-    configure_logging()
+    _configure_logging()
     try:
         return command()
     except (DeployError, DataError, OSError, *RUN_ERRORS) as failure:

@@ -65,7 +65,7 @@ def measure_network(
     from lbq.deploy.integer import IntegerForward
     from lbq.deploy.package import load_model
     from lbq.deploy.qonnx_export import run_qonnx
-    from lbq.deploy.verify import compare, fake_quant_logits
+    from lbq.deploy.verify import fake_quant_logits, logit_agreement
 
     model = load_model(folder, net.name, check_qonnx=True)
     w_bits = [layer["w_bits"] for layer in model.program.layers]
@@ -96,7 +96,7 @@ def measure_network(
                 quantizers=run.quantizers(),
             )
         integer64 = IntegerForward(exact_program, mean, std, float_dtype=np.float64)(e)
-        exact = compare(lbq64, integer64)
+        exact = logit_agreement(lbq64, integer64)
     own = _run_forward(net, variables, w_bits, a_bits, images, labels, mean, std, lbq32)
     return {
         "bits": sorted({(w, a) for w, a in zip(w_bits, a_bits, strict=True)}),
@@ -105,8 +105,8 @@ def measure_network(
             "integer": float(np.mean(np.argmax(integer32, -1) == labels)),
             "qonnx": float(np.mean(np.argmax(qonnx32, -1) == labels[: len(q)])),
         },
-        "integer_vs_lbq_float32": compare(lbq32, integer32),
-        "qonnx_vs_lbq_float32": compare(lbq32[: len(q)], qonnx32),
+        "integer_vs_lbq_float32": logit_agreement(lbq32, integer32),
+        "qonnx_vs_lbq_float32": logit_agreement(lbq32[: len(q)], qonnx32),
         "integer_float64_vs_lbq_float64": exact,
         "run_forward": own,
         "seconds": {"lbq_float32": t_lbq, "integer": t_int, "qonnx": t_qonnx},
@@ -124,7 +124,7 @@ def _run_forward(net, variables, w_bits, a_bits, images, labels, mean, std, lbq3
     """lbq in the run's own compute dtype against lbq in float32, or None for a float32 run."""
     import jax.numpy as jnp
 
-    from lbq.deploy.verify import compare, fake_quant_logits
+    from lbq.deploy.verify import fake_quant_logits, logit_agreement
 
     dtype = jnp.dtype(getattr(net.model, "dtype", None) or jnp.float32)
     if dtype == jnp.float32:
@@ -133,7 +133,7 @@ def _run_forward(net, variables, w_bits, a_bits, images, labels, mean, std, lbq3
     return {
         "dtype": dtype.name,
         "top1_accuracy": float(np.mean(np.argmax(own, -1) == labels)),
-        "vs_lbq_float32": compare(lbq32, own),
+        "vs_lbq_float32": logit_agreement(lbq32, own),
     }
 
 

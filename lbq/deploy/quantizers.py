@@ -117,7 +117,9 @@ def _dorefa_values(kernel: jax.Array, bits: jax.Array, per_channel: bool) -> jax
     return quantize_weight(kernel, bits, per_channel=per_channel)
 
 
-def dorefa_weight(params: Mapping[str, Any], bits: int, per_channel: bool, what: str) -> WeightGrid:
+def dorefa_weight_grid(
+    params: Mapping[str, Any], bits: int, per_channel: bool, what: str
+) -> WeightGrid:
     """DoReFa weights (SPEC section 1): codes c with ``w_q = (2c - n) / n``."""
     kernel = jnp.asarray(params["kernel"])  # float32 as trained (float64 in x64 checks)
     values = np.asarray(_dorefa_values(kernel, jnp.float32(bits), per_channel))
@@ -126,7 +128,9 @@ def dorefa_weight(params: Mapping[str, Any], bits: int, per_channel: bool, what:
     return WeightGrid(codes, bits, 2, -n, np.asarray(1.0 / n, np.float64), values)
 
 
-def dorefa_activation(params: Mapping[str, Any] | None, bits: int, what: str) -> ActivationGrid:
+def dorefa_activation_grid(
+    params: Mapping[str, Any] | None, bits: int, what: str
+) -> ActivationGrid:
     """DoReFa activations (SPEC section 1): ``Q_k(clip(a, 0, 1))``."""
     del params, what
     return ActivationGrid(bits, 1.0)
@@ -150,7 +154,9 @@ def _lsq_values(kernel: jax.Array, value_range: jax.Array, bits: jax.Array, num_
     return lsq_range_quantize(kernel, value_range, bits, signed=True, num_features=num_features)
 
 
-def lsq_weight(params: Mapping[str, Any], bits: int, per_channel: bool, what: str) -> WeightGrid:
+def lsq_weight_grid(
+    params: Mapping[str, Any], bits: int, per_channel: bool, what: str
+) -> WeightGrid:
     """LSQ weights (SPEC section 7): codes c with ``w_q = s (c - Q_N)``."""
     if bits < 2:
         raise DeployError(f"{what}: LSQ weights need at least 2 bits (got {bits})")
@@ -164,13 +170,13 @@ def lsq_weight(params: Mapping[str, Any], bits: int, per_channel: bool, what: st
     return WeightGrid(codes, bits, 1, -q_n, step, values)
 
 
-def pact_activation(params: Mapping[str, Any] | None, bits: int, what: str) -> ActivationGrid:
+def pact_activation_grid(params: Mapping[str, Any] | None, bits: int, what: str) -> ActivationGrid:
     """PACT activations (SPEC section 7): ``Q_k(clip(x, 0, alpha))`` with the learned alpha."""
     clip = np.asarray(learned_range(_learned(params, CLIP_PARAM, what)))
     return ActivationGrid(bits, float(clip))
 
 
-def lsq_activation(params: Mapping[str, Any] | None, bits: int, what: str) -> ActivationGrid:
+def lsq_activation_grid(params: Mapping[str, Any] | None, bits: int, what: str) -> ActivationGrid:
     """LSQ activations (SPEC section 7): ``s round(clip(x / s, 0, 2^k - 1))``, the grid of
     ``clip_high = s (2^k - 1)`` (exact in float64: s has 24 significant bits, 2^k - 1 at most 8)."""
     step = float(_lsq_step(_learned(params, RANGE_PARAM, what), bits))
@@ -180,11 +186,11 @@ def lsq_activation(params: Mapping[str, Any] | None, bits: int, what: str) -> Ac
 WeightCase = Callable[[Mapping[str, Any], int, bool, str], WeightGrid]
 ActivationCase = Callable[[Mapping[str, Any] | None, int, str], ActivationGrid]
 
-WEIGHT_QUANTIZERS: dict[str, WeightCase] = {"dorefa": dorefa_weight, "lsq": lsq_weight}
+WEIGHT_QUANTIZERS: dict[str, WeightCase] = {"dorefa": dorefa_weight_grid, "lsq": lsq_weight_grid}
 ACTIVATION_QUANTIZERS: dict[str, ActivationCase] = {
-    "dorefa": dorefa_activation,
-    "pact": pact_activation,
-    "lsq": lsq_activation,
+    "dorefa": dorefa_activation_grid,
+    "pact": pact_activation_grid,
+    "lsq": lsq_activation_grid,
 }
 
 
@@ -237,7 +243,7 @@ def activation_codes(x: np.ndarray, quantizer: str, bits: int, clip_high: float)
 
     - ``dorefa`` (`quantize_activation`): ``x n`` in exact arithmetic, ``n = 2^k - 1``, on
       ``clip(x, 0, 1)``, for every input dtype;
-    - ``pact`` (`pact_activation`): ``(clip(x, 0, alpha) * n) / alpha``, each operation
+    - ``pact`` (`pact_activation_grid`): ``(clip(x, 0, alpha) * n) / alpha``, each operation
       rounded in ``x``'s dtype (float32, or float64 in the exact checks), ``alpha = clip_high``;
     - ``lsq`` (`lsq_quantize`, unsigned): ``clip(x / s, 0, n)`` with the division rounded in
       ``x``'s dtype, ``s = clip_high / n``.

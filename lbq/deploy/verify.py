@@ -6,9 +6,9 @@ quantized. The candidates are the integer reference forward and the QONNX graph 
 
 Tolerance, as measured (docs/deploy.md): the integer forward matches the float32 reference up
 to float32 rounding, except where a pre-activation falls within that rounding of a quantizer's
-decision boundary and one code flips by one level. `compare` therefore reports the fraction of
-images whose top-1 agrees, and the logit differences as a distribution (max and the 99.9th
-percentile of each image's largest difference), relative to the logits' own range.
+decision boundary and one code flips by one level. `logit_agreement` therefore reports the
+fraction of images whose top-1 agrees, and the logit differences as a distribution (max and
+the 99.9th percentile of each image's largest difference), relative to the logits' own range.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _compiled_forward(model: Any):
     return jax.jit(lambda variables, x, precision: model.apply(variables, x, precision)[0])
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+def logit_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """Agreement figures of two [N, classes] logit arrays.
 
     Returns:
@@ -128,7 +128,7 @@ def check_verdict(
     min_agreement: float = CHECK_MIN_AGREEMENT,
     max_rel_diff: float = CHECK_MAX_REL_DIFF,
 ) -> str | None:
-    """None when `compare`'s ``figures`` are within the export check's tolerance, else what
+    """None when `logit_agreement`'s ``figures`` are within the export check's tolerance, else what
     disagreed: the top-1 agreement and the largest logit difference against their bounds."""
     low_agreement = figures["top1_agreement"] < min_agreement
     far = figures["max_rel_diff"] > max_rel_diff
