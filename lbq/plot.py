@@ -43,7 +43,7 @@ class PlotError(ValueError):
 
 
 @dataclass(frozen=True)
-class Run:
+class Curves:
     """One run's records, as read from ``WORKDIR/metrics.jsonl``.
 
     Attributes:
@@ -141,11 +141,11 @@ def stage_starts(records: Sequence[dict]) -> list[tuple[int, str]]:
     return starts
 
 
-def plot_runs(runs: Sequence[Run]) -> Figure:
+def plot_runs(runs: Sequence[Curves]) -> Figure:
     """Draws the runs' curves; returns the Figure without saving it.
 
     Args:
-      runs: one `Run` per workdir, e.g. from `read_records` and `run_labels`.
+      runs: one `Curves` per workdir, e.g. from `read_records` and `run_labels`.
 
     Returns:
       A Figure with one Axes per panel of PANELS (training loss, training accuracy, evaluation
@@ -178,7 +178,7 @@ def plot_runs(runs: Sequence[Run]) -> Figure:
     return fig
 
 
-def _mark_stages(axes, runs: Sequence[Run], colours: Sequence[str]) -> None:
+def _mark_stages(axes, runs: Sequence[Curves], colours: Sequence[str]) -> None:
     owners: dict[tuple[int, str], list[int]] = {}
     for index, run in enumerate(runs):
         starts = stage_starts(run.records)
@@ -223,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         labels = run_labels(args.workdirs)
-        runs = [Run(label, read_records(w)) for label, w in zip(labels, args.workdirs, strict=True)]
+        runs = [
+            Curves(label, read_records(w)) for label, w in zip(labels, args.workdirs, strict=True)
+        ]
         save_figure(plot_runs(runs), args.out)
     except PlotError as error:
         print(f"lbq: error: {error}", file=sys.stderr)

@@ -20,7 +20,7 @@ from runs import REPO, read_metrics
 
 from lbq.configs import default
 from lbq.metrics import MetricsWriter
-from lbq.plot import Run, main, plot_runs, read_records
+from lbq.plot import Curves, main, plot_runs, read_records
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PANEL_METRICS = (("train", "loss"), ("train", "accuracy"), ("eval", "top1"))
@@ -81,7 +81,7 @@ def _stage_lines(ax) -> list[tuple[float, str, str]]:
 def test_curves_hold_the_values_of_a_real_run(real_run):
     records = read_metrics(real_run)  # read independently of lbq.plot
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
-    fig = plot_runs([Run("two_stage", read_records(real_run))])
+    fig = plot_runs([Curves("two_stage", read_records(real_run))])
     assert len(fig.axes) == 3
     for ax, (kind, metric) in zip(fig.axes, PANEL_METRICS, strict=True):
         line = _line(ax, "two_stage: student")
@@ -97,7 +97,9 @@ def test_curves_hold_the_values_of_a_real_run(real_run):
 
 @pytest.mark.slow
 def test_runs_side_by_side_with_a_teacher_and_a_gap(real_run, kd_run):
-    fig = plot_runs([Run("two_stage", read_records(real_run)), Run("kd", read_records(kd_run))])
+    fig = plot_runs(
+        [Curves("two_stage", read_records(real_run)), Curves("kd", read_records(kd_run))]
+    )
     loss, accuracy, top1 = fig.axes
     teacher = _line(loss, "kd: teacher")
     assert teacher.get_linestyle() == "--" and _line(loss, "kd: student").get_linestyle() == "-"

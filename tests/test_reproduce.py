@@ -19,7 +19,7 @@ def test_every_method_gets_the_same_number_of_steps(bits):
     base = default.get_config()
     for total in (4, 58, 200):
         for method in reproduce.METHODS:
-            run = reproduce.Run(method, 32 if method == "fp" else bits, 0)
+            run = reproduce.StudyRun(method, 32 if method == "fp" else bits, 0)
             config = reproduce.run_config(base, run, total)
             assert sum(s.steps for s in config.stages) == total
             assert all(s.epochs is None for s in config.stages)
@@ -126,7 +126,7 @@ def test_set_overrides_a_field_of_every_run_after_the_method(capsys):
         ["--outdir=x", "--set=distill.student_ce=0", "--set=distill.temperature=2.0"]
     )
     assert args.set == {"distill.student_ce": 0, "distill.temperature": 2.0}
-    run = reproduce.Run("kd", 2, 0)
+    run = reproduce.StudyRun("kd", 2, 0)
     config = reproduce.run_config(default.get_config(), run, 8, overrides=args.set)
     assert config.distill.enabled  # the method's own setting stays
     assert config.distill.student_ce == 0.0 and config.distill.temperature == 2.0
@@ -222,7 +222,7 @@ def test_compare_puts_each_study_beside_the_control(fp_and_kd_studies, tmp_path)
 def test_teacher_can_start_from_another_run():
     from lbq.configs import default
 
-    run = reproduce.Run("best", 2, 0)
+    run = reproduce.StudyRun("best", 2, 0)
     config = reproduce.run_config(default.get_config(), run, 8, 0.01, "/s", 0.2, "/t")
     assert (config.init_from, config.distill.teacher_init) == ("/s", "/t")
     assert [(s.lr, s.teacher_lr) for s in config.stages] == [(0.01, 0.002)] * 2

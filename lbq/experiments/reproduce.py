@@ -89,7 +89,7 @@ FIELD_FLAGS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class StudyRun:
     """One (method, bits, seed) run."""
 
     method: str
@@ -190,7 +190,7 @@ def split_steps(total: int, fractions: Sequence[float]) -> list[int]:
 
 def run_config(
     base: ml_collections.ConfigDict,
-    run: Run,
+    run: StudyRun,
     total_steps: int,
     fine_tune_lr: float = FINE_TUNE_LR,
     start_from: str = "",
@@ -260,7 +260,7 @@ def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None
 
 def plan_runs(
     methods: Sequence[str], bits: Sequence[int], seeds: Sequence[int], order: str = "seed"
-) -> list[Run]:
+) -> list[StudyRun]:
     """The runs in the order to train them, methods in the order given.
 
     'seed': seed-major (fp, then every method at each bit-width, seed after seed), so a partial
@@ -272,17 +272,17 @@ def plan_runs(
     fp = "fp" in methods
     quantized = [m for m in methods if m != "fp"]
     if order == "bits":
-        runs = [Run("fp", 32, seed) for seed in seeds] if fp else []
-        return runs + [Run(m, k, seed) for k in bits for seed in seeds for m in quantized]
+        runs = [StudyRun("fp", 32, seed) for seed in seeds] if fp else []
+        return runs + [StudyRun(m, k, seed) for k in bits for seed in seeds for m in quantized]
     runs = []
     for seed in seeds:
-        runs += [Run("fp", 32, seed)] if fp else []
-        runs += [Run(m, k, seed) for k in bits for m in quantized]
+        runs += [StudyRun("fp", 32, seed)] if fp else []
+        runs += [StudyRun(m, k, seed) for k in bits for m in quantized]
     return runs
 
 
 def execute(
-    run: Run, config: ml_collections.ConfigDict, workdir: str, steps_per_epoch: int
+    run: StudyRun, config: ml_collections.ConfigDict, workdir: str, steps_per_epoch: int
 ) -> dict[str, Any]:
     """Trains one run (resuming if interrupted) and writes its ``result.json``."""
     from lbq.train import train_and_evaluate
