@@ -1,62 +1,45 @@
 """Calibrated start of the learned quantizer ranges, and BatchNorm re-estimation.
 
-**Calibrated start** (SPEC section 7). A learned range (PACT clip, LSQ range;
-`lbq.quant.layers`) is set from the model's own tensors before it is first used:
-
-- at the start of a new run started from ``init_from`` (a trained model), on
-  ``quant.calibration_batches`` training batches: every PACT clip (a clip acts at 32 bits too),
-  and the LSQ ranges of the layers that the first stage quantizes;
-- at the start of a new run from scratch: the LSQ ranges of the layers that the first stage
-  quantizes, by LSQ's rule on the first training batch (Esser et al., section 2.1); PACT clips
-  keep ``quant.pact_init_clip`` (Choi et al. start at 10);
-- at the start of a later stage, on ``quant.calibration_batches`` batches: the LSQ ranges of
-  the layers it quantizes for the first time (at full precision an LSQ range is unused, so a
-  ladder 32 -> 4 -> 2 or weights-then-activations calibrates them on the trained network).
-  A range that was used before carries over (see `lbq.quant.layers`): at a bit-width change
-  an LSQ range keeps its clipped interval (SPEC section 7). With
-  ``quant.weight_range_at_bit_change='lsq_rule'``, the LSQ weight ranges whose bit-width
-  changes are instead set again by LSQ's rule at the new bit-width, from the weights as
-  trained, in a pass of their own after the first-use one (`changed_weight_bits`; why:
-  docs/learned_ranges.md). With ``quant.activation_range_at_bit_change='calibrate'``, the
-  PACT clips and LSQ activation ranges whose bit-width changes are set again too, by
-  ``quant.activation_calibration`` at the new bit-width, in a last pass
-  (`changed_activation_bits`): the network runs at the new stage's precision, the marked
-  activations at full precision while their inputs are recorded.
+**Calibrated start** (SPEC section 7; the cases and why: docs/learned_ranges.md, "Start
+values" and the bit-width change points). A learned range (PACT clip, LSQ range;
+`lbq.quant.layers`) is set from the model's own tensors before it is first used: at a new run's
+start by `start_ranges` (from ``init_from`` on ``quant.calibration_batches`` batches, every PACT
+clip too, as a clip acts at 32 bits; from scratch by LSQ's rule on the first batch, Esser et al.,
+section 2.1, with PACT clips at ``quant.pact_init_clip``, Choi et al. start at 10), at a later
+stage's start by `stage_ranges` (the LSQ ranges it quantizes for the first time, then the
+bit-width change passes `changed_weight_bits` and `changed_activation_bits`). Any other range
+that was used before carries over (`lbq.quant.layers`).
 
 Rules. LSQ weights: ``s = 2 mean|w| / sqrt(Q_P)`` per tensor or output channel. Activations
 (PACT clip, LSQ range): ``quant.activation_calibration`` = ``'percentile'``, the
 ``quant.calibration_percentile`` percentile of the activation's input after ReLU (per batch,
 averaged over the batches), or ``'lsq'``, LSQ's rule on the same values (the rule used at a
 from-scratch start). A range is computed for the bit-width at which its layer is first
-quantized (`first_quantized_bits`). A statistic that is not positive (an activation whose input
-is never positive) leaves the range at its value. Ranges stored in the ``init_from`` run are
-not used: every range is calibrated for this run's bit-widths. The log records the rules.
+quantized (`first_quantized_bits`), or for the new one in a bit-width change pass. A statistic
+that is not positive leaves the range at its value. Ranges stored in the ``init_from`` run are
+not used. The log records the rules.
 
 The activation inputs come from one forward pass per batch of the network as it is (the start
 model: full precision with PACT's clips lifted, the plain ReLU network; at a stage start: the
-previous stage's precision), BatchNorm in eval mode, recorded with Flax ``sow``. A layer to
-calibrate for ``b`` bits runs at the bit-width ``32 + b``: every bit-width of 32 or more is full
-precision (`lbq.quant.quantizers`), as the layer was until now, and its quantizer records
-``32 + b``, from which ``b`` is read (`calibration_bits`).
+previous stage's precision, or the new one in the activation pass), BatchNorm in eval mode,
+recorded with Flax ``sow``. A layer to calibrate for ``b`` bits runs at the bit-width
+``32 + b``: every bit-width of 32 or more is full precision (`lbq.quant.quantizers`), and its
+quantizer records ``32 + b``, from which ``b`` is read (`calibration_bits`).
 
-**BatchNorm re-estimation** (``eval.recalibrate_bn_batches`` = N > 0). Before each evaluation,
-`lbq.trainer.Trainer.evaluation_state` recomputes (by `reestimate_batch_stats`) the BatchNorm
-statistics of every evaluated network (students fully quantized at the stage's bit-widths, as
-the eval step runs them) as the plain average of the per-batch means and (biased) variances
-over the run's first N training batches, as PyTorch's cumulative average (``momentum=None``)
-does. Only the evaluation sees them: the train state keeps its own parameters and statistics.
+**BatchNorm re-estimation** (``eval.recalibrate_bn_batches``; docs/learned_ranges.md):
+`reestimate_batch_stats`, for `lbq.trainer.Trainer.evaluation_state`.
 
-Every function here takes networks, a state and batches, never the trainer: the trainer
-(`lbq.trainer.Trainer`) calls `start_ranges`, `stage_ranges` and `reestimate_batch_stats` with
-its own first training batches.
+Every function here takes networks, a state and batches (`RunInputs`), never the trainer.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -145,26 +128,52 @@ def _last_quantized(bits_per_stage: Sequence[Bits], name: str, which: int) -> np
     return _first_quantized(rows)
 
 
+def _pass_bits(students: Iterable[str], layers: Callable[[str], tuple]) -> dict | None:
+    """{student: (w_bits, a_bits)} of a calibration pass: `calibration_bits` of the (current,
+    target, marked) that ``layers(student)`` gives for its weights and for its activations; None
+    when no layer is marked."""
+    out = {}
+    for name in students:
+        weights, activations = layers(name)
+        if weights[2].any() or activations[2].any():
+            out[name] = (calibration_bits(*weights), calibration_bits(*activations))
+    return out or None
+
+
 def start_calibration_bits(
     bits_per_stage: Sequence[Bits], model: ModelSpec, from_model: bool
 ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """{student: (w_bits, a_bits)} of the calibration pass at a new run's start (the start
     network is at full precision); None when nothing is calibrated then."""
     first = first_quantized_bits(bits_per_stage)
-    out = {}
-    for name, (w0, a0) in bits_per_stage[0].items():
-        w0, a0 = np.asarray(w0), np.asarray(a0)
+
+    def layers(name: str) -> tuple:
+        w0, a0 = (np.asarray(b) for b in bits_per_stage[0][name])
         full = np.full_like(w0, FULL_PRECISION_BITS)
-        lsq_w = model.weight_quantizer == "lsq"
-        cal_w = (w0 < FULL_PRECISION_BITS) & lsq_w
+        weights = (full, w0, (w0 < FULL_PRECISION_BITS) & (model.weight_quantizer == "lsq"))
         if model.activation_quantizer == "pact":
-            cal_a, target_a = np.full(a0.shape, from_model), first[name][1]
-        else:
-            cal_a = (a0 < FULL_PRECISION_BITS) & (model.activation_quantizer == "lsq")
-            target_a = a0
-        if cal_w.any() or cal_a.any():
-            out[name] = (calibration_bits(full, w0, cal_w), calibration_bits(full, target_a, cal_a))
-    return out or None
+            return weights, (full, first[name][1], np.full(a0.shape, from_model))
+        lsq = model.activation_quantizer == "lsq"
+        return weights, (full, a0, (a0 < FULL_PRECISION_BITS) & lsq)
+
+    return _pass_bits(bits_per_stage[0], layers)
+
+
+def _stage_pass(
+    bits_per_stage: Sequence[Bits], index: int, base: Bits, mark: Callable
+) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """{student: (w_bits, a_bits)} of a calibration pass at the start of stage ``index`` > 0:
+    the layers that ``mark(which, last, now)`` marks (``which`` 0 for weights, 1 for
+    activations; ``last``: the bit-widths [L] they were last quantized at, 32 if never; ``now``:
+    stage ``index``'s) calibrated for ``now``, the others at ``base``'s bit-widths. None when
+    none is marked."""
+
+    def layer(name: str, which: int) -> tuple:
+        now = np.asarray(bits_per_stage[index][name][which])
+        marked = mark(which, _last_quantized(bits_per_stage[:index], name, which), now)
+        return np.where(marked, FULL_PRECISION_BITS, base[name][which]), now, marked
+
+    return _pass_bits(bits_per_stage[index], lambda name: (layer(name, 0), layer(name, 1)))
 
 
 def stage_calibration_bits(
@@ -173,33 +182,23 @@ def stage_calibration_bits(
     """{student: (w_bits, a_bits)} of the calibration pass at the start of stage ``index`` > 0:
     the previous stage's precision, and the LSQ layers that this stage quantizes for the first
     time marked for calibration; None when there are none."""
-    previous, current = bits_per_stage[index - 1], bits_per_stage[index]
-    out = {}
-    for name in current:
-        pair, marked = [], False
-        for which, quantizer in ((0, model.weight_quantizer), (1, model.activation_quantizer)):
-            now = np.asarray(current[name][which])
-            calibrate = (
-                (quantizer == "lsq")
-                & (_last_quantized(bits_per_stage[:index], name, which) >= FULL_PRECISION_BITS)
-                & (now < FULL_PRECISION_BITS)
-            )
-            pair.append(calibration_bits(previous[name][which], now, calibrate))
-            marked |= bool(calibrate.any())
-        if marked:
-            out[name] = tuple(pair)
-    return out or None
+
+    def first_use(which: int, last: np.ndarray, now: np.ndarray) -> np.ndarray:
+        lsq = (model.weight_quantizer, model.activation_quantizer)[which] == "lsq"
+        return lsq & (last >= FULL_PRECISION_BITS) & (now < FULL_PRECISION_BITS)
+
+    return _stage_pass(bits_per_stage, index, bits_per_stage[index - 1], first_use)
 
 
-def _changed_bits(
-    bits_per_stage: Sequence[Bits], index: int, name: str, which: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(stage ``index``'s bit-widths [L], whether each is quantized at a bit-width other than
-    the one it was last quantized at) of student ``name``'s weights (``which`` 0) or
-    activations (1)."""
-    now = np.asarray(bits_per_stage[index][name][which])
-    last = _last_quantized(bits_per_stage[:index], name, which)
-    return now, (last < FULL_PRECISION_BITS) & (now < FULL_PRECISION_BITS) & (last != now)
+def _changed(kind: int) -> Callable:
+    """The ``mark`` of `_stage_pass` for the weights (``kind`` 0) or activations (1) quantized
+    at a bit-width other than the one they were last quantized at."""
+
+    def mark(which: int, last: np.ndarray, now: np.ndarray) -> np.ndarray:
+        quantized = (last < FULL_PRECISION_BITS) & (now < FULL_PRECISION_BITS)
+        return (which == kind) & quantized & (last != now)
+
+    return mark
 
 
 def changed_weight_bits(
@@ -215,14 +214,7 @@ def changed_weight_bits(
     values, which the full-precision marked layers change, set nothing."""
     if model.weight_quantizer != "lsq":
         return None
-    previous = bits_per_stage[index - 1]
-    out = {}
-    for name in bits_per_stage[index]:
-        now, marked = _changed_bits(bits_per_stage, index, name, 0)
-        if marked.any():
-            w_bits = np.where(marked, FULL_PRECISION_BITS, previous[name][0])
-            out[name] = (calibration_bits(w_bits, now, marked), np.asarray(previous[name][1]))
-    return out or None
+    return _stage_pass(bits_per_stage, index, bits_per_stage[index - 1], _changed(0))
 
 
 def changed_activation_bits(
@@ -235,13 +227,7 @@ def changed_activation_bits(
     stage ``index``'s own precision, as the stage will train it. None when none is marked."""
     if model.activation_quantizer not in ("pact", "lsq"):
         return None
-    out = {}
-    for name, (w_now, _) in bits_per_stage[index].items():
-        a_now, marked = _changed_bits(bits_per_stage, index, name, 1)
-        if marked.any():
-            current = np.where(marked, FULL_PRECISION_BITS, a_now)
-            out[name] = (np.asarray(w_now), calibration_bits(current, a_now, marked))
-    return out or None
+    return _stage_pass(bits_per_stage, index, bits_per_stage[index], _changed(1))
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -356,14 +342,14 @@ def calibrated_ranges(
     rest, ranges = split_learned_ranges(params)
     counts = {"weights": 0, "activations": 0, "kept": 0}
 
-    def calibrate(path: Path, old: jax.Array) -> jax.Array:
-        *module, name = path
+    def calibrate(key_path: tuple, old: jax.Array) -> jax.Array:
+        *module, name = (key.key for key in key_path)
         values = statistics["/".join(module)]
         bits = calibration_target(values["bits"])
         if bits is None:
             return old
         if name == WEIGHT_RANGE_PARAM:
-            kernel = _leaf(params, (*module, "kernel"))
+            kernel = functools.reduce(operator.getitem, (*module, "kernel"), params)
             new = lsq_initial_range(kernel, bits, True, per_channel=old.ndim == 1)
             kind = "weights"
         else:
@@ -377,21 +363,8 @@ def calibrated_ranges(
         counts[kind if usable else "kept"] += 1
         return jax.device_put(new, old.sharding) if usable else old
 
-    new_ranges = _map_with_path(calibrate, ranges)
+    new_ranges = jax.tree_util.tree_map_with_path(calibrate, ranges)
     return merge_learned_ranges(rest, new_ranges), counts
-
-
-def _leaf(tree: Mapping[str, Any], path: Path) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _map_with_path(fn: Callable[[Path, Any], Any], tree: Mapping[str, Any], path: Path = ()):
-    return {
-        k: _map_with_path(fn, v, (*path, k)) if isinstance(v, Mapping) else fn((*path, k), v)
-        for k, v in tree.items()
-    }
 
 
 # ------------------------------------------------------------------------- BatchNorm
@@ -444,52 +417,57 @@ def reestimate_batch_stats(step: Callable, state: TrainState, batches: Sequence,
 
 
 # --------------------------------------------------------------------------------- run level
-# Networks, a state and batches in, a state out: the trainer supplies the run's first training
-# batches (`lbq.trainer.Trainer.first_batches`) and these functions never see it.
 
-FirstBatches = Callable[[int], Sequence[Mapping[str, jax.Array]]]
+
+class RunInputs(NamedTuple):
+    """What calibration reads of a run (`lbq.trainer.Trainer.calibration_inputs`).
+
+    Attributes:
+      plan: the run plan (its model, calibration and ``init_from``).
+      networks: the run's networks; only students are calibrated.
+      bits_per_stage: `lbq.trainer.stage_bits` of every stage of the run.
+      first_batches: ``count -> the run's first count training batches`` ``{'image': (B, H,
+        W, C) float32 in 0..255, ...}``.
+      mean, std: the input normalisation (per channel, 0..255 units).
+    """
+
+    plan: RunPlan
+    networks: Sequence[Network]
+    bits_per_stage: Sequence[Bits]
+    first_batches: Callable[[int], Sequence[Mapping[str, jax.Array]]]
+    mean: Sequence[float]
+    std: Sequence[float]
 
 
 def calibrate_ranges(
-    networks: Sequence[Network],
+    run: RunInputs,
     state: TrainState,
     bits: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    batches: Sequence[Mapping[str, jax.Array]],
-    mean: Sequence[float],
-    std: Sequence[float],
+    num_batches: int,
     *,
     rule: str,
-    percentile: float,
     lift_clips: bool,
     source: str,
 ) -> TrainState:
-    """The state with its students' marked ranges calibrated on ``batches``
-    (`make_range_statistics`, `calibrated_ranges`); logs what was set, by which rule, and
-    ``source``.
+    """The state with its students' marked ranges calibrated on the run's first
+    ``num_batches`` training batches (`make_range_statistics`, `calibrated_ranges`); logs what
+    was set, by which rule, and ``source``.
 
     Args:
-      networks: the run's networks; only those named in ``bits`` are calibrated.
-      bits: {student: (w_bits, a_bits)} from `start_calibration_bits` or
-        `stage_calibration_bits`.
-      batches: training batches ``{'image': (B, H, W, C) float32 in 0..255, ...}``.
-      mean, std: the input normalisation (per channel, 0..255 units).
+      bits: {student: (w_bits, a_bits)} of the pass (`start_calibration_bits`,
+        `stage_calibration_bits`, ...); only the networks named here are calibrated.
     """
+    batches = run.first_batches(num_batches)
+    percentile = run.plan.calibration.percentile
     params = dict(state.params)
-    for net in networks:
+    for net in run.networks:
         if net.name not in bits:
             continue
         statistics = jax.jit(make_range_statistics(net.model, percentile, lift_clips))
         w_bits, a_bits = (jnp.asarray(b) for b in bits[net.name])
-        per_batch = [
-            statistics(
-                params[net.name],
-                state.batch_stats[net.name],
-                normalize(batch["image"], mean, std),
-                w_bits,
-                a_bits,
-            )
-            for batch in batches
-        ]
+        on_batch = functools.partial(statistics, params[net.name], state.batch_stats[net.name])
+        images = (normalize(batch["image"], run.mean, run.std) for batch in batches)
+        per_batch = [on_batch(x, w_bits, a_bits) for x in images]
         params[net.name], counts = calibrated_ranges(
             params[net.name], average_statistics(per_batch), rule
         )
@@ -497,105 +475,52 @@ def calibrate_ranges(
     return state.replace(params=params)
 
 
-def start_ranges(
-    plan: RunPlan,
-    networks: Sequence[Network],
-    state: TrainState,
-    bits_per_stage: Sequence[Bits],
-    first_batches: FirstBatches,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> TrainState:
-    """A new run's state with the learned ranges that its first stage uses calibrated
-    (module docstring): on ``init_from``'s model, or LSQ's first-batch rule from scratch.
-
-    Args:
-      plan: the run plan (its model, calibration and ``init_from``).
-      state: after the start weights were loaded.
-      bits_per_stage: `lbq.trainer.stage_bits` of every stage of the run.
-      first_batches: ``count -> the run's first count training batches``.
-    """
-    if not plan.model.learned_ranges:
+def start_ranges(run: RunInputs, state: TrainState) -> TrainState:
+    """A new run's state, after its start weights were loaded, with the learned ranges that its
+    first stage uses calibrated (module docstring): on ``init_from``'s model, or LSQ's
+    first-batch rule from scratch."""
+    model = run.plan.model
+    if not model.learned_ranges:
         return state
-    from_model = plan.init_from is not None
-    if not from_model and plan.model.activation_quantizer == "pact":
-        log.info("PACT clips start at quant.pact_init_clip=%g", plan.model.pact_init_clip)
-    bits = start_calibration_bits(bits_per_stage, plan.model, from_model)
+    from_model = run.plan.init_from is not None
+    if not from_model and model.activation_quantizer == "pact":
+        log.info("PACT clips start at quant.pact_init_clip=%g", model.pact_init_clip)
+    bits = start_calibration_bits(run.bits_per_stage, model, from_model)
     if bits is None:
         return state
     if from_model:
-        calibration = plan.calibration
+        calibration = run.plan.calibration
         rule, count, source = calibration.activation_rule, calibration.batches, "init_from"
     else:
         rule, count, source = LSQ_RULE, 1, "the initial weights"
-    return calibrate_ranges(
-        networks,
-        state,
-        bits,
-        first_batches(count),
-        mean,
-        std,
-        rule=rule,
-        percentile=plan.calibration.percentile,
-        lift_clips=True,
-        source=source,
-    )
+    return calibrate_ranges(run, state, bits, count, rule=rule, lift_clips=True, source=source)
 
 
-def stage_ranges(
-    plan: RunPlan,
-    networks: Sequence[Network],
-    state: TrainState,
-    bits_per_stage: Sequence[Bits],
-    index: int,
-    first_batches: FirstBatches,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> TrainState:
+def stage_ranges(run: RunInputs, state: TrainState, index: int) -> TrainState:
     """The state at the start of stage ``index``: the LSQ ranges of the layers that the stage
     quantizes for the first time calibrated on the network as trained so far and, with
     ``quant.weight_range_at_bit_change='lsq_rule'``, the LSQ weight ranges whose bit-width
     changes set again by LSQ's rule (`changed_weight_bits`) and, with
     ``quant.activation_range_at_bit_change='calibrate'``, the activation ranges whose
     bit-width changes set again by ``quant.activation_calibration`` (`changed_activation_bits`).
-    The arguments are those of `start_ranges`."""
-    if index == 0 or not plan.model.learned_ranges:
+    """
+    if index == 0 or not run.plan.model.learned_ranges:
         return state
-    calibration = plan.calibration
-    passes = (  # (wanted, the pass's bit-widths, batches, what is read), in this order
-        (
-            True,
-            stage_calibration_bits,
-            calibration.batches,
-            f"the network at the start of stage {index + 1}",
-        ),
-        (
-            calibration.weight_range_at_bit_change == "lsq_rule",
-            changed_weight_bits,
-            1,  # only the kernels are read
-            f"the weights at stage {index + 1}'s new bit-widths",
-        ),
-        (
-            calibration.activation_range_at_bit_change == "calibrate",
-            changed_activation_bits,
-            calibration.batches,
-            f"the network at stage {index + 1}'s new bit-widths",
-        ),
-    )
-    for wanted, marked_bits, num_batches, source in passes:
-        changed = marked_bits(bits_per_stage, index, plan.model) if wanted else None
-        if changed is not None:
+    calibration, stage = run.plan.calibration, index + 1
+    rule = calibration.activation_rule
+    passes = [  # (the pass's bit-widths, batches, what is read), in this order
+        (stage_calibration_bits, calibration.batches, f"the network at the start of stage {stage}")
+    ]
+    if calibration.weight_range_at_bit_change == "lsq_rule":  # only the kernels are read
+        passes.append((changed_weight_bits, 1, f"the weights at stage {stage}'s new bit-widths"))
+    if calibration.activation_range_at_bit_change == "calibrate":
+        source = f"the network at stage {stage}'s new bit-widths"
+        passes.append((changed_activation_bits, calibration.batches, source))
+    for marked_bits, num_batches, source in passes:
+        bits = marked_bits(run.bits_per_stage, index, run.plan.model)
+        if bits is not None:
             state = calibrate_ranges(
-                networks,
-                state,
-                changed,
-                first_batches(num_batches),
-                mean,
-                std,
-                rule=calibration.activation_rule,
-                percentile=calibration.percentile,
-                lift_clips=False,
-                source=source,
+                run, state, bits, num_batches, rule=rule, lift_clips=False, source=source
             )
     return state
 

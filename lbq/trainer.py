@@ -239,9 +239,12 @@ class Trainer:
             first_nonfinite=jax.device_put(jnp.int32(-1), self.replicated),
         )
 
-    def bits_per_stage(self) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
-        """`stage_bits` of every stage of the plan, in order."""
-        return [stage_bits(stage, self.networks) for stage in self.plan.stages]
+    def calibration_inputs(self) -> calibrate.RunInputs:
+        """What `lbq.calibrate` reads of this run: `stage_bits` of every stage of the plan, in
+        order, and `first_batches`."""
+        bits = [stage_bits(stage, self.networks) for stage in self.plan.stages]
+        mean, std = self.info.mean, self.info.std
+        return calibrate.RunInputs(self.plan, self.networks, bits, self.first_batches, mean, std)
 
     def start_stage(self, state: TrainState, stage: Stage) -> TrainState:
         """The state at the first step of ``stage``, the one place a stage starts: from the
@@ -249,16 +252,7 @@ class Trainer:
         ``quant.weight_range_at_bit_change`` / ``activation_range_at_bit_change``, at a new
         bit-width are calibrated (`lbq.calibrate.stage_ranges`); then the optimizer state
         starts afresh (`fresh_optimizer_state`)."""
-        state = calibrate.stage_ranges(
-            self.plan,
-            self.networks,
-            state,
-            self.bits_per_stage(),
-            stage.index,
-            self.first_batches,
-            self.info.mean,
-            self.info.std,
-        )
+        state = calibrate.stage_ranges(self.calibration_inputs(), state, stage.index)
         return self.fresh_optimizer_state(state, stage)
 
     def fresh_optimizer_state(self, state: TrainState, stage: Stage) -> TrainState:
@@ -289,15 +283,7 @@ class Trainer:
         if distill.enabled and distill.teacher_init:
             mapping = {"teacher": "teacher"}
             state = load_into(state, distill.teacher_init, mapping, "distill.teacher_init")
-        return calibrate.start_ranges(
-            self.plan,
-            self.networks,
-            state,
-            self.bits_per_stage(),
-            self.first_batches,
-            self.info.mean,
-            self.info.std,
-        )
+        return calibrate.start_ranges(self.calibration_inputs(), state)
 
     def first_batches(self, count: int) -> list[dict[str, jax.Array]]:
         """The run's first ``count`` training batches (steps 0.. of the data order, with the

@@ -411,15 +411,7 @@ def _fp_outputs(params, batch_stats, images, names):
 
 def _start_ranges(trainer, state):
     """`calibrate.start_ranges` with the trainer's plan, networks and first batches."""
-    return calibrate.start_ranges(
-        trainer.plan,
-        trainer.networks,
-        state,
-        trainer.bits_per_stage(),
-        trainer.first_batches,
-        trainer.info.mean,
-        trainer.info.std,
-    )
+    return calibrate.start_ranges(trainer.calibration_inputs(), state)
 
 
 def test_calibration_from_a_trained_run_sets_every_range_from_its_tensors(lsq_pact):
