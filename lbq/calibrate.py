@@ -75,27 +75,17 @@ Path = tuple[str, ...]
 # ------------------------------------------------------------------------------ bit-widths
 
 
-def _first_quantized(rows: np.ndarray) -> np.ndarray:
-    """Per column of ``rows`` [stages, L], the first entry below 32, else 32."""
-    quantized = rows < FULL_PRECISION_BITS
-    first = rows[np.argmax(quantized, axis=0), np.arange(rows.shape[1])]
-    return np.where(quantized.any(axis=0), first, FULL_PRECISION_BITS).astype(np.float32)
-
-
-def first_quantized_bits(bits_per_stage: Sequence[Bits]) -> dict[str, tuple[np.ndarray, ...]]:
-    """Per student and layer, the first weight and activation bit-widths below 32 over the
-    stages (32 where a layer is never quantized).
+def first_quantized_bits(bits_per_stage: Sequence[Bits], name: str, which: int) -> np.ndarray:
+    """Per layer [L], the first bit-width below 32 of student ``name``'s weights (``which`` 0)
+    or activations (1) over the stages, 32 where a layer is never quantized.
 
     Args:
       bits_per_stage: for each stage, `lbq.trainer.stage_bits`.
     """
-    return {
-        name: tuple(
-            _first_quantized(np.stack([np.asarray(s[name][i]) for s in bits_per_stage]))
-            for i in range(2)
-        )
-        for name in bits_per_stage[0]
-    }
+    rows = np.stack([np.asarray(s[name][which]) for s in bits_per_stage])
+    quantized = rows < FULL_PRECISION_BITS
+    first = rows[np.argmax(quantized, axis=0), np.arange(rows.shape[1])]
+    return np.where(quantized.any(axis=0), first, FULL_PRECISION_BITS).astype(np.float32)
 
 
 def calibration_bits(current: np.ndarray, target: np.ndarray, calibrate: np.ndarray) -> np.ndarray:
@@ -121,13 +111,6 @@ def calibration_target(recorded_bits: float) -> float | None:
     return recorded - FULL_PRECISION_BITS if recorded > FULL_PRECISION_BITS else None
 
 
-def _last_quantized(bits_per_stage: Sequence[Bits], name: str, which: int) -> np.ndarray:
-    """Per layer [L], the bit-width of the last of ``bits_per_stage`` that quantized it, else
-    32 (never quantized)."""
-    rows = np.stack([np.asarray(s[name][which]) for s in bits_per_stage])[::-1]
-    return _first_quantized(rows)
-
-
 def _pass_bits(students: Iterable[str], layers: Callable[[str], tuple]) -> dict | None:
     """{student: (w_bits, a_bits)} of a calibration pass: `calibration_bits` of the (current,
     target, marked) that ``layers(student)`` gives for its weights and for its activations; None
@@ -145,14 +128,14 @@ def start_calibration_bits(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """{student: (w_bits, a_bits)} of the calibration pass at a new run's start (the start
     network is at full precision); None when nothing is calibrated then."""
-    first = first_quantized_bits(bits_per_stage)
 
     def layers(name: str) -> tuple:
         w0, a0 = (np.asarray(b) for b in bits_per_stage[0][name])
         full = np.full_like(w0, FULL_PRECISION_BITS)
         weights = (full, w0, (w0 < FULL_PRECISION_BITS) & (model.weight_quantizer == "lsq"))
         if model.activation_quantizer == "pact":
-            return weights, (full, first[name][1], np.full(a0.shape, from_model))
+            first = first_quantized_bits(bits_per_stage, name, 1)
+            return weights, (full, first, np.full(a0.shape, from_model))
         lsq = model.activation_quantizer == "lsq"
         return weights, (full, a0, (a0 < FULL_PRECISION_BITS) & lsq)
 
@@ -170,7 +153,8 @@ def _stage_pass(
 
     def layer(name: str, which: int) -> tuple:
         now = np.asarray(bits_per_stage[index][name][which])
-        marked = mark(which, _last_quantized(bits_per_stage[:index], name, which), now)
+        last = first_quantized_bits(bits_per_stage[:index][::-1], name, which)
+        marked = mark(which, last, now)
         return np.where(marked, FULL_PRECISION_BITS, base[name][which]), now, marked
 
     return _pass_bits(bits_per_stage[index], lambda name: (layer(name, 0), layer(name, 1)))
