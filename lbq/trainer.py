@@ -120,10 +120,6 @@ def stage_bits(stage: Stage, networks) -> dict[str, tuple[np.ndarray, np.ndarray
     return bits
 
 
-def _describe_path(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def _check_shapes(source, target, field: str, path: str, network: str) -> None:
     """One line naming the first parameter whose shape differs (instead of a Flax traceback
     after compiling)."""
@@ -131,10 +127,10 @@ def _check_shapes(source, target, field: str, path: str, network: str) -> None:
     for key, ours in jax.tree_util.tree_flatten_with_path(target)[0]:
         shape = tuple(np.shape(theirs[key]))
         if shape != tuple(ours.shape):
+            name = jax.tree_util.keystr(key, simple=True, separator="/")
             raise ConfigError(
-                f"{field}={path!r}: {network} parameter {_describe_path(key)} has shape "
-                f"{shape} there but {tuple(ours.shape)} in this run (another model, classes "
-                "or image size?)"
+                f"{field}={path!r}: {network} parameter {name} has shape {shape} there but "
+                f"{tuple(ours.shape)} in this run (another model, classes or image size?)"
             )
 
 
