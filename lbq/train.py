@@ -181,13 +181,11 @@ class _Loop:
         values.update(
             images_per_second=ips, stage=stage.index, epoch=self.step / self.steps_per_epoch
         )
-        if self.plan.on_nonfinite == "skip":
-            try:
-                self.count_skipped(stage)
-            finally:  # the interval that crosses the limit is still written
+        try:
+            self.count_skipped(stage)  # a no-op unless on_nonfinite='skip'
+        finally:  # the interval that crosses the limit is still written
+            if self.plan.on_nonfinite == "skip":
                 values["skipped_steps"] = self.skipped.get(stage.name, 0)
-                self.writer.write(self.step, "train", {**values, "stage_name": stage.name})
-        else:
             self.writer.write(self.step, "train", {**values, "stage_name": stage.name})
         self.progress.update(
             self.step, f"{stage.name} {report.progress_text(values)} {ips:.0f} img/s"
