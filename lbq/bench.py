@@ -31,11 +31,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
+import functools
 import json
 import os
 import platform
 import resource
+import runpy
 import statistics
 import subprocess
 import sys
@@ -277,14 +278,11 @@ def run_mode(
     """Builds the trainer's step for ``mode`` and times it on a synthetic on-device batch.
 
     Args:
-      model: a network name of `lbq.models`.
-      mode: one of `MODES`.
-      batch: global batch.
+      model, mode, batch, dtype: as `build_step`.
       steps: timed steps (the median is reported).
       warmup: untimed steps after the first.
       profile_dir: if set, a `jax.profiler` trace of ``profile_steps`` more steps goes here.
       profile_steps: steps in the trace.
-      dtype: compute dtype ('auto': bfloat16 on accelerators, float32 on CPU).
     """
     import jax
     import numpy as np
@@ -339,14 +337,13 @@ def run_mode(
 # ----------------------------------------------------------------------------- driver
 
 
-def _run_isolated(model: str, mode: str, args: argparse.Namespace) -> Result:
-    """Runs one mode in a fresh interpreter so that its peak memory is its own."""
-    options = {"--model": model, "--modes": mode, "--batch": args.batch, "--steps": args.steps}
-    options.update({"--warmup": args.warmup, "--dtype": args.dtype})
-    cmd = [sys.executable, "-m", "lbq.bench", *(str(x) for pair in options.items() for x in pair)]
-    cmd += ["--no-isolate", "--quiet", "--json", "-"]
-    if args.profile:
-        cmd += ["--profile", args.profile]
+def _run_isolated(model: str, mode: str, **options: Any) -> Result:
+    """`run_mode` in a fresh interpreter, so that its peak memory is its own."""
+    cmd = [sys.executable, "-m", "lbq.bench", "--model", model, "--modes", mode, "--no-isolate"]
+    cmd += ["--quiet", "--json", "-"]
+    for name, value in options.items():
+        if value is not None:  # profile_dir
+            cmd += [f"--{'profile' if name == 'profile_dir' else name}", str(value)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -397,22 +394,10 @@ def git_commit(root: str | None = None) -> str | None:
     one capture of the source commit, for the bench's reports and benchmarks/ (``root``: the
     checkout, by default the one lbq is imported from)."""
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, timeout=10)
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        head = git(["git", "rev-parse", "--short", "HEAD"], check=True)
+        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"])
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -431,44 +416,24 @@ def cpu_model() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lbq.bench", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--model",
-        default="resnet20",
-        help=f"comma-separated networks, or 'all' ({','.join(MODELS)})",
-    )
-    parser.add_argument(
-        "--modes",
-        default=",".join(DEFAULT_MODES),
-        help=f"comma-separated subset of {','.join(MODES)}",
-    )
-    parser.add_argument(
-        "--batch",
-        type=int,
-        default=None,
-        help="global batch (default: 128 at 32 px, 256 at 224 px)",
-    )
-    parser.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)",
-    )
-    parser.add_argument("--json", default=None, help="write the results here ('-': stdout)")
-    parser.add_argument("--profile", default=None, help="write a jax.profiler trace here")
-    parser.add_argument(
-        "--input",
-        action="store_true",
-        help="benchmark the host input pipeline instead "
-        "(benchmarks/input_pipeline.py; its options follow --)",
-    )
-    parser.add_argument(
+    add, models, modes = parser.add_argument, ",".join(MODELS), ",".join(MODES)
+    add("--model", default="resnet20", help=f"comma-separated networks, or 'all' ({models})")
+    add("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {modes}")
+    add("--batch", type=int, help="global batch (default: 128 at 32 px, 256 at 224 px)")
+    add("--steps", type=int, default=30, help="timed steps (median reported)")
+    add("--warmup", type=int, default=3, help="untimed steps after the first")
+    add("--dtype", default="auto", help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    add("--json", help="write the results here ('-': stdout)")
+    add("--profile", help="write a jax.profiler trace here")
+    pipeline = "benchmarks/input_pipeline.py instead; its options follow --"
+    add("--input", action="store_true", help=f"benchmark the host input pipeline ({pipeline})")
+    add(
         "--no-isolate",
         dest="isolate",
         action="store_false",
         help="run every mode in this process (peak memory is then cumulative)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no table")
+    add("--quiet", action="store_true", help="no table")
     args, rest = parser.parse_known_args(argv)
     args.rest = [r for r in rest if r != "--"]
     if args.rest and not args.input:
@@ -480,12 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.input:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        spec = importlib.util.spec_from_file_location(
-            "_lbq_input_bench", os.path.join(root, "benchmarks", "input_pipeline.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.main(args.rest)
+        path = os.path.join(root, "benchmarks", "input_pipeline.py")
+        return runpy.run_path(path, run_name="_lbq_input_bench")["main"](args.rest)
     models = list(MODELS) if args.model == "all" else args.model.split(",")
     modes = args.modes.split(",")
     unknown = [m for m in modes if m not in MODES]
@@ -496,21 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for model in models:
         batch = args.batch or (128 if model in SMALL_INPUT_MODELS else 256)
+        options = {"batch": batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype}
         for mode in modes:
-            if args.isolate:
-                result = _run_isolated(
-                    model, mode, argparse.Namespace(**{**vars(args), "batch": batch})
-                )
-            else:
-                result = run_mode(
-                    model,
-                    mode,
-                    batch=batch,
-                    steps=args.steps,
-                    warmup=args.warmup,
-                    profile_dir=args.profile,
-                    dtype=args.dtype,
-                )
+            run = _run_isolated if args.isolate else run_mode
+            result = run(model, mode, **options, profile_dir=args.profile)
             results.append(result)
             if not args.quiet:
                 print(f"{model} {mode}: {result.images_per_second:.1f} images/s", flush=True)
