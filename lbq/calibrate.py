@@ -80,7 +80,7 @@ def first_quantized_bits(bits_per_stage: Sequence[Bits], name: str, which: int) 
     or activations (1) over the stages, 32 where a layer is never quantized.
 
     Args:
-      bits_per_stage: for each stage, `lbq.trainer.stage_bits`.
+      bits_per_stage: for each stage, `lbq.trainer.host_stage_bits`.
     """
     rows = np.stack([np.asarray(s[name][which]) for s in bits_per_stage])
     quantized = rows < FULL_PRECISION_BITS
@@ -409,7 +409,7 @@ class RunInputs(NamedTuple):
     Attributes:
       plan: the run plan (its model, calibration and ``init_from``).
       networks: the run's networks; only students are calibrated.
-      bits_per_stage: `lbq.trainer.stage_bits` of every stage of the run.
+      bits_per_stage: `lbq.trainer.host_stage_bits` of every stage of the run.
       first_batches: ``count -> the run's first count training batches`` ``{'image': (B, H,
         W, C) float32 in 0..255, ...}``.
       mean, std: the input normalisation (per channel, 0..255 units).

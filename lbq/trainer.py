@@ -104,7 +104,7 @@ def build_optimizer(plan: RunPlan, networks: tuple[Network, ...]) -> optax.Gradi
     )
 
 
-def stage_bits(stage: Stage, networks) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def host_stage_bits(stage: Stage, networks) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Host-side {student: (w_bits [L], a_bits [L])} for a stage; extra students keep their
     own fixed bit-widths."""
     bits = {}
@@ -236,9 +236,9 @@ class Trainer:
         )
 
     def calibration_inputs(self) -> calibrate.RunInputs:
-        """What `lbq.calibrate` reads of this run: `stage_bits` of every stage of the plan, in
+        """What `lbq.calibrate` reads of this run: `host_stage_bits` of every stage of the plan, in
         order, and `first_batches`."""
-        bits = [stage_bits(stage, self.networks) for stage in self.plan.stages]
+        bits = [host_stage_bits(stage, self.networks) for stage in self.plan.stages]
         mean, std = self.info.mean, self.info.std
         return calibrate.RunInputs(self.plan, self.networks, bits, self.first_batches, mean, std)
 
@@ -267,7 +267,7 @@ class Trainer:
 
     def stage_bits(self, stage: Stage):
         """The bit-widths of ``stage``, on the devices."""
-        return jax.device_put(stage_bits(stage, self.networks), self.replicated)
+        return jax.device_put(host_stage_bits(stage, self.networks), self.replicated)
 
     def load_start_weights(self, state: TrainState) -> TrainState:
         """A new run's state with the weights of ``init_from`` and ``distill.teacher_init``,

@@ -12,7 +12,7 @@ import numpy as np
 
 from lbq.configs import default
 from lbq.stages import lay_out
-from lbq.trainer import stage_bits
+from lbq.trainer import host_stage_bits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA:CPU's LLVM optimisation off: it halves the compile time that dominates the tiny runs of the
@@ -81,7 +81,7 @@ class StepRig:
         self.networks = self.trainer.networks
         self.stage = lay_out(self.plan.stages, steps_per_epoch=10)[0]
         self.state = self.trainer.start_stage(self.trainer.init_state(), self.stage)
-        self.bits = stage_bits(self.stage, self.networks)
+        self.bits = host_stage_bits(self.stage, self.networks)
         self.lr = {k: jnp.float32(v) for k, v in self.stage.lr.items()}
         self.train_step = self.trainer.train_step
         self.eval_step = self.trainer.eval_step

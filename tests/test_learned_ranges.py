@@ -524,7 +524,7 @@ def test_calibration_bits_mark_only_full_precision_layers():
 
 
 def _stage(w_bits, a_bits):
-    """`stage_bits` of a one-student stage of three layers, all at the same bit-widths."""
+    """`host_stage_bits` of a one-student stage of three layers, all at the same bit-widths."""
     return {"student": (np.full(3, float(w_bits)), np.full(3, float(a_bits)))}
 
 

@@ -25,7 +25,7 @@ from lbq.quant.precision import make_precision
 from lbq.stages import Stage, lay_out, stage_at
 from lbq.steps import Network
 from lbq.train_state import TrainState
-from lbq.trainer import Trainer, build_trainer, evaluate_split, stage_bits
+from lbq.trainer import Trainer, build_trainer, evaluate_split, host_stage_bits
 from lbq.validate import ConfigError
 
 log = logging.getLogger("lbq")
@@ -71,7 +71,7 @@ class Run:
         self, w_bits: int | None = None, a_bits: int | None = None
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{student: (w_bits [L], a_bits [L])}: the checkpoint stage's, or the given ones."""
-        bits = stage_bits(self.stage, self.networks)
+        bits = host_stage_bits(self.stage, self.networks)
         if w_bits is None and a_bits is None:
             return bits
         out = {}
