@@ -376,9 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = read_json(argv[0])
     if results is None:
-        print(
-            f"accelerator_report: error: {argv[0]} is not a readable results.json", file=sys.stderr
-        )
+        error = f"accelerator_report: error: {argv[0]} is not a readable results.json"
+        print(error, file=sys.stderr)
         return 2
     sys.stdout.write(summary_markdown(results))
     return 0

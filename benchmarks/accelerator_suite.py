@@ -13,9 +13,12 @@ can stop at the part's deadline (SIGTERM, then SIGKILL to the process group).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import glob
 import json
 import os
+import pathlib
 import platform
 import shutil
 import signal
@@ -54,6 +57,10 @@ DATASET = "cifar10_jpeg"
 ARCHIVE_CANDIDATES = ("DATA/cifar10-jpeg.tar.gz", "../shared/data/cifar10-jpeg.tar.gz")
 FP_SHARE = 0.4  # of the accuracy part, for the full-precision run
 SAFETY = 0.8  # fraction of a fitted time that training steps may fill
+# (lr, teacher_lr) of the accuracy runs: fp from scratch, the others fine-tuning from the fp
+# model at lbq.experiments.reproduce's rates: 0.01, and 0.2x that for the teacher (the
+# ImageNet recipe's ratio).
+LEARNING_RATES = {"fp": (0.1, 0.1), **dict.fromkeys(("best", "w4a4", "w2a2"), (0.01, 0.002))}
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -291,8 +298,7 @@ class Suite:
                 stop_group(proc)
             seconds = finished.get(name, time.monotonic()) - start
             sink.close()
-            with open(output, errors="replace") as f:
-                text = f.read()
+            text = pathlib.Path(output).read_text(errors="replace")
             with open(self.log_path, "a") as f:
                 f.write(f"----- output of {name} ({seconds:.1f} s, rc {proc.returncode}) -----\n")
                 f.write(text + ("\n" if text and not text.endswith("\n") else ""))
@@ -415,12 +421,8 @@ class Suite:
 
     def install_wheels(self, out: dict[str, Any]) -> str | None:
         """Installs .whl/*.whl into a private folder; protobuf only if imports need it."""
-        wheel_dir = os.path.join(ROOT, ".whl")
-        wheels = (
-            sorted(os.path.join(wheel_dir, w) for w in os.listdir(wheel_dir) if w.endswith(".whl"))
-            if os.path.isdir(wheel_dir) and not self.args.no_wheels
-            else []
-        )
+        carried = [] if self.args.no_wheels else glob.glob(os.path.join(ROOT, ".whl", "*.whl"))
+        wheels = sorted(carried)
         if not wheels:
             out["wheels"] = "none carried: using the installed packages"
             return None
@@ -628,10 +630,9 @@ class Suite:
             min_steps=s.acc_min_steps,
             max_steps=max_steps,
         )
-        job = self.train_job(folder, "fp", fp_steps, 0.1, 0.1, None)
         limit = min(2.0 * fp_seconds, deadline - time.monotonic())
-        run = self.run_many([job], limit)["train fp"]
-        fp = self.train_result(folder, "fp", fp_steps, 0.1, None, run)
+        run = self.run_many([self.train_job(folder, "fp", fp_steps, None)], limit)["train fp"]
+        fp = self.train_result(folder, "fp", fp_steps, run)
         out["runs"]["fp"] = fp
         if fp.get("final_top1") is None:
             out["status"] = "failed: the full-precision run gave no evaluation"
@@ -662,31 +663,22 @@ class Suite:
             f"accuracy: fp ran at {rate:.0f} images/s with {overhead:.0f} s overhead; "
             f"{left:.0f} s left: {steps} steps ({steps / steps_per_epoch:.2f} epochs) per run"
         )
-        # Fine-tuning from the fp model at lbq.experiments.reproduce's rates: 0.01, and 0.2x
-        # that for the teacher (the ImageNet recipe's ratio).
         methods = ("best", "w4a4", "w2a2")
-        jobs = [self.train_job(folder, m, steps, 0.01, 0.002, fp["workdir"]) for m in methods]
+        jobs = [self.train_job(folder, m, steps, fp["workdir"]) for m in methods]
         runs = self.run_many(jobs, deadline - time.monotonic())
         for method in methods:
-            teacher_lr = 0.002 if method == "best" else None
-            run = runs[f"train {method}"]
-            out["runs"][method] = self.train_result(folder, method, steps, 0.01, teacher_lr, run)
+            out["runs"][method] = self.train_result(folder, method, steps, runs[f"train {method}"])
         out["top1"] = {k: v.get("final_top1") for k, v in out["runs"].items()}
         failed = [k for k, v in out["runs"].items() if v["status"] != "ok"]
         out["status"] = "ok" if not failed else f"incomplete: {', '.join(failed)}"
         return out
 
     def train_job(
-        self,
-        folder: str,
-        method: str,
-        steps: int,
-        lr: float,
-        teacher_lr: float,
-        init_from: str | None,
+        self, folder: str, method: str, steps: int, init_from: str | None
     ) -> tuple[str, list[str], dict]:
         """The ``python -m lbq.main`` job of one run of benchmarks/accelerator_cifar10.py."""
         s = self.sizes
+        lr, teacher_lr = LEARNING_RATES[method]
         dataset = self.results["parts"]["setup"]["dataset"]
         config = os.path.join(ROOT, "benchmarks", "accelerator_cifar10.py")
         cmd = [self.python, "-m", "lbq.main", f"--config={config}:{method},steps={steps}"]
@@ -705,19 +697,14 @@ class Suite:
         return f"train {method}", cmd, env
 
     def train_result(
-        self,
-        folder: str,
-        method: str,
-        steps: int,
-        lr: float,
-        teacher_lr: float | None,
-        run: dict[str, Any],
+        self, folder: str, method: str, steps: int, run: dict[str, Any]
     ) -> dict[str, Any]:
         """A run's figures: its process's outcome and what its metrics.jsonl holds."""
         workdir = os.path.join(folder, method)
         num_train = self.results["parts"]["setup"]["dataset"]["num_train"]
+        lr, teacher_lr = LEARNING_RATES[method]
         result = {"method": method, "steps": steps, "workdir": workdir, "lr": lr, **run}
-        if teacher_lr is not None:
+        if method == "best":  # the only run with a teacher
             result["teacher_lr"] = teacher_lr
         result["epochs"] = steps / max(num_train // self.sizes.acc_batch, 1)
         result.update(read_run_metrics(os.path.join(workdir, "metrics.jsonl")))
@@ -797,18 +784,11 @@ def source_commit() -> str | None:
 
 
 def nvidia_smi() -> str | None:
-    if shutil.which("nvidia-smi") is None:
-        return None
     query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit"
-    try:
-        return subprocess.run(
-            ["nvidia-smi", query, "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
+    cmd = ["nvidia-smi", query, "--format=csv,noheader"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # None without nvidia-smi
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    return None
 
 
 def extract_archive(
@@ -816,40 +796,33 @@ def extract_archive(
 ) -> dict[str, int]:
     """Unpacks the JPEG archive's ``<split>/<class>/*.jpg`` into ``folder``; with per-class
     limits, only the first files of each class (in archive order). Returns files per split."""
-    limits = {"train": train_per_class, "test": test_per_class}
-    counts: dict[tuple[str, str], int] = {}
     if train_per_class is None and test_per_class is None and shutil.which("tar"):
         os.makedirs(folder, exist_ok=True)
         subprocess.run(["tar", "-xzf", archive, "-C", folder], check=True)  # 3x Python's speed
-        for split in sorted(os.listdir(folder)):
-            for cls in sorted(os.listdir(os.path.join(folder, split))):
-                counts[(split, cls)] = len(os.listdir(os.path.join(folder, split, cls)))
-    else:
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if not member.isfile() or len(parts) != 3 or parts[0] not in limits:
-                    continue
-                key = (parts[0], parts[1])
-                limit = limits[parts[0]]
-                if limit is not None and counts.get(key, 0) >= limit:
-                    continue
-                counts[key] = counts.get(key, 0) + 1
+        return {
+            split: sum(len(os.listdir(c.path)) for c in os.scandir(os.path.join(folder, split)))
+            for split in sorted(os.listdir(folder))
+        }
+    limits = {"train": train_per_class, "test": test_per_class}
+    per_class, per_split = collections.Counter(), collections.Counter()
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in limits:
+                continue
+            limit = limits[parts[0]]
+            if limit is None or per_class[parts[0], parts[1]] < limit:
+                per_class[parts[0], parts[1]] += 1
+                per_split[parts[0]] += 1
                 tar.extract(member, folder, filter="data")
-    per_split: dict[str, int] = {}
-    for (split, _), n in counts.items():
-        per_split[split] = per_split.get(split, 0) + n
-    return per_split
+    return dict(per_split)
 
 
 def read_split_sizes(dataset_info: str) -> dict[str, int]:
+    """{'num_<split>': examples} from a TFDS dataset_info.json."""
     with open(dataset_info) as f:
-        info = json.load(f)
-    sizes = {}
-    for split in info.get("splits", []):
-        total = sum(int(n) for n in split.get("shardLengths", []))
-        sizes[f"num_{split['name']}"] = total
-    return sizes
+        splits = json.load(f).get("splits", [])
+    return {f"num_{s['name']}": sum(int(n) for n in s.get("shardLengths", [])) for s in splits}
 
 
 def pack_folder(
@@ -857,13 +830,8 @@ def pack_folder(
 ) -> None:
     """A tar.gz of ``folder``'s files (those ``keep`` accepts), largest left out first when
     the files together exceed ``max_mb`` (listed in SKIPPED.txt inside the archive)."""
-    files = []
-    for base, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(base, name)
-            if keep is None or keep(path):
-                files.append(path)
-    files.sort(key=os.path.getsize)
+    walked = (os.path.join(base, name) for base, _, names in os.walk(folder) for name in names)
+    files = sorted((p for p in walked if keep is None or keep(p)), key=os.path.getsize)
     chosen, skipped, total = [], [], 0
     for path in files:
         size = os.path.getsize(path)

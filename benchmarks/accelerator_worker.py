@@ -89,14 +89,9 @@ def reference_weight_index(w: np.ndarray, bits: int, per_channel: bool, rnd=None
 def check_quantizer(
     out: np.ndarray, exact: np.ndarray, emulated: np.ndarray, bits: int, dtype: str, weights: bool
 ) -> dict:
-    """Compares a quantizer's output with the references' level indices.
-
-    Passes when (1) every output is a k-bit level, i/(2^k - 1) on [0, 1] or 2 i/(2^k - 1) - 1
-    for weights, rounded to the dtype (within one unit in the last place of the level, or of 1
-    for weights, whose ``2 q - 1`` doubles the rounding of q); (2) at most 2^k distinct values
-    occur; (3) each element's level index equals the exact or the dtype-rounded reference's,
-    except for at most `MAX_UNEXPLAINED_FRACTION` of the elements, none more than one level
-    away from the exact.
+    """Compares a quantizer's output with the references' level indices; docs/accelerator.md
+    ("What passes") has the three conditions (levels i/(2^k - 1) on [0, 1], 2 i/(2^k - 1) - 1
+    for weights; at most `MAX_UNEXPLAINED_FRACTION` of the elements unexplained).
 
     Args:
       out: the quantizer's output, as float64.

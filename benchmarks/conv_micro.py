@@ -14,6 +14,7 @@ XLA convs use lbq's layout (NHWC activations, HWIO kernels); PyTorch uses its na
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -30,6 +31,8 @@ SHAPES = (
     ("32->64 /2 @16", 32, 64, 2, 16, 3, 1),
     ("64->64 @8", 64, 64, 1, 8, 3, 5),
 )
+
+KEYS = ("forward_s", "input_grad_s", "weight_grad_s")
 
 
 def _best(fn, reps: int) -> float:
@@ -52,27 +55,20 @@ def jax_timings(batch: int, reps: int) -> list[dict]:
     for name, cin, cout, stride, size, k, count in SHAPES:
         x = jnp.asarray(rng.standard_normal((batch, size, size, cin)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
-
-        def conv(x, w, stride=stride, k=k):
-            return jax.lax.conv_general_dilated(
-                x,
-                w,
-                (stride, stride),
-                [(k // 2, k // 2)] * 2,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
-
+        conv = functools.partial(
+            jax.lax.conv_general_dilated,
+            window_strides=(stride, stride),
+            padding=[(k // 2, k // 2)] * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         g = jnp.asarray(rng.standard_normal(conv(x, w).shape), jnp.float32)
         fwd = jax.jit(conv)
         dx = jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
         dw = jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+        runs = ((fwd, (x, w)), (dx, (x, w, g)), (dw, (x, w, g)))
         times = {
             key: _best(lambda fn=fn, args=args: fn(*args).block_until_ready(), reps)
-            for key, fn, args in (
-                ("forward_s", fwd, (x, w)),
-                ("input_grad_s", dx, (x, w, g)),
-                ("weight_grad_s", dw, (x, w, g)),
-            )
+            for key, (fn, args) in zip(KEYS, runs, strict=True)
         }
         rows.append({"shape": name, "count": count, **times})
     return rows
@@ -88,26 +84,19 @@ def torch_timings(batch: int, reps: int) -> list[dict]:
         x = torch.randn(batch, cin, size, size)
         w = torch.randn(cout, cin, k, k)
         pad = k // 2
-        y = F.conv2d(x, w, None, stride, pad)
-        g = torch.randn_like(y)
+        g = torch.randn_like(F.conv2d(x, w, None, stride, pad))
 
-        def backward(mask, x=x, w=w, g=g, stride=stride, pad=pad):
+        def run(mask, x=x, w=w, g=g, stride=stride, pad=pad):
+            if mask is None:  # the forward conv
+                return F.conv2d(x, w, None, stride, pad)
             return torch.ops.aten.convolution_backward(
                 g, x, w, None, [stride, stride], [pad, pad], [1, 1], False, [0, 0], 1, mask
             )
 
+        masks = zip(KEYS, (None, [True, False, False], [False, True, False]), strict=True)
         with torch.no_grad():
-            rows.append(
-                {
-                    "shape": name,
-                    "count": count,
-                    "forward_s": _best(
-                        lambda x=x, w=w, s=stride, p=pad: F.conv2d(x, w, None, s, p), reps
-                    ),
-                    "input_grad_s": _best(lambda: backward([True, False, False]), reps),
-                    "weight_grad_s": _best(lambda: backward([False, True, False]), reps),
-                }
-            )
+            times = {key: _best(lambda m=m: run(m), reps) for key, m in masks}
+        rows.append({"shape": name, "count": count, **times})
     return rows
 
 
@@ -119,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = (jax_timings if args.framework == "jax" else torch_timings)(args.batch, args.reps)
-    total = {
-        k: sum(r[k] * r["count"] for r in rows)
-        for k in ("forward_s", "input_grad_s", "weight_grad_s")
-    }
+    total = {k: sum(r[k] * r["count"] for r in rows) for k in KEYS}
     print(
         f"{args.framework}: batch {args.batch}, best of {args.reps}, milliseconds "
         f"(flags: {os.environ.get('XLA_FLAGS', '')})"

@@ -190,8 +190,7 @@ def _command(spec: str, args: argparse.Namespace) -> tuple[list[str], dict[str, 
         cmd = [args.torch_python, os.path.join(ROOT, "benchmarks", "torch_fakequant.py")]
         cmd += ["--serve", f"--model={args.model}", f"--batch={args.batch}"]
         cmd += [f"--runs=eager:{mode or 'w2a2'}", "--dtype=float32", "--device=cpu"]
-        if threads:
-            cmd += [f"--threads={threads}"]
+        cmd += [f"--threads={threads or 0}"]  # 0: torch's default
         return cmd, env
     raise SystemExit(f"variant {spec!r} is neither lbq:... nor torch:...")
 
@@ -221,9 +220,7 @@ def drive(args: argparse.Namespace) -> dict:
             times[spec].append(json.loads(proc.stdout.readline()))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     for _, proc, _ in workers:
-        proc.stdin.write("quit\n")
-        proc.stdin.flush()
-        proc.wait(timeout=60)
+        proc.communicate("quit\n", timeout=60)
     base = args.variant[0]
     rows = []
     for spec, _, ready in workers:
@@ -264,11 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--torch-python", default=sys.executable)
-    parser.add_argument(
-        "--cpus",
-        default=None,
-        help="pin every worker to these CPUs (taskset -c), e.g. 0 for one core",
-    )
+    cpus = "pin every worker to these CPUs (taskset -c), e.g. 0 for one core"
+    parser.add_argument("--cpus", default=None, help=cpus)
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--patch", action="append", default=[], help=argparse.SUPPRESS)

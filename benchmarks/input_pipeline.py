@@ -1,14 +1,10 @@
 """Host input pipeline throughput: images decoded and augmented per second per host core.
 
-Two data sets are written as image folders, prepared with `lbq.data.prepare_folder` into a real
-TFDS (ArrayRecord) dataset and read back through `lbq.data.train_iterator`, the trainer's own
-host pipeline (benchmarks/RESULTS.md, "Input pipeline", has how the data is made and the
-figures):
-
-- ``cifar``: real CIFAR-10 JPEGs, a class-balanced subset of the archive; pad-4 crop + flip.
-- ``imagenet``: ImageNet-like 500x375 JPEGs made from the CIFAR photographs (bicubic upscale,
-  Gaussian pixel noise so that the files carry a photo's fine detail, quality 90; the file
-  sizes are reported next to the rates); random-resized crop to 224 + flip.
+Two data sets, ``cifar`` (real CIFAR-10 JPEGs; pad-4 crop + flip) and ``imagenet`` (500x375
+JPEGs made from the CIFAR photographs; random-resized crop to 224 + flip), are written as image
+folders, prepared with `lbq.data.prepare_folder` into a TFDS (ArrayRecord) dataset and read
+back through `lbq.data.train_iterator`, the trainer's own host pipeline (benchmarks/RESULTS.md,
+"Input pipeline", has how the data is made and the figures).
 
 Two rates per data set: ``transform``, the per-example decode + augmentation alone on one thread
 (the ceiling of one core), and ``pipeline``, `train_iterator` with 1 and 2 worker threads after
@@ -28,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import pathlib
 import sys
 import tarfile
 import tempfile
@@ -88,30 +85,12 @@ def make_folder(
     return {"images": len(sizes), "mean_file_bytes": float(np.mean(sizes))}
 
 
-def _data_config(
-    name: str, data_dir: str, kind: str, workers: int, cache: bool | None
-) -> dict[str, Any]:
-    return {
-        "cache": "auto" if cache is None else cache,
-        "name": name,
-        "data_dir": data_dir,
-        "train_split": "train",
-        "eval_split": "train",
-        "image_size": 224 if kind == "imagenet" else 32,
-        "augment": "imagenet" if kind == "imagenet" else "cifar",
-        "workers": workers,
-    }
-
-
 def transform_rate(kind: str, root: str, seconds: float) -> float:
     """Images/s of the per-example decode + augmentation on this thread (files in memory)."""
     from lbq.data import transforms
 
-    files = []
-    for dirpath, _, names in os.walk(os.path.join(root, "train")):
-        for n in sorted(names):
-            with open(os.path.join(dirpath, n), "rb") as f:
-                files.append(f.read())
+    walked = os.walk(os.path.join(root, "train"))
+    files = [pathlib.Path(d, n).read_bytes() for d, _, names in walked for n in sorted(names)]
     rng = np.random.default_rng(0)
     count, start = 0, time.perf_counter()
     chunk = files[:128]
@@ -178,7 +157,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 label = "pipeline" if cache is None else "pipeline_no_cache"
                 for workers in (int(w) for w in args.workers.split(",")):
                     batches = args.batches or (10 if kind == "imagenet" else 40)
-                    config = _data_config(name, data_dir, kind, workers, cache)
+                    config = {
+                        "cache": "auto" if cache is None else cache,
+                        "name": name,
+                        "data_dir": data_dir,
+                        "train_split": "train",
+                        "eval_split": "train",
+                        "image_size": 224 if kind == "imagenet" else 32,
+                        "augment": "imagenet" if kind == "imagenet" else "cifar",
+                        "workers": workers,
+                    }
                     rate, first = pipeline_rate(config, batch, batches)
                     row[f"{label}_workers_{workers}"] = {
                         "images_per_second": rate,
@@ -209,12 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality (imagenet)")
     parser.add_argument("--workers", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--batch", type=int, default=None, help="default 256 imagenet, 128 cifar")
-    parser.add_argument(
-        "--batches",
-        type=int,
-        default=None,
-        help="timed batches per setting (default 10 imagenet, 40 cifar)",
-    )
+    batches = "timed batches per setting (default 10 imagenet, 40 cifar)"
+    parser.add_argument("--batches", type=int, default=None, help=batches)
     parser.add_argument("--transform-seconds", type=float, default=5.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)

@@ -47,14 +47,8 @@ WHEELS = (
 )
 # Published only as source archives: built into wheels here (pure Python).
 SOURCE_ONLY = ("promise==2.3",)
-PLATFORMS = (
-    "manylinux_2_28_x86_64",
-    "manylinux_2_27_x86_64",
-    "manylinux_2_24_x86_64",
-    "manylinux_2_17_x86_64",
-    "manylinux2014_x86_64",
-    "manylinux1_x86_64",
-)
+PLATFORMS = [f"manylinux_2_{v}_x86_64" for v in (28, 27, 24, 17)]
+PLATFORMS += ["manylinux2014_x86_64", "manylinux1_x86_64"]
 
 
 def copy_archive(source: str) -> str:
@@ -87,8 +81,7 @@ def download_wheels(folder: str) -> list[str]:
     os.makedirs(folder, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
     cmd += ["--python-version", "3.12", "--implementation", "cp", "-d", folder]
-    for platform in PLATFORMS:
-        cmd += ["--platform", platform]
+    cmd += [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     subprocess.run(cmd + list(WHEELS), check=True)
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", folder]
     subprocess.run(build + list(SOURCE_ONLY), check=True)
@@ -113,24 +106,14 @@ def exclude(pattern: str) -> None:
 
 def carry_sizes() -> dict[str, int]:
     """Bytes that a call carries: the travelling tree and each carried path."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    tree = 0
-    for rel in filter(None, listed):
-        path = os.path.join(ROOT, rel)
-        if os.path.isfile(path) and not os.path.islink(path):
-            tree += os.path.getsize(path)
-    sizes = {"working tree": tree}
+    cmd = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    listed = subprocess.check_output(cmd, cwd=ROOT, text=True, stderr=subprocess.DEVNULL)
+    paths = [os.path.join(ROOT, rel) for rel in listed.split("\0") if rel]
+    files = [p for p in paths if os.path.isfile(p) and not os.path.islink(p)]
+    sizes = {"working tree": sum(map(os.path.getsize, files))}
     for name in CARRY:
-        total = 0
-        for base, _, files in os.walk(os.path.join(ROOT, name)):
-            total += sum(os.path.getsize(os.path.join(base, f)) for f in files)
-        sizes[name] = total
+        walked = os.walk(os.path.join(ROOT, name))
+        sizes[name] = sum(os.path.getsize(os.path.join(b, f)) for b, _, fs in walked for f in fs)
     return sizes
 
 

@@ -1,21 +1,10 @@
 """PyTorch fake-quant ResNets with a straight-through estimator: lbq's train steps in PyTorch.
 
-The networks, quantizers and losses of ``python -m lbq.bench`` written the way a PyTorch user
-writes them, to time lbq's step against PyTorch eager and ``torch.compile`` on the same machine
-in the same run (docs/accelerator.md, "speed", lists what is the same and what differs):
-
-- DoReFa quantizers (SPEC section 1) with a straight-through round; the bit-width is a Python
-  constant, as PyTorch code has it;
-- CIFAR ResNet-20 (option-A shortcuts, 100 classes, 32 px) and ImageNet ResNet-18 (quantized
-  1x1 downsample convs, 1000 classes, 224 px), as lbq/models/resnet.py;
-- the modes of lbq.bench.MODES: ``fp``, ``w4a4``, ``w2a2``, ``w2a2_sp`` (each block quantized
-  with probability 0.5, drawn every step) and ``w2a2_kd`` (a jointly trained full-precision
-  teacher, SPEC section 4);
-- a uint8 NHWC batch normalised in the step, SGD Nesterov, bfloat16 autocast, channels-last
-  on CUDA; ``torch.compile`` compiles the loss's forward and backward, the (fused) optimizer
-  update runs eagerly.
-
-Run (one JSON line per (backend, mode) on stdout, also appended to ``--jsonl``):
+The networks, quantizers, losses and modes of ``python -m lbq.bench`` (``lbq.bench.MODES``)
+written the way a PyTorch user writes them, to time lbq's step against PyTorch eager and
+``torch.compile`` on the same machine in the same run; docs/accelerator.md ("speed") lists what
+is the same and what differs. Run (one JSON line per (backend, mode) on stdout, also appended to
+``--jsonl``):
 
     python benchmarks/torch_fakequant.py --model resnet18 --batch 256 --modes w2a2,w2a2_kd \\
         --backends eager,compile --dtype bfloat16 --steps 20
@@ -78,11 +67,6 @@ def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     t = torch.tanh(w)
     max_abs = t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)
     return 2.0 * quantize_unit(t / (2.0 * max_abs) + 0.5, bits) - 1.0
-
-
-def quantize_activation(a: torch.Tensor, bits: int) -> torch.Tensor:
-    """``Q_k(clip(a, 0, 1))``: the activation of a quantized network, in place of ReLU."""
-    return quantize_unit(torch.clamp(a, 0.0, 1.0), bits)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -203,13 +187,6 @@ class ResNet(nn.Module):
         return self.classifier(x.mean(dim=(2, 3)).float())
 
 
-def mode_bits(mode: str) -> int | None:
-    """The student's bit-width of a mode (None: full precision)."""
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not one of {MODES}")
-    return None if mode == "fp" else (4 if mode == "w4a4" else 2)
-
-
 # ----------------------------------------------------------------------------- step
 
 
@@ -221,70 +198,54 @@ def kl_divergence(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Te
 
 
 class Bench:
-    """One (model, mode, backend): networks, optimizer, a device batch and the train step.
+    """One (backend, mode) of the command line's model: networks, optimizer, a device batch
+    and the train step.
 
     Args:
-      model: 'resnet20' (32 px, 100 classes) or 'resnet18' (ImageNet, 1000 classes).
+      args: the parsed command line: ``model`` ('resnet20': 32 px, 100 classes; 'resnet18':
+        ImageNet, 1000 classes), ``batch``, ``image_size`` (None: 32 / 224 px), ``dtype``
+        ('bfloat16' autocast or 'float32'), ``compile_mode`` and ``compile_backend``
+        (``torch.compile``'s; 'aot_eager' skips code generation, for quick checks on CPU).
+      backend: 'eager' or 'compile'.
       mode: one of `MODES`.
-      batch: images per step.
-      image_size: input side in pixels (default 32 for resnet20, 224 for resnet18).
-      dtype: 'bfloat16' (autocast) or 'float32'.
       device: a torch device string.
-      compile_mode: None for eager, else the ``torch.compile`` mode ('default', ...).
-      compile_backend: ``torch.compile`` backend ('inductor'; 'aot_eager' skips code
-        generation, for quick checks on CPU).
     """
 
     def __init__(
-        self,
-        model: str,
-        mode: str,
-        *,
-        batch: int,
-        image_size: int | None = None,
-        dtype: str = "bfloat16",
-        device: str = "cuda",
-        compile_mode: str | None = None,
-        compile_backend: str = "inductor",
-        seed: int = 0,
+        self, args: argparse.Namespace, backend: str, mode: str, device: str, seed: int = 0
     ):
-        if model not in MODELS:
-            raise ValueError(f"model {model!r} is not one of {MODELS}")
         torch.manual_seed(seed)
-        imagenet = model == "resnet18"
+        imagenet = args.model == "resnet18"
         classes = 1000 if imagenet else 100
-        size = image_size or (224 if imagenet else 32)
+        size = args.image_size or (224 if imagenet else 32)
         self.device = torch.device(device)
-        self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-        memory_format = (
-            torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        )
-        bits = mode_bits(mode)
+        self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+        cuda = self.device.type == "cuda"
+        memory_format = torch.channels_last if cuda else torch.contiguous_format
+        bits = None if mode == "fp" else (4 if mode == "w4a4" else 2)
         student = ResNet(imagenet, bits, classes, stochastic=mode == "w2a2_sp")
-        nets = [student]
-        if mode == "w2a2_kd":
-            nets.append(ResNet(imagenet, None, classes))
+        teacher = [ResNet(imagenet, None, classes)] if mode == "w2a2_kd" else []
+        nets = [student, *teacher]
         self.nets = [n.to(self.device, memory_format=memory_format).train() for n in nets]
         params = [p for n in self.nets for p in n.parameters()]
         kwargs = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
         try:  # fused SGD (one kernel for the whole update) where this torch has it
-            self.opt = torch.optim.SGD(params, fused=self.device.type == "cuda", **kwargs)
+            self.opt = torch.optim.SGD(params, fused=cuda, **kwargs)
         except (TypeError, RuntimeError):
             self.opt = torch.optim.SGD(params, **kwargs)
         rng = np.random.default_rng(seed)
-        self.images = torch.from_numpy(
-            rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-        ).to(self.device)
-        self.labels = torch.from_numpy(rng.integers(0, classes, (batch,), dtype=np.int64)).to(
-            self.device
-        )
+        images = rng.integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
+        labels = rng.integers(0, classes, (args.batch,), dtype=np.int64)
+        self.images, self.labels = (torch.from_numpy(a).to(self.device) for a in (images, labels))
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (CIFAR100_MEAN, CIFAR100_STD)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        self.model, self.mode, self.batch, self.image_size = model, mode, batch, size
+        self.image_size = size
         self.loss_fn = self._loss
-        if compile_mode is not None:
-            self.loss_fn = torch.compile(self._loss, mode=compile_mode, backend=compile_backend)
+        if backend == "compile":
+            self.loss_fn = torch.compile(
+                self._loss, mode=args.compile_mode, backend=args.compile_backend
+            )
         self.last_loss = None
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -298,10 +259,8 @@ class Bench:
         s, t = logits
         w = KD_WEIGHTS
         student = w["student_ce"] * student + w["student_kl"] * kl_divergence(s, t)
-        teacher = w["teacher_ce"] * F.cross_entropy(t, labels) + w["teacher_kl"] * kl_divergence(
-            t, s
-        )
-        return student + teacher
+        teacher_ce = F.cross_entropy(t, labels)
+        return student + (w["teacher_ce"] * teacher_ce + w["teacher_kl"] * kl_divergence(t, s))
 
     def step(self) -> None:
         """One train step, not waited for."""
@@ -335,20 +294,6 @@ class Bench:
         return time.perf_counter() - start
 
 
-def make_bench(args: argparse.Namespace, backend: str, mode: str, device: str) -> Bench:
-    """The `Bench` of one (backend, mode) with the command line's sizes and compile options."""
-    return Bench(
-        args.model,
-        mode,
-        batch=args.batch,
-        image_size=args.image_size,
-        dtype=args.dtype,
-        device=device,
-        compile_mode=args.compile_mode if backend == "compile" else None,
-        compile_backend=args.compile_backend,
-    )
-
-
 def run_one(args: argparse.Namespace, backend: str, mode: str, device: str) -> dict:
     """Times one (model, mode, backend) like ``lbq.bench.run_mode``: the first step (which
     compiles under ``torch.compile``), ``args.warmup`` untimed steps, ``args.steps`` timed steps
@@ -367,12 +312,12 @@ def run_one(args: argparse.Namespace, backend: str, mode: str, device: str) -> d
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    bench = make_bench(args, backend, mode, device)
+    bench = Bench(args, backend, mode, device)
     first = bench.timed_steps(1)[0]
     bench.timed_steps(args.warmup)
     times = bench.timed_steps(args.steps)
     pipelined = bench.pipelined(args.steps)
-    loss = float(bench.last_loss)
+    loss, image_size = float(bench.last_loss), bench.image_size
     if not math.isfinite(loss):
         raise RuntimeError(f"{args.model} {mode} {backend}: the loss is not finite")
     median = statistics.median(times)
@@ -396,7 +341,7 @@ def run_one(args: argparse.Namespace, backend: str, mode: str, device: str) -> d
         "model": args.model,
         "mode": mode,
         "batch": args.batch,
-        "image_size": args.image_size or (224 if args.model == "resnet18" else 32),
+        "image_size": image_size,
         "dtype": args.dtype,
         "images_per_second": args.batch / median,
         "pipelined_images_per_second": args.batch * args.steps / pipelined,
@@ -419,12 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="resnet20", choices=MODELS)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, in order")
     parser.add_argument("--backends", default="eager,compile", help="eager and/or compile")
-    parser.add_argument(
-        "--runs",
-        default=None,
-        help="comma-separated BACKEND:MODE pairs, run in this order (instead of every mode of "
-        "each backend), e.g. eager:w2a2,compile:w2a2",
-    )
+    runs = "comma-separated BACKEND:MODE pairs, run in this order (instead of every mode of"
+    parser.add_argument("--runs", help=f"{runs} each backend), e.g. eager:w2a2,compile:w2a2")
     parser.add_argument("--batch", type=int, default=None, help="default 512 (32 px), 256")
     parser.add_argument("--image_size", type=int, default=None, help="default 32 / 224")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -463,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # as a tuned PyTorch training script sets it
     if args.serve:  # answers 'run N' with a JSON list of N step seconds, until 'quit' or EOF
-        bench = make_bench(args, *args.pairs[0], device)
+        bench = Bench(args, *args.pairs[0], device)
         bench.timed_steps(1 + args.warmup)
         print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
         for line in sys.stdin:
