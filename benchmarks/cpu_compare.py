@@ -74,8 +74,10 @@ def _patch_no_weight_quant() -> None:
 
 
 def _patch_weight_single_select() -> None:
-    """The weight quantizer with one full-precision ``where`` instead of two (same values; lbq
-    has used this form since the measurement, so the patch now changes nothing)."""
+    """The weight quantizer as it was measured with one full-precision ``where`` instead of two.
+    lbq has kept the single select since, but its quantizer also gained the zero-kernel
+    gradient guard and float32 level computation for narrow dtypes, so this patch is the
+    simpler form, not today's lbq."""
     import jax.numpy as jnp
 
     from lbq.quant import layers, quantizers
