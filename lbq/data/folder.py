@@ -8,9 +8,8 @@ Files are opened by ``lbq.data.transforms.open_image``, as every lbq reader open
 split's exact per-channel mean/std (``lbq.data.stats.PixelStats``), measured on the images resized
 to ``image_size`` as training resizes them, go to the dataset's metadata.json for ``get_info``.
 
-Layout rules (as torchvision's ``ImageFolder``): images may sit in sub-folders of a class folder;
-extensions are matched case-insensitively; hidden files and folders are skipped. Every file
-that is not used is reported with the reason.
+Layout rules as torchvision's ``ImageFolder`` (docs/data.md), hidden files and folders skipped;
+every file that is not used is reported with the reason.
 """
 
 from __future__ import annotations
@@ -123,11 +122,10 @@ class PreparedFolder:
         """Lines that need the user's attention (a floored std, skipped unreadable images)."""
         lines = std_floor_warnings(self.std, f"split {self.stats_split!r}")
         if self.unreadable:
+            files = [f"{s.path} ({s.reason})" for s in self.unreadable]
             lines.append(
-                f"skipped {len(self.unreadable)} unreadable image"
-                f"{'s' if len(self.unreadable) > 1 else ''} (skip_corrupt): "
-                + "; ".join(f"{s.path} ({s.reason})" for s in self.unreadable[:SHOW_PATHS])
-                + ("; ..." if len(self.unreadable) > SHOW_PATHS else "")
+                f"skipped {len(files)} unreadable image{'s' * (len(files) > 1)} (skip_corrupt): "
+                f"{_first(files, SHOW_PATHS, '; ')}"
             )
         return lines
 
@@ -165,6 +163,11 @@ def _numbers(values: Sequence[float]) -> str:
     return " ".join(f"{v:.3f}" for v in values)
 
 
+def _first(items: Sequence[str], show: int, sep: str = ", ") -> str:
+    """The first ``show`` items, then "..." if there are more."""
+    return sep.join([*items[:show], "..."] if len(items) > show else items)
+
+
 def _size_lines(sizes: dict[tuple[int, int], int]) -> list[str]:
     """The image size distribution, and the size the images are used at when training."""
     used_at = (
@@ -177,15 +180,13 @@ def _size_lines(sizes: dict[tuple[int, int], int]) -> list[str]:
         (w, h), n = next(iter(sizes.items()))
         same = f"; data.image_size={w} uses them as they are" if w == h else ""
         return [f"  image size (W x H): {w}x{h}, all {n} images", used_at + same]
-    widths = np.repeat([w for w, _ in sizes], list(sizes.values()))
-    heights = np.repeat([h for _, h in sizes], list(sizes.values()))
-    common = collections.Counter(sizes).most_common(SHOW_SIZES)
+    widths, heights = np.repeat(list(sizes), list(sizes.values()), axis=0).T
+    common = [f"{w}x{h} ({n})" for (w, h), n in collections.Counter(sizes).most_common()]
     return [
         f"  image sizes (W x H): width {widths.min()}..{widths.max()} (median "
         f"{np.median(widths):g}), height {heights.min()}..{heights.max()} (median "
         f"{np.median(heights):g}); {len(sizes)} distinct, most common: "
-        + ", ".join(f"{w}x{h} ({n})" for (w, h), n in common)
-        + (", ..." if len(sizes) > SHOW_SIZES else ""),
+        f"{_first(common, SHOW_SIZES)}",
         used_at,
     ]
 
@@ -196,12 +197,10 @@ def _skipped_lines(skipped: Sequence[SkippedFile]) -> list[str]:
     groups: dict[str, list[str]] = collections.defaultdict(list)
     for s in skipped:
         groups[s.reason].append(s.path)
-    plural = "s" if len(skipped) > 1 else ""
-    lines = [f"  skipped {len(skipped)} file{plural}:"]
-    for reason, paths in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        more = ", ..." if len(paths) > SHOW_PATHS else ""
-        lines.append(f"    {reason} ({len(paths)}): {', '.join(paths[:SHOW_PATHS])}{more}")
-    return lines
+    return [f"  skipped {len(skipped)} file{'s' * (len(skipped) > 1)}:"] + [
+        f"    {reason} ({len(paths)}): {_first(paths, SHOW_PATHS)}"
+        for reason, paths in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    ]
 
 
 @dataclasses.dataclass
@@ -367,9 +366,9 @@ def _check_written(name: str, data_dir: str, plan: dict[str, _Split]) -> None:
 
     dataset = open_dataset(read_settings({"name": name, "data_dir": data_dir}))
     for split, p in plan.items():
-        if dataset.num_examples(split) != len(p.files):
+        if (n := dataset.num_examples(split)) != len(p.files):
             raise DataError(
-                f"dataset {name!r} in {data_dir} holds {dataset.num_examples(split)} examples "
+                f"dataset {name!r} in {data_dir} holds {n} examples "
                 f"in split {split!r} after writing {len(p.files)}"
             )
 
