@@ -7,16 +7,10 @@ multi-stage methods split them between their stages as `lbq.configs.recipes.ladd
 give ``--last_stage_share`` to the last one (the target bit-width). `METHOD_NOTES` says what
 each method trains; docs/results/README.md gives the CIFAR-10 study's command line.
 
-Quantizers and placement default to the paper's (DoReFa, block outputs). The flags of
-`FIELD_FLAGS` set their config field in every run (unset: the default config's):
-``--weight_range_at_bit_change`` (LSQ weights: keep the range at a bit-width change, or set it
-by LSQ's rule), ``--activation_calibration`` (of PACT and LSQ ranges on a start model) and
-``--activation_range_at_bit_change`` (PACT, LSQ: keep, or calibrate again) among them. Best at
-W2A2 (docs/results/w2a2): ``--weight_quantizer=lsq --activation_quantizer=lsq
---activation_placement=conv_input``, with ``--activation_range_at_bit_change=calibrate`` for
-methods that drop the bit-width (``keep`` measured best at block outputs only). Any other field:
-``--set=FIELD=VALUE`` (repeatable; VALUE a Python literal, else a string), set after the
-method's own settings, e.g. ``--set=distill.student_ce=0.0``.
+The flags of `FIELD_FLAGS` set their config field in every run (unset: the default config's;
+quantizers and placement default to the paper's, DoReFa at block outputs; the best at W2A2:
+docs/results/w2a2). Any other field: ``--set=FIELD=VALUE`` (repeatable; VALUE a Python literal,
+else a string), set after the method's own settings, e.g. ``--set=distill.student_ce=0.0``.
 
 Finished runs (a ``result.json`` in their workdir) are skipped; an interrupted run resumes from
 its checkpoint. After the runs, ``OUTDIR/results.md`` (table) and ``OUTDIR/accuracy_vs_bits.png``
@@ -293,9 +287,7 @@ def execute(
     if result.status != "completed":
         raise SystemExit(f"{run.name}: run ended with status {result.status!r}; rerun to resume")
     record = {
-        "method": run.method,
-        "bits": run.bits,
-        "seed": run.seed,
+        **dataclasses.asdict(run),  # method, bits, seed
         "top1": result.final["student"]["top1"],
         "top5": result.final["student"].get("top5"),
         "final": result.final,
@@ -388,14 +380,9 @@ def write_outputs(
 
 
 def check_outputs_writable(outdir: str) -> None:
-    """Refuses, before any run trains, an ``outdir`` where the table or the plot cannot be
-    written: they are first written after the first run has trained.
-
-    Raises:
-      SystemExit: with one ``lbq: error:`` line naming the path.
-    """
-    for name in ("results.md", "accuracy_vs_bits.png"):
-        path = os.path.join(outdir, name)
+    """Refuses, before any run trains, an ``outdir`` where the table or the plot (first written
+    after the first run) cannot be written: SystemExit with one ``lbq: error:`` line."""
+    for path in (os.path.join(outdir, n) for n in ("results.md", "accuracy_vs_bits.png")):
         if os.path.isdir(path):
             raise SystemExit(f"lbq: error: cannot write {path}: it is a folder")
     try:
@@ -431,12 +418,11 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
         args.teacher_lr_scale = 0.2 if args.start_from else 1.0
     if args.teacher_start_from and not args.start_from:
         p.error("--teacher_start_from needs --start_from")
-    rule = args.weight_range_at_bit_change
-    if rule is not None and args.weight_quantizer != "lsq":
-        p.error(f"--weight_range_at_bit_change={rule} needs --weight_quantizer=lsq")
-    rule = args.activation_range_at_bit_change
-    if rule is not None and args.activation_quantizer not in ("pact", "lsq"):
-        p.error(f"--activation_range_at_bit_change={rule} needs --activation_quantizer=pact or lsq")
+    for kind, learned in (("weight", ("lsq",)), ("activation", ("pact", "lsq"))):
+        rule = getattr(args, f"{kind}_range_at_bit_change")
+        if rule is not None and getattr(args, f"{kind}_quantizer") not in learned:
+            needs = f"--{kind}_quantizer={' or '.join(learned)}"
+            p.error(f"--{kind}_range_at_bit_change={rule} needs {needs}")
     if args.last_stage_share is not None and not 0 < args.last_stage_share < 1:
         p.error(f"--last_stage_share={args.last_stage_share} must be in (0, 1)")
     args.set = _parsed_overrides(p, args.set)
@@ -489,30 +475,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return _checked(p, p.parse_args(argv))
 
 
-def _range_rule_note(base: ml_collections.ConfigDict) -> str:
-    """The range rules at a bit-width change, for the learned ranges the study has."""
-    q = base.quant
-    notes = []
-    if q.weight_quantizer == "lsq":
-        notes.append(f"LSQ weight ranges at a bit-width change: {q.weight_range_at_bit_change}")
-    if q.activation_quantizer in ("pact", "lsq"):
-        notes.append(f"activation ranges at a bit-width change: {q.activation_range_at_bit_change}")
-    return f" ({'; '.join(notes)})" if notes else ""
-
-
 def _describe_study(
     args, base, info, total_steps: int, steps_per_epoch: int
 ) -> tuple[str, str, dict[str, str]]:
     """The results table's header, the plot's title and the method notes of this study."""
-    epochs = total_steps / steps_per_epoch
+    q, epochs = base.quant, total_steps / steps_per_epoch
+    # The range rules at a bit-width change, for the learned ranges the study has.
+    rules = []
+    if q.weight_quantizer == "lsq":
+        rules.append(f"LSQ weight ranges at a bit-width change: {q.weight_range_at_bit_change}")
+    if q.activation_quantizer in ("pact", "lsq"):
+        rules.append(f"activation ranges at a bit-width change: {q.activation_range_at_bit_change}")
     header = (
         f"Top-1 on {info.name}[{base.data.eval_split}] ({info.num_eval} images), ResNet-20, "
         f"trained on {base.data.train_split} ({info.num_train} images). Equal training budget: "
         f"every run trains {total_steps} steps of batch {base.batch_size} ({epochs:.2f} epochs), "
         f"split between its stages. Mean ± sample std over n seeds. Quantizers: weights "
-        f"{base.quant.weight_quantizer}, activations {base.quant.activation_quantizer} at "
-        f"{base.model.activation_placement} (calibration: {base.quant.activation_calibration})"
-        f"{_range_rule_note(base)}.\n"
+        f"{q.weight_quantizer}, activations {q.activation_quantizer} at "
+        f"{base.model.activation_placement} (calibration: {q.activation_calibration})"
+        f"{' (' + '; '.join(rules) + ')' if rules else ''}.\n"
     )
     if args.start_from:
         header += (
@@ -524,12 +505,10 @@ def _describe_study(
         if args.teacher_start_from:
             header += f"Teachers start from {args.teacher_start_from} instead.\n"
     if args.set:
-        header += "Every run also sets " + ", ".join(f"{k}={v!r}" for k, v in args.set.items())
-        header += ".\n"
-    notes = PRETRAINED_NOTES if args.start_from else METHOD_NOTES
+        header += f"Every run also sets {', '.join(f'{k}={v!r}' for k, v in args.set.items())}.\n"
     model = "ResNet-20 from a trained FP model" if args.start_from else "ResNet-20"
     title = f"{model}, {info.name} ({info.num_train} train images, {epochs:.2f} epochs)"
-    return header, title, notes
+    return header, title, PRETRAINED_NOTES if args.start_from else METHOD_NOTES
 
 
 def _list_runs(runs, pending, config_of) -> None:
