@@ -6,8 +6,9 @@ Every error is a `ConfigError` whose message starts with the dotted name of the 
 
 from __future__ import annotations
 
+import argparse
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -52,3 +53,27 @@ def flat_fields(tree: Any, prefix: str = "") -> dict[str, Any]:
     else:
         return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
     return {k: v for path, child in children for k, v in flat_fields(child, path).items()}
+
+
+def whole_numbers(low: int, high: int) -> Callable[[str], list[int]]:
+    """An argparse ``type`` for a comma-separated list of whole numbers in ``low..high``
+    (``--bits=2,4``, ``--seeds=0,1``): a bad list exits with argparse's one-line usage error
+    naming the flag, not a traceback.
+
+    Raises (from the returned parser):
+      argparse.ArgumentTypeError: for an empty entry, a non-integer or a value out of range.
+    """
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(entry) for entry in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of whole numbers"
+            ) from None
+        outside = [v for v in values if not low <= v <= high]
+        if outside:
+            raise argparse.ArgumentTypeError(f"{outside[0]} is not in {low}..{high}")
+        return values
+
+    return parse

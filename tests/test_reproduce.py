@@ -228,3 +228,25 @@ def test_teacher_can_start_from_another_run():
     assert [(s.lr, s.teacher_lr) for s in config.stages] == [(0.01, 0.002)] * 2
     plain = reproduce.run_config(default.get_config(), run, 8, 0.01, "/s", 0.2)
     assert plain.distill.teacher_init == "/s"
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--bits=x", "argument --bits: 'x' is not a comma-separated list of whole numbers"),
+        ("--bits=4,,2", "argument --bits: '4,,2' is not a comma-separated list of whole numbers"),
+        ("--bits=33", "argument --bits: 33 is not in 1..32"),
+        ("--seeds=0,-1", "argument --seeds: -1 is not in 0..2147483647"),
+    ],
+)
+def test_a_bad_bit_width_or_seed_list_is_one_usage_error(flag, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.parse_args(["--preset=tiny", f"--outdir={tmp_path}", flag])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {expected}")
+
+
+def test_bit_widths_and_seeds_parse_in_their_order(tmp_path):
+    args = reproduce.parse_args(["--outdir", str(tmp_path), "--bits=4,2", "--seeds=1,0"])
+    assert (args.bits, args.seeds) == ([4, 2], [1, 0])
+    assert reproduce.parse_args(["--outdir", str(tmp_path)]).bits == [2, 4]  # the default

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from lbq.io import write_json
+from lbq.validate import whole_numbers
 
 PAIRS = ("dorefa/dorefa", "dorefa/pact", "lsq/lsq")
 
@@ -32,7 +33,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--start_from", required=True, help="a trained run's workdir")
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--quantizers", default=",".join(PAIRS), help="weights/activations pairs")
-    p.add_argument("--bits", default="32,8,4", help="bit-widths k (wKaK) to probe")
+    bits = whole_numbers(1, 32)
+    p.add_argument("--bits", type=bits, default="32,8,4", help="bit-widths k (wKaK) to probe")
     p.add_argument("--recalibrate_bn_batches", type=int, default=4, help="0: skip that column")
     p.add_argument("--data_dir", default=None, help="TFDS data dir, if not the run's")
     args = p.parse_args(argv)
@@ -87,9 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run_config = read_config(args.start_from, {"data_dir": args.data_dir})
     cases = [("plain-ReLU network w32a32", None, 32)] + [
-        (f"{pair} w{k}a{k}", pair, k)
-        for pair in args.quantizers.split(",")
-        for k in (int(b) for b in args.bits.split(","))
+        (f"{pair} w{k}a{k}", pair, k) for pair in args.quantizers.split(",") for k in args.bits
     ]
     results = {}
     for label, pair, bits in cases:

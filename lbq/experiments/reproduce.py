@@ -50,6 +50,7 @@ from lbq.experiments import compare
 from lbq.experiments.compare import load_results, summarize
 from lbq.io import write_json
 from lbq.metrics import clock
+from lbq.validate import whole_numbers
 
 METHOD_NOTES = {
     "fp": "full precision, plain ReLU",
@@ -446,9 +447,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add("--preset", choices=("cifar10", "tiny"), default="cifar10", help="tiny: digits, for tests")
     add("--outdir", required=True, help="one workdir per run, the table and the plot")
     add("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    add("--bits", default="2,4", help="in the order to run them")
+    add("--bits", type=whole_numbers(1, 32), default="2,4", help="in the order to run them")
     add("--order", default="seed", choices=("seed", "bits"), help="see plan_runs")
-    add("--seeds", default="0,1", help="comma-separated; every run once per seed")
+    add("--seeds", type=whole_numbers(0, 2**31 - 1), default="0,1", help="every run once per seed")
     add("--epochs", type=float, default=4.0, help="total epochs of every run")
     add("--dataset", default="cifar10_jpeg", help="TFDS name (from lbq.data.prepare or tfds)")
     add("--data_dir", default="/tmp/lbq_tfds", help="the TFDS data directory")
@@ -563,9 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    bits = [int(b) for b in args.bits.split(",") if b]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    runs = plan_runs(methods, bits, seeds, args.order)
+    bits = args.bits
+    runs = plan_runs(methods, bits, args.seeds, args.order)
     base = base_config(args.preset, args)
 
     from lbq import data as lbq_data
