@@ -4,16 +4,10 @@ A checkpoint holds the whole `TrainState` (parameters, BatchNorm statistics, opt
 with the stochastic-precision keys, step) and a small JSON record (stage, epoch, and a CRC-32 of
 every array: a file whose bytes were damaged in place can restore without any error, seen with
 orbax-checkpoint 0.12.8 and its zstd-compressed OCDBT files). The data position is a function
-of the step, so it needs no extra state.
-
-Resuming uses the newest checkpoint that restores *and* matches its checksums. Damaged ones and
-interrupted saves (``<step>.orbax-checkpoint-tmp*`` folders) are reported by step and set aside;
-finished checkpoints of which none can be read are never silently replaced by a fresh start
-(`CheckpointError`); one whose arrays are intact but do not fit this run's structure is refused
-(`CheckpointMismatch`) or, for the optimizer state alone, restored without it. Saves run in the
-background; a save that fails raises `CheckpointWriteError` naming its step at the next `poll`,
-`save`, `wait` or `close`, and the checkpoints saved before it stay intact. Each case is
-described in docs/reliability.md.
+of the step, so it needs no extra state. Damaged checkpoints, interrupted saves
+(``<step>.orbax-checkpoint-tmp*``), another structure (`CheckpointMismatch`), none readable
+(`CheckpointError`) and a failed background save (`CheckpointWriteError`) are each handled as
+docs/reliability.md describes ("Checkpoints", "A save that fails", "Changing the config").
 """
 
 from __future__ import annotations
@@ -31,12 +25,13 @@ import tempfile
 import time
 import traceback
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -141,15 +136,6 @@ def checksums(tree: Any) -> dict[str, str]:
     }
 
 
-def _verify(tree: Any, expected: dict[str, str] | None) -> None:
-    """Raises ValueError naming the first array whose checksum differs from ``expected``."""
-    if not expected:  # written before checksums existed
-        return
-    for path, value in checksums(tree).items():
-        if path in expected and expected[path] != value:
-            raise ValueError(f"{path} does not match the checksum written when it was saved")
-
-
 def _reason(error: BaseException, os_words: bool = False) -> str:
     """The cause of ``error`` in one line: the first line of the deepest error of its chain
     (TensorStore's own message), or with ``os_words`` the OS's words where there are some.
@@ -197,10 +183,12 @@ def _quiet_orbax() -> None:
     A save that fails on a full disk makes Orbax's background threads log each failed write
     with its traceback (about 350 lines seen with orbax-checkpoint 0.12.8), and asyncio adds
     "exception was never retrieved" for the rest: a filter on those two loggers drops them. A
-    restore that fails abandons its other reads, which Python reports when they are collected
-    unfinished or finish later on the restore's closed loop: an unraisable hook drops those,
-    and stays installed, since they can report long after the restore returned. Other loggers,
-    lbq's own messages and every other unraisable report are untouched.
+    restore that fails abandons its other reads, which Python reports ("Exception ignored in
+    <coroutine ...>", "Event loop is closed") when they are collected unfinished or finish
+    later on the restore's closed loop: thousands of lines that would bury the one warning
+    that matters. An unraisable hook drops those, and stays installed, since they can report
+    long after the restore returned. Other loggers, lbq's own messages and every other
+    unraisable report are untouched.
     """
     for name in ("absl", "asyncio"):
         logger = logging.getLogger(name)
@@ -223,46 +211,16 @@ def _quiet_orbax() -> None:
     sys.unraisablehook = hook
 
 
-@contextlib.contextmanager
-def _quiet_failed_reads() -> Iterator[list[int]]:
-    """Silences the leftovers of a restore that failed part way.
-
-    Orbax abandons the other array reads of a failed restore; Python reports each one
-    ("Exception ignored in <coroutine ...>", "Event loop is closed", asyncio's "exception was
-    never retrieved"): thousands of lines that would bury the one warning that matters. Append
-    to the yielded list when a restore failed: the abandoned reads are then collected before
-    leaving, while asyncio's log is off.
-    """
-    _quiet_orbax()
-    asyncio_log = logging.getLogger("asyncio")
-    was_disabled = asyncio_log.disabled
-    asyncio_log.disabled = True
-    failed: list[int] = []
-    try:
-        yield failed
-    finally:
-        if failed:
-            gc.collect()  # collect the abandoned reads now, while asyncio's log is off
-        asyncio_log.disabled = was_disabled
-
-
 # ----------------------------------------------------------------------------- restore
 
 
-def _abstract_from_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
-    """The saved tree as nested dicts of arrays replicated over this process's devices.
-
-    Restoring with the shardings recorded at save time fails when the device count changed
-    (a teacher trained on 8 GPUs, loaded on 1), so they are replaced.
-    """
+def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The metadata of ``step``'s saved state, as nested dicts; raises ValueError when it has
+    none (a lost _METADATA file)."""
     metadata = manager.item_metadata(step)["state"]
     if metadata is None:
         raise ValueError("its state has no metadata")
-    replicated = NamedSharding(jax.make_mesh((jax.device_count(),), ("devices",)), P())
-    return jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-        getattr(metadata, "tree", metadata),
-    )
+    return getattr(metadata, "tree", metadata)
 
 
 def _structure_mismatch(
@@ -279,11 +237,10 @@ def _structure_mismatch(
         return {path: tuple(getattr(leaf, "shape", ())) for path, leaf in _leaves(tree).items()}
 
     try:
-        metadata = manager.item_metadata(step)["state"]
-        saved = shapes(getattr(metadata, "tree", metadata)) if metadata is not None else {}
-    except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
+        saved = shapes(_saved_tree(manager, step))
+    except Exception:  # noqa: BLE001 - unreadable or lost metadata: damaged, not another model
         return None
-    if not saved:  # no metadata (a lost _METADATA file): damaged, not another structure
+    if not saved:
         return None
     ours = shapes(abstract_state)
     differing = sorted(
@@ -307,12 +264,18 @@ def _restore_step(
 ) -> tuple[Any, dict[str, Any]]:
     """Restores and verifies one step; raises whatever Orbax raises, or ValueError.
 
-    With ``abstract_state`` None the checkpoint's own structure is used (nested dicts) and
-    only the parameters and BatchNorm statistics are verified.
+    With ``abstract_state`` None the checkpoint's own structure is used (nested dicts of arrays
+    replicated over this process's devices: the shardings recorded at save time fail when the
+    device count changed, a teacher trained on 8 GPUs loaded on 1) and only the parameters and
+    BatchNorm statistics are verified.
     """
     subset = abstract_state is None
     if subset:
-        abstract_state = _abstract_from_metadata(manager, step)
+        replicated = NamedSharding(jax.make_mesh((jax.device_count(),), ("devices",)), P())
+        abstract_state = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+            _saved_tree(manager, step),
+        )
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -327,7 +290,10 @@ def _restore_step(
         expected = {
             k: v for k, v in (expected or {}).items() if k.startswith(("params.", "batch_stats."))
         }
-    _verify(state, expected)
+    if expected:  # None: written before checksums existed
+        for path, value in checksums(state).items():
+            if path in expected and expected[path] != value:
+                raise ValueError(f"{path} does not match the checksum written when it was saved")
     stored_step = meta.get("step")
     if stored_step is not None and int(stored_step) != step:
         raise ValueError(f"its record says step {stored_step}")
@@ -428,7 +394,11 @@ def _restore_newest(
       CheckpointError: when none of ``steps`` can be read (failures named in the message).
     """
     failures: list[tuple[int, str]] = []
-    with _quiet_failed_reads() as failed:
+    restored = None
+    _quiet_orbax()
+    asyncio_log = logging.getLogger("asyncio")
+    was_disabled, asyncio_log.disabled = asyncio_log.disabled, True
+    try:
         for step in sorted(steps, reverse=True):
             opened = (
                 contextlib.nullcontext(manager)
@@ -438,9 +408,10 @@ def _restore_newest(
             with opened as reader:
                 try:
                     state, meta, whole = _restore_fitting(
-                        reader, directory, step, abstract_state, allow_new_optimizer, failed
+                        reader, directory, step, abstract_state, allow_new_optimizer
                     )
-                    return Restored(step, state, meta, whole, tuple(failures))
+                    restored = Restored(step, state, meta, whole, tuple(failures))
+                    return restored
                 except CheckpointMismatch:
                     raise
                 except Exception as error:  # noqa: BLE001 - damaged, or deleted while read
@@ -453,6 +424,10 @@ def _restore_newest(
                         directory,
                         failures[-1][1],
                     )
+    finally:
+        if restored is None or failures or not restored.optimizer_restored:  # a restore failed
+            gc.collect()  # collect its abandoned reads now, while asyncio's log is off
+        asyncio_log.disabled = was_disabled
     raise CheckpointError(
         f"no readable checkpoint in {directory} ("
         + "; ".join(f"step {s}: {r}" for s, r in failures)
@@ -466,15 +441,12 @@ def _restore_fitting(
     step: int,
     abstract_state: Any | None,
     allow_new_optimizer: bool,
-    failed: list[int],
 ) -> tuple[Any, dict[str, Any], bool]:
     """(state, meta, whether the optimizer state was restored) of one step of
-    `_restore_newest`; appends ``step`` to ``failed`` when a restore fails, and raises
-    `CheckpointMismatch` or what `_restore_step` raises."""
+    `_restore_newest`; raises `CheckpointMismatch` or what `_restore_step` raises."""
     try:
         return (*_restore_step(manager, step, abstract_state), True)
     except Exception:
-        failed.append(step)
         mismatch = abstract_state is not None and _structure_mismatch(manager, step, abstract_state)
         if not mismatch:
             raise
@@ -531,18 +503,10 @@ class Checkpoints:
         if step in self.manager.all_steps():
             return
         meta = {**meta, "step": step, _CHECKSUMS: checksums(state)}
-        try:
-            # force: the trainer decides when to save; Orbax's own policy would silently skip
-            # a step at or below its newest one, or while an earlier save is being written.
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                ),
-                force=True,
-            )
-        except Exception as error:  # noqa: BLE001 - any failure to write is reported the same
-            self._fail(step, error)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        # force: the trainer decides when to save; Orbax's own policy would silently skip a step
+        # at or below its newest one, or while an earlier save is being written.
+        self._write(step, lambda: self.manager.save(step, args=args, force=True))
         self._pending = step
 
     def poll(self) -> None:
@@ -551,15 +515,10 @@ class Checkpoints:
         The trainer polls after every step, so a write that fails (a full disk fails within
         milliseconds) stops the run at the next step boundary.
         """
-        if self._pending is None:
-            return
-        try:
-            self.manager.check_for_errors()
-        except Exception as error:  # noqa: BLE001 - any failure to write is reported the same
-            step, self._pending = self._pending, None
-            self._fail(step, error)
-        if not self.manager.is_saving_in_progress():
-            self.wait()
+        if self._pending is not None:
+            self._write(self._pending, self.manager.check_for_errors)
+            if not self.manager.is_saving_in_progress():
+                self.wait()
 
     def wait(self) -> None:
         """Blocks until the background save is written.
@@ -567,23 +526,23 @@ class Checkpoints:
         Raises:
           CheckpointWriteError: when it failed.
         """
-        if self._pending is None:
-            return
-        step, self._pending = self._pending, None
-        try:
-            self.manager.wait_until_finished()
-        except Exception as error:  # noqa: BLE001 - any failure to write is reported the same
-            self._fail(step, error)
+        if self._pending is not None:
+            step, self._pending = self._pending, None
+            self._write(step, self.manager.wait_until_finished)
 
-    def _fail(self, step: int, error: BaseException) -> None:
-        """Raises the one-line `CheckpointWriteError`, after removing the failed save's files
-        (they may fill a disk; a rerun would discard them anyway)."""
-        self._failed = True
-        reason = _reason(error, os_words=True)
-        name = partial_saves(self.directory).get(step)
-        if name and jax.process_index() == 0:
-            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        raise CheckpointWriteError(step, reason, self.directory) from None
+    def _write(self, step: int, call: Callable[[], Any]) -> None:
+        """Runs ``call``, a part of the save of ``step``. When it fails, raises the one-line
+        `CheckpointWriteError` after removing the failed save's files (they may fill a disk; a
+        rerun would discard them anyway)."""
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - any failure to write is reported the same
+            self._failed, self._pending = True, None
+            reason = _reason(error, os_words=True)
+            name = partial_saves(self.directory).get(step)
+            if name and jax.process_index() == 0:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            raise CheckpointWriteError(step, reason, self.directory) from None
 
     def restore(self, abstract_state: Any, *, allow_new_optimizer: bool = False) -> Restored | None:
         """Reads the newest readable checkpoint into the structure of ``abstract_state``;
@@ -670,8 +629,6 @@ class Checkpoints:
             for name in partial:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("lbq_checkpoints_set_aside")
         self.manager.reload()
 
@@ -684,10 +641,8 @@ class Checkpoints:
         try:
             self.wait()
         finally:
-            if self._failed:  # Orbax re-raises the failed save's error on closing
-                with contextlib.suppress(Exception):
-                    self.manager.close()
-            else:
+            # Orbax re-raises the failed save's error on closing
+            with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
                 self.manager.close()
 
 
@@ -710,12 +665,8 @@ def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
 
     ``path`` may be a workdir, its ``checkpoints`` folder or one step's folder. From a workdir
     the newest readable checkpoint is used (with a warning for any newer unreadable one); a
-    step's folder must be readable.
-
-    A run may be training and saving meanwhile: a checkpoint whose folder disappears while it
-    is read was deleted by the trainer's retention (``keep_checkpoints``), not damaged. The
-    reader then lists the steps again and reads the newest from a hard-linked copy of its files
-    (`_reader`), for up to `READ_RETRY_SECONDS`.
+    step's folder must be readable. A run may be training meanwhile: a checkpoint that its
+    retention deletes while it is read is not damage (`_read_newest_while_saving`).
 
     Raises:
       CheckpointError: when there is no checkpoint or none can be read, or a step's folder
