@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from lbq import report
 from lbq.checkpoint import CheckpointMismatch, Checkpoints
@@ -29,6 +30,8 @@ from lbq.workdir import WorkdirDecision, clear_run_outputs, write_record
 __all__ = ["check_continuation", "commit", "rate_changes", "recorded_stages", "resume_or_start"]
 
 log = logging.getLogger("lbq")
+
+_ADVICE = "use on_config_change=overwrite to start over, or another --workdir"
 
 
 def check_continuation(
@@ -49,12 +52,11 @@ def check_continuation(
         return
     changes = "; ".join(decision.differences)
     workdir, total = decision.workdir, stages[-1].end_step
-    advice = "use on_config_change=overwrite to start over, or another --workdir"
     if step > total:
         raise ConfigError(
             f"the run in {workdir} has trained {step} steps, but the stages now end at step "
             f"{total} ({changes}); a continued run may extend its stages or add stages, not cut "
-            f"what already ran: {advice}"
+            f"what already ran: {_ADVICE}"
         )
     if step == total:
         raise ConfigError(
@@ -82,7 +84,7 @@ def check_continuation(
             raise ConfigError(
                 f"stages[{index}] ('{result['name']}') finished at step {end} in {workdir} and "
                 f"its result is recorded; the new config changes it ({changes}). A continued "
-                f"run may extend its last finished stage or add stages: {advice}"
+                f"run may extend its last finished stage or add stages: {_ADVICE}"
             )
         start = end
 
@@ -131,56 +133,23 @@ def rate_changes(old: Sequence[Stage], new: Sequence[Stage], step: int) -> list[
     return changes
 
 
-def _warn_rate_changes(trainer: Trainer, stages: Sequence[Stage], step: int, decision) -> None:
-    """Warns, naming the rates before and after, when a continued run's changed config moves
-    a learning rate at the resumed step."""
-    if not decision.differences or decision.previous is None:
-        return
-    old = recorded_stages(decision.previous, trainer.info.num_train)
-    if old is None:
-        log.warning(
-            "could not read the recorded config of %s to compare its learning-rate schedule "
-            "with the changed one; check the rate in metrics.jsonl",
-            decision.workdir,
-        )
-        return
-    for change in rate_changes(old, stages, step):
-        log.warning(
-            "the changed config moves the learning rate at the resumed step: %s (the schedule "
-            "is laid over the stage's new length and settings)",
-            change,
-        )
-
-
-def _place(saved: Any, like: Any) -> Any:
-    """``saved`` (host arrays of the same structure) with the dtypes and shardings of ``like``."""
-    return jax.tree.map(
-        lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding), saved, like
-    )
-
-
 def _with_new_optimizer(trainer: Trainer, fresh, saved: dict, stage: Stage):
     """``fresh`` with a checkpoint's step, parameters and BatchNorm statistics, and the
     optimizer state that ``stage`` starts with. The learned ranges are the checkpoint's: the
     train loop calibrates at a stage's first step, never inside a stage."""
+    weights = jax.tree.map(  # the saved host arrays with the dtypes and shardings of ``fresh``
+        lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+        {"params": saved["params"], "batch_stats": saved["batch_stats"]},
+        {"params": fresh.params, "batch_stats": fresh.batch_stats},
+    )
     state = fresh.replace(
+        **weights,
         step=jax.device_put(jnp.int32(saved["step"]), trainer.replicated),
-        params=_place(saved["params"], fresh.params),
-        batch_stats=_place(saved["batch_stats"], fresh.batch_stats),
         first_nonfinite=jax.device_put(
             jnp.int32(saved.get("first_nonfinite", -1)), trainer.replicated
         ),
     )
     return trainer.fresh_optimizer_state(state, stage)
-
-
-def _mismatch_message(error: CheckpointMismatch, decision: WorkdirDecision) -> str:
-    if decision.differences:
-        return (
-            f"{error}; the config changes ({'; '.join(decision.differences)}) cannot continue "
-            f"it: use on_config_change=overwrite to start over, or another --workdir"
-        )
-    return f"{error}; was it written by another version of lbq? Use another --workdir"
 
 
 def resume_or_start(
@@ -207,11 +176,29 @@ def resume_or_start(
         try:
             restored = checkpoints.restore(abstract, allow_new_optimizer=bool(decision.differences))
         except CheckpointMismatch as error:
-            raise ConfigError(_mismatch_message(error, decision)) from None
+            changes = "; ".join(decision.differences)
+            raise ConfigError(
+                f"{error}; the config changes ({changes}) cannot continue it: {_ADVICE}"
+                if changes
+                else f"{error}; was it written by another version of lbq? Use another --workdir"
+            ) from None
         if restored is None:
             return checkpoints, trainer.load_start_weights(state), {}
         check_continuation(plan, stages, restored.step, restored.meta, decision)
-        _warn_rate_changes(trainer, stages, restored.step, decision)
+        if decision.differences and decision.previous is not None:
+            old = recorded_stages(decision.previous, trainer.info.num_train)
+            if old is None:
+                log.warning(
+                    "could not read the recorded config of %s to compare its learning-rate "
+                    "schedule with the changed one; check the rate in metrics.jsonl",
+                    decision.workdir,
+                )
+            for change in rate_changes(old or [], stages, restored.step):
+                log.warning(
+                    "the changed config moves the learning rate at the resumed step: %s (the "
+                    "schedule is laid over the stage's new length and settings)",
+                    change,
+                )
         if restored.optimizer_restored:
             state = restored.state
         else:
@@ -252,7 +239,5 @@ def commit(decision: WorkdirDecision, checkpoints: Checkpoints | None, keep: int
             clear_run_outputs(decision.workdir)
         write_record(decision.workdir, decision.record)
     if jax.process_count() > 1:  # no process creates checkpoints/ while process 0 deletes it
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("lbq_commit")
     return Checkpoints(decision.workdir, keep)

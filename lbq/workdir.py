@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lbq.io import write_json
 from lbq.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
@@ -72,15 +73,6 @@ class WorkdirError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- the lock
-
-
-def _holder_text(raw: bytes) -> str:
-    """'host H, pid P, since T' from a lock file's record, or a note that it is unknown."""
-    try:
-        holder = json.loads(raw.decode())
-        return f"host {holder['host']}, pid {holder['pid']}, since {holder['started']}"
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return "its host and pid are not recorded yet"
 
 
 class WorkdirLock:
@@ -137,7 +129,11 @@ class WorkdirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder_text(os.pread(fd, 4096, 0))
+            try:  # the lock file's record
+                record = json.loads(os.pread(fd, 4096, 0).decode())
+                holder = f"host {record['host']}, pid {record['pid']}, since {record['started']}"
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                holder = "its host and pid are not recorded yet"
             os.close(fd)
             raise WorkdirError(
                 f"workdir {self.workdir} is in use by another lbq run ({holder}); wait for it "
@@ -192,8 +188,6 @@ def exclusive_workdir(workdir: str) -> Iterator[None]:
         except WorkdirError as error:
             refusal = error
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
         if int(refused) and refusal is None:
             refusal = WorkdirError(f"workdir {workdir} is not available (see process 0)")
@@ -227,24 +221,6 @@ def _same(a: Any, b: Any) -> bool:
 _STAGE_FIELD = re.compile(r"^stages\[\d+\]\.(.+)$")
 
 
-def _defaults() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The default config and a default stage, flattened like a record."""
-    from lbq.configs import default
-
-    def flat(config) -> dict[str, Any]:
-        return flat_fields(json.loads(config.to_json_best_effort()))
-
-    return flat(default.get_config()), flat(default.stage("stage"))
-
-
-def _added_later_at_default(key: str, value: Any, defaults: tuple[dict, dict]) -> bool:
-    """Whether ``key``, absent from a recorded config, holds its default value."""
-    known, stage_field = defaults[0], _STAGE_FIELD.match(key)
-    if stage_field:
-        known, key = defaults[1], stage_field.group(1)
-    return key in known and _same(known[key], value)
-
-
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """'field: old -> new' for each field that differs and matters for the computation.
 
@@ -252,16 +228,20 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     the field after the run was recorded, and a new field's default keeps the behaviour of
     the code that recorded it (tests/test_golden.py resumes such a run).
     """
+    from lbq.configs import default
+
+    def flat(config) -> dict[str, Any]:
+        return flat_fields(json.loads(config.to_json_best_effort()))
+
+    defaults, stage_defaults = flat(default.get_config()), flat(default.stage("stage"))
     a, b = flat_fields(dict(old)), flat_fields(dict(new))
-    defaults = _defaults()
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_CHANGES:
-            continue
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if key not in a and _added_later_at_default(key, vb, defaults):
-            continue
-        if not _same(va, vb):
+        stage_field = _STAGE_FIELD.match(key)
+        known, name = (stage_defaults, stage_field.group(1)) if stage_field else (defaults, key)
+        added_at_default = key not in a and name in known and _same(known[name], vb)
+        if key not in RESUMABLE_CHANGES and not added_at_default and not _same(va, vb):
             diffs.append(f"{key}: {va!r} -> {vb!r}")
     return diffs
 
