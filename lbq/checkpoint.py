@@ -549,9 +549,7 @@ class Checkpoints:
         changes nothing on disk (`set_aside` does, once the run commits to the workdir).
 
         Unreadable newer checkpoints and interrupted saves are reported with a warning and
-        remembered for `set_aside`. When the only saves were interrupted (a first save cut
-        by a kill), there is nothing to resume: they are reported as discarded and None is
-        returned.
+        remembered for `set_aside` (docs/reliability.md, "Checkpoints").
 
         Args:
           abstract_state: the run's state as ShapeDtypeStructs with shardings.

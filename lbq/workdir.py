@@ -78,13 +78,10 @@ class WorkdirError(RuntimeError):
 class WorkdirLock:
     """Exclusive use of a workdir by one run: an exclusive `fcntl.flock` on ``WORKDIR/lbq.lock``.
 
-    The kernel drops the lock when its process ends, however it ends, so a lock left by a dead
-    run never needs a person: the file stays, but the next run takes it. The file records the
-    holder's host, pid and start time for the message of a refused run. Released normally, the
-    file is removed, and so is the workdir when this run created it and left nothing else in
-    it. Where the filesystem has no locks (ENOLCK, EOPNOTSUPP, ENOSYS), lbq warns and runs
-    without one; across machines the lock is as good as the filesystem's locks (NFS, Lustre and
-    GPFS mounts: docs/reliability.md).
+    The file records the holder's host, pid and start time for the message of a refused run.
+    Released normally, the file is removed, and so is the workdir when this run created it and
+    left nothing else in it. A dead holder's lock, filesystems without locks (ENOLCK,
+    EOPNOTSUPP, ENOSYS: a warning) and shared mounts: docs/reliability.md ("One run per workdir").
     """
 
     # Our own flock, not the filelock package: filelock is not a dependency of lbq (only of torch
