@@ -24,22 +24,15 @@ from lbq import metrics as lbq_metrics
 from lbq import report
 from lbq.mesh import maybe_initialize_distributed
 from lbq.plan import RunPlan, check_type, parse_config, shadowed_overrides
+from lbq.preemption import Preempted, PreemptionWatcher
 from lbq.resume import commit, resume_or_start
 from lbq.stages import Stage, lay_out, stage_at
 from lbq.trainer import build_trainer, check_networks_build, evaluate_split, train_batches
 from lbq.validate import ConfigError
-from lbq.workdir import (
-    PREEMPTED_EXIT_CODE,
-    Preempted,
-    PreemptionWatcher,
-    exclusive_workdir,
-    inspect_workdir,
-)
+from lbq.workdir import exclusive_workdir, inspect_workdir
 
 __all__ = [
-    "PREEMPTED_EXIT_CODE",
     "NonFiniteError",
-    "Preempted",
     "RunResult",
     "train_and_evaluate",
 ]

@@ -28,14 +28,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lbq.io import write_json
-from lbq.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 from lbq.validate import ConfigError, flat_fields
 
 __all__ = [
     "LOCK_FILE",
-    "PREEMPTED_EXIT_CODE",
-    "Preempted",
-    "PreemptionWatcher",
     "WorkdirDecision",
     "WorkdirError",
     "WorkdirLock",

@@ -31,17 +31,11 @@ from lbq.checkpoint import UNREADABLE_DIR, CheckpointError, load_variables
 from lbq.configs import default
 from lbq.metrics import MetricsWriter
 from lbq.plan import parse_config
-from lbq.train import (
-    PREEMPTED_EXIT_CODE,
-    NonFiniteError,
-    Preempted,
-    RunResult,
-    train_and_evaluate,
-)
+from lbq.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
+from lbq.train import NonFiniteError, RunResult, train_and_evaluate
 from lbq.validate import ConfigError
 from lbq.workdir import (
     LOCK_FILE,
-    PreemptionWatcher,
     WorkdirError,
     WorkdirLock,
     config_differences,
