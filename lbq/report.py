@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from lbq.plan import RunPlan
 from lbq.stages import Stage, bits_label
 
-LSQ_RULE = "LSQ weight ranges at a bit-width change"
+LSQ_WEIGHT_RULE_LABEL = "LSQ weight ranges at a bit-width change"
 
 
 def network_bits(plan: RunPlan, stage: Stage) -> str:
@@ -40,7 +40,7 @@ def quantizers_text(plan: RunPlan) -> str:
     if plan.model.quantized and plan.model.activation_placement != "block_output":
         text += f" at {plan.model.activation_placement}"
     if weights == "lsq":
-        text += f"; {LSQ_RULE}: {plan.calibration.weight_range_at_bit_change}"
+        text += f"; {LSQ_WEIGHT_RULE_LABEL}: {plan.calibration.weight_range_at_bit_change}"
     if activations in ("pact", "lsq"):
         rule = plan.calibration.activation_range_at_bit_change
         text += f"; activation ranges at a bit-width change: {rule}"
@@ -169,7 +169,7 @@ def format_summary(result, workdir: str) -> str:
             lines.append(
                 f"quantizers: weights {last['weight_quantizer']}, "
                 f"activations {last['activation_quantizer']}"
-                + (f"; {LSQ_RULE}: {rule}" if rule else "")
+                + (f"; {LSQ_WEIGHT_RULE_LABEL}: {rule}" if rule else "")
             )
     which = "final" if result.status == "completed" else "last evaluation of"
     for net, m in result.final.items():
