@@ -58,7 +58,7 @@ def _write_digits(tmp_path, name: str, broken_test_image: bool) -> str:
         (root / "test" / "1" / "broken.png").write_bytes(b"not an image")
         files["test"].append("test/1/broken.png")
         labels["test"].append(1)
-    splits = {s: folder._Split(s, files[s], labels[s], [False] * len(files[s])) for s in files}
+    splits = {s: [(f, n, False) for f, n in zip(files[s], labels[s], strict=True)] for s in files}
     out = str(tmp_path / "tfds")
     target = os.path.join(out, "late_digits")
     if os.path.exists(target):

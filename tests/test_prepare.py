@@ -365,7 +365,7 @@ def _write_dataset(tmp_path, name, class_names, metadata, arrays_per_class):
         write_class(root / "train" / cls, arrays)
         files += [f"train/{cls}/{i}.png" for i in range(len(arrays))]
         labels += [label] * len(arrays)
-    split = folder._Split("train", files, labels, [False] * len(files))
+    split = [(f, label, False) for f, label in zip(files, labels, strict=True)]
     folder.write_tfds(
         name, str(root), str(tmp_path / "out"), class_names, {"train": split}, metadata, print
     )

@@ -203,14 +203,6 @@ def _skipped_lines(skipped: Sequence[SkippedFile]) -> list[str]:
     ]
 
 
-@dataclasses.dataclass
-class _Split:
-    name: str
-    files: list[str]  # paths relative to root
-    labels: list[int]
-    reencode: list[bool] = dataclasses.field(default_factory=list)
-
-
 def skip_reason(name: str, path: str, webp: bool) -> str | None:
     """Why a file inside a class folder is not an image of the dataset, or None if it is one.
 
@@ -231,10 +223,10 @@ def skip_reason(name: str, path: str, webp: bool) -> str | None:
     return None
 
 
-def _entries(folder: str, rel: str, outside: str) -> tuple[list[str], list[SkippedFile], bool]:
-    """The sub-folders of ``folder`` (ROOT/rel), sorted; its hidden entries and its files (which
-    are ``outside`` a sub-folder) as skipped; and whether one of those files is an image."""
-    dirs, skipped, loose_images = [], [], False
+def _entries(folder: str, rel: str, outside: str) -> tuple[list[str], list[SkippedFile]]:
+    """The sub-folders of ``folder`` (ROOT/rel), sorted; and its hidden entries and its files
+    (which are ``outside`` a sub-folder) as skipped."""
+    dirs, skipped = [], []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         path = os.path.join(rel, entry.name)
         if entry.name.startswith("."):
@@ -246,9 +238,8 @@ def _entries(folder: str, rel: str, outside: str) -> tuple[list[str], list[Skipp
         elif entry.is_dir():
             dirs.append(entry.name)
         else:
-            loose_images |= entry.name.lower().endswith(IMAGE_EXTENSIONS)
             skipped.append(SkippedFile(path, f"not inside a {outside} folder"))
-    return dirs, skipped, loose_images
+    return dirs, skipped
 
 
 def _list_class(root: str, class_dir: str, webp: bool) -> tuple[list[str], list[SkippedFile]]:
@@ -260,15 +251,13 @@ def _list_class(root: str, class_dir: str, webp: bool) -> tuple[list[str], list[
             dirnames[:] = []
             continue
         seen.add(real)
-        for d in dirnames:
-            if d.startswith("."):
-                rel = os.path.relpath(os.path.join(dirpath, d), root)
-                skipped.append(SkippedFile(rel + os.sep, "hidden folder"))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root)
+        hidden = [d for d in dirnames if d.startswith(".")]
+        skipped += [SkippedFile(os.path.join(rel_dir, d) + os.sep, "hidden folder") for d in hidden]
+        dirnames[:] = sorted(set(dirnames) - set(hidden))
         for f in filenames:
-            path = os.path.join(dirpath, f)
-            reason = skip_reason(f, path, webp)
-            rel = os.path.relpath(path, root)
+            reason = skip_reason(f, os.path.join(dirpath, f), webp)
+            rel = os.path.join(rel_dir, f)
             if reason:
                 skipped.append(SkippedFile(rel, reason))
             else:
@@ -291,17 +280,15 @@ def _list_splits(
             raise FolderLayoutError(
                 f"split folder {split_dir} has a name TFDS cannot use (letters, digits, _ only)"
             )
-        classes, split_skipped, loose_images = _entries(split_dir, split, "class")
+        classes, split_skipped = _entries(split_dir, split, "class")
         skipped += split_skipped
         if not classes:
-            hint = (
-                "; it holds images directly: is the path one level too deep?"
-                if loose_images
-                else ""
-            )
+            loose = [s.path for s in split_skipped if s.reason.startswith("not inside")]
             raise FolderLayoutError(
                 f"image folder {split_dir} has no class folders (expected "
-                f"{split_dir}/<class>/<image>.jpg){hint}"
+                f"{split_dir}/<class>/<image>.jpg)"
+                + "; it holds images directly: is the path one level too deep?"
+                * any(p.lower().endswith(IMAGE_EXTENSIONS) for p in loose)
             )
         if len(classes) > 1 and set(classes) <= _SPLIT_NAMES:
             raise FolderLayoutError(
@@ -313,11 +300,9 @@ def _list_splits(
             class_dir = os.path.join(split_dir, cls)
             images, class_skipped = _list_class(root, class_dir, webp)
             if not images:
-                found = (
-                    f" ({len(class_skipped)} other entries, e.g. {class_skipped[0].path}: "
-                    f"{class_skipped[0].reason})"
-                    if class_skipped
-                    else ""
+                found = "".join(
+                    f" ({len(class_skipped)} other entries, e.g. {s.path}: {s.reason})"
+                    for s in class_skipped[:1]
                 )
                 raise FolderLayoutError(
                     f"class folder {class_dir} holds no images{found}; add images or remove it"
@@ -329,8 +314,8 @@ def _list_splits(
 
 def _plan(
     root: str, listing: dict[str, dict[str, list[str]]], stats_split: str
-) -> tuple[list[str], dict[str, _Split]]:
-    """Class names (sorted union over splits) and each split's files with their labels; refuses
+) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """Class names (sorted union over splits) and each split's (file, label) pairs; refuses
     fewer than two classes, and with a 'train' split a class that has no training images."""
     class_names = sorted({c for per_class in listing.values() for c in per_class})
     if len(class_names) < MIN_CLASSES:
@@ -351,25 +336,21 @@ def _plan(
                 )
     label_of = {c: i for i, c in enumerate(class_names)}
     return class_names, {
-        split: _Split(
-            split,
-            [f for files in per_class.values() for f in files],
-            [label_of[c] for c, files in per_class.items() for _ in files],
-        )
+        split: [(f, label_of[c]) for c, files in per_class.items() for f in files]
         for split, per_class in listing.items()
     }
 
 
-def _check_written(name: str, data_dir: str, plan: dict[str, _Split]) -> None:
+def _check_written(name: str, data_dir: str, plan: dict[str, list]) -> None:
     """Reads the new dataset back through the training path: every split, every example."""
     from lbq.data.sources import open_dataset
 
     dataset = open_dataset(read_settings({"name": name, "data_dir": data_dir}))
-    for split, p in plan.items():
-        if (n := dataset.num_examples(split)) != len(p.files):
+    for split, items in plan.items():
+        if (n := dataset.num_examples(split)) != len(items):
             raise DataError(
                 f"dataset {name!r} in {data_dir} holds {n} examples "
-                f"in split {split!r} after writing {len(p.files)}"
+                f"in split {split!r} after writing {len(items)}"
             )
 
 
@@ -384,14 +365,15 @@ def _stored_as_is(img: Any, path: str) -> bool:
 
 
 def _scan_chunk(
-    root: str, files: Sequence[str], with_stats: bool, size: int, resize: str
-) -> tuple[PixelStats, collections.Counter, list[tuple[str, bool]], list[SkippedFile]]:
-    """Decodes every file of a chunk: (the pixel counts of the images as training receives them,
-    (width, height) counts, (path, re-encode) of the readable files in order, unreadable files)."""
+    root: str, items: Sequence[tuple[str, int]], with_stats: bool, size: int, resize: str
+) -> tuple[PixelStats, collections.Counter, list[tuple[str, int, bool]], list[SkippedFile]]:
+    """Decodes every (file, label) of a chunk: (the pixel counts of the images as training
+    receives them, (width, height) counts, (path, label, re-encode) of the readable files in
+    order, unreadable files)."""
     pixels = PixelStats()
     sizes: collections.Counter = collections.Counter()
     good, unreadable = [], []
-    for rel in files:
+    for rel, label in items:
         path = os.path.join(root, rel)
         try:
             with open_image(path, f"image file {path}") as img:
@@ -405,7 +387,7 @@ def _scan_chunk(
             reason = e.reason if isinstance(e, ImageReadError) else one_line(e)
             unreadable.append(SkippedFile(rel, reason))
             continue
-        good.append((rel, not stored_as_is))
+        good.append((rel, label, not stored_as_is))
         sizes[(rgb.shape[1], rgb.shape[0])] += 1
     return pixels, sizes, good, unreadable
 
@@ -432,34 +414,35 @@ class _Progress:
 
 def _scan(
     root: str,
-    plan: dict[str, _Split],
+    plan: dict[str, list[tuple[str, int]]],
     stats_split: str,
     num_workers: int,
     progress: Callable[[str], None],
     skip_corrupt: bool,
     size: int,
     resize: str,
-) -> tuple[collections.Counter, list[SkippedFile], PixelStats]:
-    """Decodes every image on a thread pool; each split keeps its readable files, with their
-    re-encode flags. Stops at the first unreadable image unless skip_corrupt.
+) -> tuple[dict[str, list[tuple[str, int, bool]]], collections.Counter, list, PixelStats]:
+    """Decodes every image on a thread pool. Stops at the first unreadable image unless
+    skip_corrupt.
 
     Returns:
-      (width, height) counts, unreadable files, and the pixel statistics of ``stats_split``'s
-      images resized to ``size`` as training resizes them (``resize``).
+      each split's readable (file, label, re-encode) in order, (width, height) counts,
+      unreadable files, and the pixel statistics of ``stats_split``'s images resized to
+      ``size`` as training resizes them (``resize``).
     """
     from lbq.data.pipeline import _ordered_map
 
     sizes: collections.Counter = collections.Counter()
     unreadable: list[SkippedFile] = []
     pixels = PixelStats()
-    for split in plan.values():
+    scanned: dict[str, list[tuple[str, int, bool]]] = {}
+    for split, items in plan.items():
         scan = functools.partial(
-            _scan_chunk, root, with_stats=split.name == stats_split, size=size, resize=resize
+            _scan_chunk, root, with_stats=split == stats_split, size=size, resize=resize
         )
-        chunks = [split.files[i : i + _CHUNK] for i in range(0, len(split.files), _CHUNK)]
-        label_of = dict(zip(split.files, split.labels, strict=True))
-        bar = _Progress(f"scan {split.name}", len(split.files), progress)
-        split.files, split.labels, split.reencode = [], [], []
+        chunks = [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+        bar = _Progress(f"scan {split}", len(items), progress)
+        scanned[split] = []
         done = 0
         for chunk_pixels, chunk_sizes, good, bad in _ordered_map(
             scan, chunks, num_workers, num_workers + 2
@@ -473,13 +456,10 @@ def _scan(
             pixels.merge(chunk_pixels)
             sizes.update(chunk_sizes)
             unreadable += bad
-            for rel, again in good:
-                split.files.append(rel)
-                split.labels.append(label_of[rel])
-                split.reencode.append(again)
+            scanned[split] += good
             done += len(good) + len(bad)
             bar.update(done)
-    return sizes, unreadable, pixels
+    return scanned, sizes, unreadable, pixels
 
 
 def _builder_class() -> type:
@@ -523,16 +503,14 @@ def _builder_class() -> type:
 
 
 def _examples(
-    root: str, split: _Split, progress: Callable[[str], None]
+    root: str, split: str, items: Sequence[tuple[str, int, bool]], progress: Callable[[str], None]
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A split's (key, example) pairs: a file TFDS stores byte for byte (its path), or the PIL
-    image of its 8-bit RGB form, which TFDS encodes as PNG."""
+    """A split's (key, example) pairs from its (file, label, re-encode): a file TFDS stores byte
+    for byte (its path), or the PIL image of its 8-bit RGB form, which TFDS encodes as PNG."""
     from PIL import Image
 
-    bar = _Progress(f"write {split.name}", len(split.files), progress)
-    for i, (rel, label, reencode) in enumerate(
-        zip(split.files, split.labels, split.reencode, strict=True)
-    ):
+    bar = _Progress(f"write {split}", len(items), progress)
+    for i, (rel, label, reencode) in enumerate(items):
         path = os.path.join(root, rel)
         image: Any = path
         if reencode:
@@ -547,11 +525,12 @@ def write_tfds(
     root: str,
     data_dir: str,
     class_names: Sequence[str],
-    splits: dict[str, _Split],
+    splits: dict[str, list[tuple[str, int, bool]]],
     metadata: dict[str, Any],
     progress: Callable[[str], None],
 ) -> str:
-    """Writes the scanned splits as TFDS ArrayRecord files; returns the dataset's folder."""
+    """Writes the scanned splits, each a list of (file relative to root, label, re-encode), as
+    TFDS ArrayRecord files; returns the dataset's folder."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.utils import tqdm_utils
 
@@ -569,7 +548,7 @@ def write_tfds(
             supervised_keys=("image", "label"),
             metadata=tfds.core.MetadataDict(metadata),
         ),
-        examples={s: _examples(root, split, progress) for s, split in splits.items()},
+        examples={s: _examples(root, s, items, progress) for s, items in splits.items()},
         data_dir=data_dir,
     )
     progress(f"write TFDS dataset {name} {VERSION} (array_record) to {builder.data_dir}")
@@ -594,7 +573,7 @@ def _choose_splits(root: str, splits: Sequence[str] | None) -> tuple[list[str], 
     """The split folders to prepare, and what else ROOT holds (listed when splits is None)."""
     if not os.path.isdir(root):
         raise FolderLayoutError(f"image folder {root} does not exist")
-    found, skipped, _ = _entries(root, "", "split")
+    found, skipped = _entries(root, "", "split")
     if isinstance(splits, str):  # a single split name, not a sequence of characters
         splits = [splits]
     if splits is None:
@@ -727,12 +706,12 @@ def prepare_folder(
     listing = _list_splits(root, split_names, skipped)
     stats_split = "train" if "train" in listing else split_names[0]
     class_names, plan = _plan(root, listing, stats_split)
-    sizes, unreadable, pixels = _scan(
+    scanned, sizes, unreadable, pixels = _scan(
         root, plan, stats_split, workers, log, skip_corrupt, image_size, resize
     )
     class_counts = {
-        s: tuple(np.bincount(p.labels, minlength=len(class_names)).tolist())
-        for s, p in plan.items()
+        s: tuple(np.bincount([x[1] for x in items], minlength=len(class_names)).tolist())
+        for s, items in scanned.items()
     }
     for split, per_class in listing.items():  # with skip_corrupt, a class may have lost all
         for cls, files in per_class.items():
@@ -747,8 +726,8 @@ def prepare_folder(
     if os.path.exists(target):  # overwrite: only now that the folder checked out
         shutil.rmtree(target)
     metadata = _metadata(root, mean, std, stats_split, sizes, image_size, resize)
-    path = write_tfds(name, root, data_dir, class_names, plan, metadata, log)
-    _check_written(name, data_dir, plan)
+    path = write_tfds(name, root, data_dir, class_names, scanned, metadata, log)
+    _check_written(name, data_dir, scanned)
     return PreparedFolder(
         name=name,
         data_dir=data_dir,
@@ -756,7 +735,7 @@ def prepare_folder(
         class_names=tuple(class_names),
         class_counts=class_counts,
         stats_split=stats_split,
-        eval_split=_default_eval_split(plan, stats_split),
+        eval_split=_default_eval_split(scanned, stats_split),
         mean=tuple(mean),
         std=tuple(std),
         image_sizes=dict(sizes),
