@@ -115,9 +115,6 @@ class PreparedFolder:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def num_examples(self, split: str) -> int:
-        return sum(self.class_counts[split])
-
     def warnings(self) -> list[str]:
         """Lines that need the user's attention (a floored std, skipped unreadable images)."""
         lines = std_floor_warnings(self.std, f"split {self.stats_split!r}")
@@ -131,7 +128,7 @@ class PreparedFolder:
 
     def report(self) -> list[str]:
         """The human-readable summary ``python -m lbq.data.prepare`` prints."""
-        total = sum(self.num_examples(s) for s in self.class_counts)
+        total = sum(map(sum, self.class_counts.values()))
         lines = [
             f"prepared dataset {self.name!r}: {total} images in {self.num_classes} classes, "
             f"in {self.seconds:.1f} s, to {self.path}",
