@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -30,13 +31,9 @@ from lbq.io import write_json
 
 def load_results(outdir: str) -> list[dict[str, Any]]:
     """Every finished run's record under ``outdir``."""
-    records = []
-    for name in sorted(os.listdir(outdir)) if os.path.isdir(outdir) else []:
-        path = os.path.join(outdir, name, "result.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                records.append(json.load(f))
-    return records
+    names = sorted(os.listdir(outdir)) if os.path.isdir(outdir) else []
+    paths = [pathlib.Path(outdir, name, "result.json") for name in names]
+    return [json.loads(path.read_text()) for path in paths if path.exists()]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -239,8 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = compare(args.study, args.control_records)
     os.makedirs(args.out, exist_ok=True)
     table = format_markdown(result)
-    with open(os.path.join(args.out, "comparison.md"), "w") as f:
-        f.write(table)
+    pathlib.Path(args.out, "comparison.md").write_text(table)
     write_json(os.path.join(args.out, "comparison.json"), result, indent=1)
     plot(result, os.path.join(args.out, "comparison.png"), args.gaps, args.title)
     print(table, end="")
