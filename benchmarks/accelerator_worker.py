@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import os
 import re
 import sys
 import time
 
+import ml_dtypes  # noqa: F401  (NumPy knows the dtype name 'bfloat16' once it is imported)
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,18 +41,9 @@ DTYPES = ("float32", "bfloat16")
 MAX_UNEXPLAINED_FRACTION = 1e-3
 
 
-def _numpy_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(name).type
-
-
 def _rounder(name: str):
     """x (float64) -> x rounded to dtype ``name`` (round to nearest even), as float64."""
-    target = _numpy_dtype(name)
-    return lambda x: np.asarray(x, np.float64).astype(target).astype(np.float64)
+    return lambda x: np.asarray(x, np.float64).astype(name).astype(np.float64)
 
 
 def _ulp(values: np.ndarray, name: str) -> np.ndarray:
@@ -156,7 +149,7 @@ def run_quantizers(args: argparse.Namespace) -> dict:
     for dtype in DTYPES:
         rnd = _rounder(dtype)
         inputs = {k: rnd(v) for k, v in raw.items()}  # the values the device really gets
-        device = {k: jnp.asarray(v.astype(_numpy_dtype(dtype))) for k, v in inputs.items()}
+        device = {k: jnp.asarray(v.astype(dtype)) for k, v in inputs.items()}
         for bits in BITS:
             b = jnp.float32(bits)  # traced, as lbq passes bit-widths
             for name, fn in functions.items():
@@ -165,12 +158,10 @@ def run_quantizers(args: argparse.Namespace) -> dict:
                 x = inputs[key]
                 if key == "weight":
                     per_channel = name == "weight_per_channel"
-                    exact = reference_weight_index(x, bits, per_channel)
-                    emulated = reference_weight_index(x, bits, per_channel, rnd)
+                    reference = functools.partial(reference_weight_index, x, bits, per_channel)
                 else:
-                    z = np.clip(x, 0.0, 1.0)
-                    exact = reference_unit_index(z, bits)
-                    emulated = reference_unit_index(z, bits, rnd)
+                    reference = functools.partial(reference_unit_index, np.clip(x, 0.0, 1.0), bits)
+                exact, emulated = reference(), reference(rnd=rnd)
                 check = check_quantizer(out, exact, emulated, bits, dtype, key == "weight")
                 checks.append({"quantizer": name, **check})
             # Straight-through estimator: gradient 1 inside (0, 1), 0 outside; the endpoints
@@ -182,7 +173,6 @@ def run_quantizers(args: argparse.Namespace) -> dict:
             wrong = int(np.sum((grad != inside.astype(np.float64)) & strict))
             gradients.append({"dtype": dtype, "bits": bits, "wrong": wrong, "passed": wrong == 0})
     return {
-        **_device_info(),
         "checks": checks,
         "ste_gradients": gradients,
         "passed": all(c["passed"] for c in checks) and all(g["passed"] for g in gradients),
@@ -221,13 +211,7 @@ def run_train_loss(args: argparse.Namespace) -> dict:
             bench.step()
             values.append(float(bench.metrics["loss"]))
         losses[mode] = values
-    return {
-        **_device_info(),
-        "precision": args.precision,
-        "model": args.model,
-        "batch": args.batch,
-        "losses": losses,
-    }
+    return {"precision": args.precision, "model": args.model, "batch": args.batch, "losses": losses}
 
 
 # ----------------------------------------------------------------------------- profile
@@ -237,6 +221,13 @@ _INSTRUCTION = re.compile(
     r"\s+(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|[\w\[\]{},\d:]+) ([a-z\-]+)\("
 )
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+# (category, HLO ops that put an instruction in it), first match wins; else 'elementwise'.
+_CATEGORIES = (
+    ("convolution", {"convolution"}),
+    ("dot", {"dot"}),
+    ("reduce", {"reduce", "reduce-window", "select-and-scatter"}),
+    ("copy/transpose", {"transpose", "copy"}),
+)
 
 
 def categorize(hlo: str) -> dict[str, tuple[str, str]]:
@@ -271,16 +262,7 @@ def categorize(hlo: str) -> dict[str, tuple[str, str]]:
             inner = {op}
             for called in re.findall(r"calls=%?([\w.\-]+)", line):
                 inner |= ops(called)
-            if "convolution" in inner:
-                category = "convolution"
-            elif "dot" in inner:
-                category = "dot"
-            elif inner & {"reduce", "reduce-window", "select-and-scatter"}:
-                category = "reduce"
-            elif inner & {"transpose", "copy"}:
-                category = "copy/transpose"
-            else:
-                category = "elementwise"
+            category = next((c for c, kinds in _CATEGORIES if inner & kinds), "elementwise")
             out[name] = (category, line.strip())
     return out
 
@@ -290,11 +272,7 @@ def network_of(hlo_line: str) -> str:
     ``op_name`` metadata: lbq wraps each network's apply in ``jax.named_call``."""
     match = _OP_NAME.search(hlo_line)
     name = match.group(1) if match else ""
-    if "teacher" in name:
-        return "teacher"
-    if "student" in name:
-        return "student"
-    return "other"
+    return next((net for net in ("teacher", "student") if net in name), "other")
 
 
 def op_events(profile, names: set[str]) -> tuple[collections.Counter, collections.Counter]:
@@ -379,14 +357,7 @@ def run_profile(args: argparse.Namespace) -> dict:
             "trace_files": [os.path.relpath(p, args.trace_dir) for p in paths],
         }
         _print_profile(f"{args.model} {mode} batch {args.batch}", results[mode])
-    return {
-        **_device_info(),
-        "model": args.model,
-        "batch": args.batch,
-        "dtype": args.dtype,
-        "steps": args.steps,
-        "modes": results,
-    }
+    return {**{k: getattr(args, k) for k in ("model", "batch", "dtype", "steps")}, "modes": results}
 
 
 def _print_profile(title: str, result: dict) -> None:
@@ -436,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     run = {"quantizers": run_quantizers, "train_loss": run_train_loss, "profile": run_profile}
-    result = run[args.task](args)
+    result = {**_device_info(), **run[args.task](args)}  # after: profile sets XLA_FLAGS first
     result["seconds"] = time.perf_counter() - start
     write_json(args.json, result, indent=1)
     print(f"{args.task}: done in {result['seconds']:.1f} s", flush=True)
