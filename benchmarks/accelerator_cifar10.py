@@ -56,17 +56,10 @@ def get_config(variant: str = "fp,steps=390"):
     c.model.name = "resnet20"
     c.model.shortcut = "A"
     c.model.quantized = method != "fp"
-    c.data.name = "cifar10_jpeg"
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.image_size = 32
-    c.data.augment = "cifar"
-    c.data.on_device = True
-    c.batch_size = 128
-    c.eval_batch_size = 1000
-    c.schedule.lr = 0.1
-    c.schedule.teacher_lr = 0.1
-    c.schedule.lr_schedule = "cosine"
+    c.data.update(name="cifar10_jpeg", train_split="train", eval_split="test", image_size=32)
+    c.data.update(augment="cifar", on_device=True)
+    c.update(batch_size=128, eval_batch_size=1000)
+    c.schedule.update(lr=0.1, teacher_lr=0.1, lr_schedule="cosine")
     if method != "best":
         bits = 32 if method.startswith("fp") else int(method[1])
         c.stages = [default.stage(method, w_bits=bits, a_bits=bits, steps=steps)]
@@ -79,8 +72,6 @@ def get_config(variant: str = "fp,steps=390"):
             default.stage("w2a2", w_bits=2, a_bits=2, steps=max(steps - first, 1)),
         ]
     c.eval_every_epochs = 0.0  # evaluate at the end of each stage
-    c.log_every_steps = 50
     c.checkpoint_every_steps = 1_000_000  # the stage ends save; nothing else is needed
-    c.keep_checkpoints = 1
-    c.progress = False
+    c.update(log_every_steps=50, keep_checkpoints=1, progress=False)
     return c
