@@ -241,10 +241,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
         rows = []
         for label, key, op, bound in TARGETS:
             value = values[key]
-            if value is None:
-                verdict = "not measured"
-            else:
-                verdict = "met" if (value >= bound if op == ">=" else value <= bound) else "NOT met"
+            met = value is not None and (value >= bound if op == ">=" else value <= bound)
+            verdict = "not measured" if value is None else ("met" if met else "NOT met")
             rows.append(_row(label, _fmt(value, 3), f"{op} {bound:g}", verdict))
         lines += _table(["target", "measured", "bound", "verdict"], rows)
     return "\n".join(lines) + "\n"
@@ -261,17 +259,13 @@ def _correctness_md(part: dict | None) -> list[str]:
             f"{'all passed' if q['passed'] else 'FAILURES'}.",
             "",
         ]
-
-        def min_agree(checks):
-            return min(c["agree_exact"] for c in checks)
-
         groups: dict[tuple[str, str], list[dict]] = {}
         for c in q["checks"]:
             groups.setdefault((c["quantizer"], c["dtype"]), []).append(c)
-        rows = [
-            _row(name, dtype, f"{sum(c['passed'] for c in cs)}/{len(cs)}", f"{min_agree(cs):.6f}")
-            for (name, dtype), cs in groups.items()
-        ]
+        rows = []
+        for key, cs in groups.items():
+            agree = min(c["agree_exact"] for c in cs)
+            rows.append(_row(*key, f"{sum(c['passed'] for c in cs)}/{len(cs)}", f"{agree:.6f}"))
         lines += _table(["quantizer", "dtype", "passed", "min agreement with exact float64"], rows)
         grads = q.get("ste_gradients", [])
         exact = sum(g["passed"] for g in grads)
