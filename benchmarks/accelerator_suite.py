@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -69,27 +70,20 @@ LEARNING_RATES = {"fp": (0.1, 0.1), **dict.fromkeys(("best", "w4a4", "w2a2"), (0
 class SpeedTask(NamedTuple):
     """One process of the speed part: lbq.bench for one mode, or PyTorch runs in order.
 
-    ``runs`` are modes for lbq, 'backend:mode' for torch. ``estimate_s``: a-priori seconds.
+    ``runs``: comma-separated modes for lbq, 'backend:mode' for torch. ``estimate_s``: a-priori
+    seconds.
     """
 
     framework: str
     model: str
     batch: int
-    runs: tuple[str, ...]
+    runs: str
     estimate_s: float
     image_size: int | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.framework} {self.model} b{self.batch} {'+'.join(self.runs)}"
-
-
-def _lbq(model, batch, modes, estimate):
-    return SpeedTask("lbq", model, batch, tuple(modes.split(",")), estimate)
-
-
-def _torch(model, batch, runs, estimate, image_size=None):
-    return SpeedTask("torch", model, batch, tuple(runs.split(",")), estimate, image_size)
+        return f"{self.framework} {self.model} b{self.batch} {self.runs.replace(',', '+')}"
 
 
 # The speed tasks in priority order: first the figures the issue's targets compare (ResNet-18
@@ -97,23 +91,23 @@ def _torch(model, batch, runs, estimate, image_size=None):
 # memory against FP's, torch.compile's joint step), then the remaining modes. The estimates are
 # guesses for an H100/H200 (process start, compilation, 40 timed steps), not measurements.
 DEVICE_SPEED = (
-    _lbq("resnet18", 256, "w2a2", 35),
-    _lbq("resnet18", 256, "fp", 30),
-    _torch("resnet18", 256, "eager:w2a2,compile:w2a2", 75),
-    _lbq("resnet20", 512, "w2a2", 20),
-    _lbq("resnet20", 512, "fp", 18),
-    _lbq("resnet18", 256, "w2a2_kd", 45),
-    _torch("resnet18", 256, "eager:w2a2_kd,compile:w2a2_kd,eager:fp", 90),
-    _torch("resnet20", 512, "eager:w2a2,eager:fp,compile:w2a2", 70),
-    _lbq("resnet18", 256, "w4a4", 35),
-    _lbq("resnet18", 256, "w2a2_sp", 35),
-    _lbq("resnet20", 512, "w2a2_kd", 25),
-    _lbq("resnet20", 512, "w4a4", 20),
-    _lbq("resnet20", 512, "w2a2_sp", 20),
-    _torch("resnet18", 256, "eager:w4a4,eager:w2a2_sp,compile:fp", 80),
-    _torch("resnet20", 512, "eager:w4a4,eager:w2a2_sp,eager:w2a2_kd,compile:fp", 70),
-    _torch("resnet18", 256, "compile:w4a4,compile:w2a2_sp", 120),
-    _torch("resnet20", 512, "compile:w4a4,compile:w2a2_sp,compile:w2a2_kd", 120),
+    SpeedTask("lbq", "resnet18", 256, "w2a2", 35),
+    SpeedTask("lbq", "resnet18", 256, "fp", 30),
+    SpeedTask("torch", "resnet18", 256, "eager:w2a2,compile:w2a2", 75),
+    SpeedTask("lbq", "resnet20", 512, "w2a2", 20),
+    SpeedTask("lbq", "resnet20", 512, "fp", 18),
+    SpeedTask("lbq", "resnet18", 256, "w2a2_kd", 45),
+    SpeedTask("torch", "resnet18", 256, "eager:w2a2_kd,compile:w2a2_kd,eager:fp", 90),
+    SpeedTask("torch", "resnet20", 512, "eager:w2a2,eager:fp,compile:w2a2", 70),
+    SpeedTask("lbq", "resnet18", 256, "w4a4", 35),
+    SpeedTask("lbq", "resnet18", 256, "w2a2_sp", 35),
+    SpeedTask("lbq", "resnet20", 512, "w2a2_kd", 25),
+    SpeedTask("lbq", "resnet20", 512, "w4a4", 20),
+    SpeedTask("lbq", "resnet20", 512, "w2a2_sp", 20),
+    SpeedTask("torch", "resnet18", 256, "eager:w4a4,eager:w2a2_sp,compile:fp", 80),
+    SpeedTask("torch", "resnet20", 512, "eager:w4a4,eager:w2a2_sp,eager:w2a2_kd,compile:fp", 70),
+    SpeedTask("torch", "resnet18", 256, "compile:w4a4,compile:w2a2_sp", 120),
+    SpeedTask("torch", "resnet20", 512, "compile:w4a4,compile:w2a2_sp,compile:w2a2_kd", 120),
 )
 
 # Everything that differs between the device run and ``--tiny`` (a 2-core CPU in well under
@@ -138,9 +132,9 @@ _SIZES = {
     "speed_tasks": (
         DEVICE_SPEED,
         (
-            _lbq("resnet20", 8, "fp,w2a2", 15),
-            _torch("resnet20", 8, "eager:fp,eager:w2a2,compile:w2a2", 15),
-            _torch("resnet18", 2, "eager:w2a2_kd", 8, image_size=64),
+            SpeedTask("lbq", "resnet20", 8, "fp,w2a2", 15),
+            SpeedTask("torch", "resnet20", 8, "eager:fp,eager:w2a2,compile:w2a2", 15),
+            SpeedTask("torch", "resnet18", 2, "eager:w2a2_kd", 8, image_size=64),
         ),
     ),
     "torch_compile_backend": ("inductor", "aot_eager"),
@@ -255,18 +249,14 @@ class Suite:
         with open(self.log_path, "a") as f:
             f.write(line + "\n")
 
-    def run(
-        self, name: str, cmd: list[str], timeout: float, env: dict | None = None
-    ) -> dict[str, Any]:
+    def run(self, name: str, cmd: list[str], timeout: float, env: dict | None = None) -> dict:
         """Runs ``cmd`` (cwd: the repository root) for at most ``timeout`` seconds.
 
         Its output goes to the log. Returns {'returncode', 'seconds', 'timed_out', 'tail'}.
         """
         return self.run_many([(name, cmd, env)], timeout)[name]
 
-    def run_many(
-        self, jobs: list[tuple[str, list[str], dict | None]], timeout: float
-    ) -> dict[str, dict[str, Any]]:
+    def run_many(self, jobs: list[tuple[str, list[str], dict | None]], timeout: float) -> dict:
         """Runs (name, cmd, env or None) jobs side by side, stopping any still running after
         ``timeout`` seconds; returns {name: result} as `run` does."""
         timeout = max(timeout, 1.0)
@@ -327,23 +317,17 @@ class Suite:
         task's estimate, with the cumulative time per part."""
         s = self.sizes
         loss = f"train-step loss {','.join(s.loss_modes)} device vs CPU"
+        checks = f"quantizers bits 1-8 x float32/bfloat16; {loss}"
         profile = f"{s.profile_model} b{s.profile_batch} {'+'.join(s.profile_modes)}"
         tasks = [
             ("setup", "wheels, dataset, torch check", s.setup_estimate_s),
-            (
-                "correctness",
-                f"quantizers bits 1-8 x float32/bfloat16; {loss}",
-                s.correctness_estimate_s,
-            ),
+            ("correctness", checks, s.correctness_estimate_s),
             *(("speed", task.name, task.estimate_s) for task in s.speed_tasks),
             ("profile", profile, s.profile_estimate_s),
             ("accuracy", "fp, then best / w4a4 / w2a2 from it: steps fitted to what is left", None),
         ]
-        budgets, done, left = {}, set(), self.args.budget - s.setup_estimate_s
-        for part in s.shares:
-            budgets[part] = part_budget(part, left, done, s.shares)
-            left -= budgets[part]
-            done.add(part)
+        left = self.args.budget - s.setup_estimate_s
+        budgets = {part: part_budget(part, left, set(), s.shares) for part in s.shares}
         kind = "a 2-core CPU (--tiny)" if s.tiny else "an H100/H200"
         self.log(
             f"PLAN: budget {self.args.budget:.0f} s; estimates are a-priori guesses for {kind}"
@@ -378,13 +362,11 @@ class Suite:
             return 0
         self.save()
         parts = [p for p in PARTS if p in self.args.parts]
-        done: set[str] = set()
+        done = set(self.sizes.shares) - set(parts)  # a skipped part's share goes to the others
         for part in parts:
-            if part == "setup":
-                budget = self.remaining()
-            else:
-                skipped = [p for p in self.sizes.shares if p not in parts]
-                budget = part_budget(part, self.remaining(), done | set(skipped), self.sizes.shares)
+            budget = self.remaining()
+            if part != "setup":
+                budget = part_budget(part, budget, done, self.sizes.shares)
             self.log(f"=== part {part}: budget {budget:.0f} s ({self.remaining():.0f} s left)")
             start = self.now()
             try:
@@ -393,8 +375,7 @@ class Suite:
             except Exception as error:  # a broken part must not cost the others their turn
                 self.log(f"part {part} failed: {error!r}")
                 result = {"status": "failed", "error": repr(error)}
-            result["budget_s"] = budget
-            result["seconds"] = self.now() - start
+            result.update(budget_s=budget, seconds=self.now() - start)
             self.results["parts"][part] = result
             done.add(part)
             self.log(f"=== part {part}: {result['status']} in {result['seconds']:.1f} s")
@@ -421,8 +402,7 @@ class Suite:
 
     def install_wheels(self, out: dict[str, Any]) -> str | None:
         """Installs .whl/*.whl into a private folder; protobuf only if imports need it."""
-        carried = [] if self.args.no_wheels else glob.glob(os.path.join(ROOT, ".whl", "*.whl"))
-        wheels = sorted(carried)
+        wheels = [] if self.args.no_wheels else sorted(glob.glob(os.path.join(ROOT, ".whl/*.whl")))
         if not wheels:
             out["wheels"] = "none carried: using the installed packages"
             return None
@@ -462,9 +442,7 @@ class Suite:
         shutil.rmtree(folder, ignore_errors=True)
         t0 = time.monotonic()
         counts = extract_archive(archive, folder, s.train_per_class, s.test_per_class)
-        info["extract_s"] = time.monotonic() - t0
-        info["archive"] = archive
-        info["extracted"] = counts
+        info.update(extract_s=time.monotonic() - t0, archive=archive, extracted=counts)
         workers = str(min(16, os.cpu_count() or 1))
         cmd = [self.python, "-m", "lbq.data.prepare", f"--root={folder}"]
         cmd += [f"--data_dir={data_dir}", f"--name={DATASET}", f"--num_workers={workers}"]
@@ -482,48 +460,43 @@ class Suite:
             "if torch.cuda.is_available() else 'cpu'}))"
         )
         result = self.run("torch check", [python, "-c", code], 120)
-        info: dict[str, Any] = {"python": python}
+        last = result["tail"].strip().splitlines()[-1:]
         if result["returncode"] == 0:
-            info.update(json.loads(result["tail"].strip().splitlines()[-1]))
-            info["available"] = True
-        else:
-            info["available"] = False
-            info["reason"] = result["tail"].strip().splitlines()[-1:] or ["no output"]
-            self.log(f"PyTorch is not importable with {python}: its runs will be skipped")
-        return info
+            return {"python": python, **json.loads(last[0]), "available": True}
+        self.log(f"PyTorch is not importable with {python}: its runs will be skipped")
+        return {"python": python, "available": False, "reason": last or ["no output"]}
+
+    def worker(self, folder: str, key: str, *args: str) -> list[str]:
+        """accelerator_worker.py with ``args``, writing its result to ``folder/<key>.json``."""
+        return [self.python, WORKER, *args, f"--json={os.path.join(folder, key)}.json"]
 
     def part_correctness(self, budget: float) -> dict[str, Any]:
         s = self.sizes
         deadline = time.monotonic() + budget
         folder = fresh_folder(os.path.join(self.scratch, "correctness"))
-        worker = [self.python, WORKER]
-        quant_json = os.path.join(folder, "quantizers.json")
         out: dict[str, Any] = {}
-        out["quantizers_run"] = self.run(
-            "quantizers",
-            worker + ["quantizers", f"--elements={s.quantizer_elements}", f"--json={quant_json}"],
-            budget / 2,
-        )
-        out["quantizers"] = read_json(quant_json)
+        elements = f"--elements={s.quantizer_elements}"
+        quantizers = self.worker(folder, "quantizers", "quantizers", elements)
+        out["quantizers_run"] = self.run("quantizers", quantizers, budget / 2)
+        out["quantizers"] = read_json(os.path.join(folder, "quantizers.json"))
         # The step on the device at full float32 precision first; then the same step on the
         # CPU backend, beside the device's default-precision run where there is one (on a CPU
         # host the second process finds the first one's compilation in the cache instead).
         loss_args = ["train_loss", f"--modes={','.join(s.loss_modes)}", f"--batch={s.loss_batch}"]
-        jobs = []
-        for precision in s.loss_precisions:
-            path = os.path.join(folder, f"loss_device_{precision}.json")
-            cmd = worker + loss_args + [f"--precision={precision}", f"--json={path}"]
-            jobs.append((f"train loss (device, {precision} precision)", cmd, None))
-        cpu_json = os.path.join(folder, "loss_cpu.json")
         reference = s.loss_precisions[0]  # the precision the comparison is made at
-        cpu_cmd = worker + loss_args + [f"--precision={reference}", f"--json={cpu_json}"]
-        jobs.append(("train loss (CPU backend)", cpu_cmd, dict(self.env, JAX_PLATFORMS="cpu")))
+        losses = [
+            (f"loss_device_{p}", f"train loss (device, {p} precision)", p, None)
+            for p in s.loss_precisions
+        ]
+        cpu_env = dict(self.env, JAX_PLATFORMS="cpu")
+        losses.append(("loss_cpu", "train loss (CPU backend)", reference, cpu_env))
+        jobs = [
+            (name, self.worker(folder, key, *loss_args, f"--precision={p}"), e)
+            for key, name, p, e in losses
+        ]
         runs = self.run_many(jobs[:1], deadline - time.monotonic())
         runs.update(self.run_many(jobs[1:], deadline - time.monotonic()))
-        for precision in s.loss_precisions:
-            path = os.path.join(folder, f"loss_device_{precision}.json")
-            out[f"loss_device_{precision}"] = read_json(path)
-        out["loss_cpu"] = read_json(cpu_json)
+        out.update((key, read_json(os.path.join(folder, f"{key}.json"))) for key, *_ in losses)
         out["loss_runs"] = runs
         out["loss_comparison"] = compare_losses(
             out.get(f"loss_device_{reference}"), out.get("loss_cpu"), LOSS_RTOL
@@ -551,28 +524,28 @@ class Suite:
                 entry["status"] = f"skipped: {left:.0f} s left in the part"
                 continue
             path = os.path.join(folder, f"task{index:02d}.json")
+            common = [f"--model={task.model}", f"--batch={task.batch}", f"--steps={s.bench_steps}"]
+            common += [f"--warmup={s.bench_warmup}", f"--dtype={s.dtype}"]
             if task.framework == "lbq":
-                cmd = [self.python, "-m", "lbq.bench", f"--model={task.model}"]
-                cmd += [f"--modes={','.join(task.runs)}", f"--batch={task.batch}"]
-                cmd += [f"--steps={s.bench_steps}", f"--warmup={s.bench_warmup}"]
-                cmd += [f"--dtype={s.dtype}", "--no-isolate", "--quiet", f"--json={path}"]
+                cmd = [self.python, "-m", "lbq.bench", *common, f"--modes={task.runs}"]
+                cmd += ["--no-isolate", "--quiet", f"--json={path}"]
             else:
-                cmd = [self.args.torch_python or self.python]
-                cmd += [os.path.join(ROOT, "benchmarks", "torch_fakequant.py")]
-                cmd += [f"--model={task.model}", f"--batch={task.batch}"]
-                cmd += [f"--runs={','.join(task.runs)}", f"--steps={s.bench_steps}"]
-                cmd += [f"--warmup={s.bench_warmup}", f"--dtype={s.dtype}", f"--jsonl={path}"]
-                cmd += [f"--compile_backend={s.torch_compile_backend}"]
-                if task.image_size:
-                    cmd += [f"--image_size={task.image_size}"]
+                script = os.path.join(ROOT, "benchmarks", "torch_fakequant.py")
+                cmd = [
+                    self.args.torch_python or self.python,
+                    script,
+                    *common,
+                    f"--runs={task.runs}",
+                ]
+                cmd += [f"--jsonl={path}", f"--compile_backend={s.torch_compile_backend}"]
+                cmd += [f"--image_size={task.image_size}"] if task.image_size else []
             # A task may overrun its estimate, but not by so much that it eats the part.
             limit = min(left, max(3.0 * task.estimate_s, 60.0))
             entry["run"] = self.run(task.name, cmd, limit)
             entry["status"] = run_status(entry["run"])
             if task.framework == "lbq":
-                report = read_json(path)
-                for row in (report or {}).get("results", []):
-                    lbq_rows.append({**row, "framework": "lbq"})
+                report = read_json(path) or {}
+                lbq_rows += [{**row, "framework": "lbq"} for row in report.get("results", [])]
                 if report:
                     self.results.setdefault("environment", report.get("environment"))
             else:
@@ -587,13 +560,11 @@ class Suite:
     def part_profile(self, budget: float) -> dict[str, Any]:
         s = self.sizes
         folder = fresh_folder(os.path.join(self.scratch, "profile"))
-        path = os.path.join(folder, "profile_summary.json")
-        cmd = [self.python, WORKER, "profile"]
-        cmd += [f"--model={s.profile_model}", f"--batch={s.profile_batch}"]
-        cmd += [f"--modes={','.join(s.profile_modes)}", f"--steps={s.profile_steps}"]
-        cmd += [f"--dtype={s.dtype}", f"--trace_dir={folder}", f"--json={path}"]
+        args = [f"--model={s.profile_model}", f"--batch={s.profile_batch}", f"--dtype={s.dtype}"]
+        args += [f"--modes={','.join(s.profile_modes)}", f"--steps={s.profile_steps}"]
+        cmd = self.worker(folder, "profile_summary", "profile", *args, f"--trace_dir={folder}")
         run = self.run("profile", cmd, budget)
-        summary = read_json(path)
+        summary = read_json(os.path.join(folder, "profile_summary.json"))
         return {"run": run, "summary": summary, "status": "ok" if summary else "failed"}
 
     # ------------------------------------------------------------------ accuracy
@@ -621,15 +592,9 @@ class Suite:
             "rate_ratios": ratios,
             "runs": {},
         }
+        fit = functools.partial(fit_steps, min_steps=s.acc_min_steps, max_steps=max_steps)
         fp_seconds = FP_SHARE * budget
-        fp_steps = fit_steps(
-            fp_seconds,
-            s.acc_batch / prior,
-            s.acc_prior_overhead_s,
-            steps_per_epoch,
-            min_steps=s.acc_min_steps,
-            max_steps=max_steps,
-        )
+        fp_steps = fit(fp_seconds, s.acc_batch / prior, s.acc_prior_overhead_s, steps_per_epoch)
         limit = min(2.0 * fp_seconds, deadline - time.monotonic())
         run = self.run_many([self.train_job(folder, "fp", fp_steps, None)], limit)["train fp"]
         fp = self.train_result(folder, "fp", fp_steps, run)
@@ -645,14 +610,8 @@ class Suite:
         kd_ratio = ratios.get("w2a2_kd", 0.5)
         per_step = s.acc_batch / rate * (2.0 / q_ratio + 1.0 / kd_ratio)
         left = deadline - time.monotonic()
-        steps = fit_steps(
-            left,
-            per_step,
-            1.5 * overhead,  # three compilations at once, the joint one the largest
-            steps_per_epoch,
-            min_steps=s.acc_min_steps,
-            max_steps=max_steps,
-        )
+        # Three compilations at once, the joint one the largest.
+        steps = fit(left, per_step, 1.5 * overhead, steps_per_epoch)
         out["fit"] = {
             "fp_images_per_second": rate,
             "fp_overhead_s": overhead,
@@ -696,9 +655,7 @@ class Suite:
         env = dict(self.env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         return f"train {method}", cmd, env
 
-    def train_result(
-        self, folder: str, method: str, steps: int, run: dict[str, Any]
-    ) -> dict[str, Any]:
+    def train_result(self, folder: str, method: str, steps: int, run: dict) -> dict[str, Any]:
         """A run's figures: its process's outcome and what its metrics.jsonl holds."""
         workdir = os.path.join(folder, method)
         num_train = self.results["parts"]["setup"]["dataset"]["num_train"]
@@ -716,17 +673,14 @@ class Suite:
     def pack(self) -> None:
         """profiles.tar.gz and accuracy_runs.tar.gz (small files only: no checkpoints), of the
         parts this call ran."""
-        profile = os.path.join(self.scratch, "profile")
-        if "profile" in self.args.parts and os.path.isdir(profile):
-            pack_folder(profile, os.path.join(self.out, "profiles.tar.gz"), self.args.max_pack_mb)
-        accuracy = os.path.join(self.scratch, "accuracy")
-        if "accuracy" in self.args.parts and os.path.isdir(accuracy):
-            pack_folder(
-                accuracy,
-                os.path.join(self.out, "accuracy_runs.tar.gz"),
-                self.args.max_pack_mb,
-                keep=lambda p: os.path.basename(p) in ("metrics.jsonl", "config.json"),
-            )
+        small = ("metrics.jsonl", "config.json")
+        for part, name, keep in (
+            ("profile", "profiles.tar.gz", None),
+            ("accuracy", "accuracy_runs.tar.gz", lambda p: os.path.basename(p) in small),
+        ):
+            folder = os.path.join(self.scratch, part)
+            if part in self.args.parts and os.path.isdir(folder):
+                pack_folder(folder, os.path.join(self.out, name), self.args.max_pack_mb, keep)
 
 
 IMPORT_CHECK = (
