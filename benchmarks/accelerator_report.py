@@ -322,10 +322,7 @@ def _profile_md(part: dict | None) -> list[str]:
     summary = (part or {}).get("summary")
     if not summary:
         return []
-    lines = [
-        f"## Profile: {summary['model']} batch {summary['batch']} on {summary['device']}",
-        "",
-    ]
+    lines = [f"## Profile: {summary['model']} batch {summary['batch']} on {summary['device']}", ""]
     for mode, m in summary["modes"].items():
         ranked = sorted(m["categories_ms_per_step"].items(), key=lambda x: -x[1])
         cats = ", ".join(f"{k} {v:.2f}" for k, v in ranked)

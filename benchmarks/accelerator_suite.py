@@ -113,10 +113,7 @@ DEVICE_SPEED = (
 # Everything that differs between the device run and ``--tiny`` (a 2-core CPU in well under
 # two minutes: the same code paths at toy sizes), as (device, tiny).
 _SIZES = {
-    "shares": (
-        DEVICE_SHARES,
-        {"correctness": 0.20, "speed": 0.30, "profile": 0.10, "accuracy": 0.40},
-    ),
+    "shares": (DEVICE_SHARES, {"correctness": 0.2, "speed": 0.3, "profile": 0.1, "accuracy": 0.4}),
     "setup_estimate_s": (45, 12),
     "quantizer_elements": (1 << 16, 1 << 12),
     "loss_batch": (64, 8),  # tiny: the speed task's batch, so one compilation serves both parts
@@ -550,12 +547,8 @@ class Suite:
                     self.results.setdefault("environment", report.get("environment"))
             else:
                 torch_rows.extend(read_jsonl(path))
-        return {
-            "tasks": tasks,
-            "lbq": lbq_rows,
-            "torch": torch_rows,
-            "comparison": compare_speed(lbq_rows, torch_rows),
-        }
+        comparison = compare_speed(lbq_rows, torch_rows)
+        return {"tasks": tasks, "lbq": lbq_rows, "torch": torch_rows, "comparison": comparison}
 
     def part_profile(self, budget: float) -> dict[str, Any]:
         s = self.sizes
@@ -706,11 +699,9 @@ def stop_group(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=wait)
             return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def run_status(run: dict[str, Any], stopped_note: str = "") -> str:
