@@ -40,164 +40,6 @@ WEIGHT_RANGE_AT_BIT_CHANGE = ("keep", "lsq_rule")
 ACTIVATION_RANGE_AT_BIT_CHANGE = ("keep", "calibrate")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The student's architecture (the teacher is the same network, full precision)."""
-
-    name: str
-    quantized: bool
-    per_channel: bool
-    logit_scale: bool
-    shortcut: str
-    weight_quantizer: str
-    activation_quantizer: str
-    pact_init_clip: float
-    activation_placement: str
-
-    @property
-    def learned_ranges(self) -> bool:
-        """Whether the student has learned clips or step sizes (PACT or LSQ)."""
-        return self.quantized and (self.weight_quantizer, self.activation_quantizer) != (
-            DEFAULT_QUANTIZER,
-            DEFAULT_QUANTIZER,
-        )
-
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `lbq.models.get_model` beyond name, classes and precision
-        (the quantizers only where they are not the default DoReFa ones)."""
-        kwargs = {"per_channel": self.per_channel, "logit_scale": self.logit_scale}
-        if self.name in CIFAR_MODELS:
-            kwargs["shortcut"] = self.shortcut
-        if self.weight_quantizer != DEFAULT_QUANTIZER:
-            kwargs["weight_quantizer"] = self.weight_quantizer
-        if self.activation_quantizer != DEFAULT_QUANTIZER:
-            kwargs["activation_quantizer"] = self.activation_quantizer
-            kwargs["init_range"] = self.pact_init_clip
-        if self.activation_placement != BLOCK_OUTPUT:
-            kwargs["activation_placement"] = self.activation_placement
-        return kwargs
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibrationSpec:
-    """How learned ranges start, and BatchNorm re-estimation (`lbq.calibrate`).
-
-    Attributes (configs/default.py's comments on their fields say what each does):
-      batches: quant.calibration_batches.
-      percentile: quant.calibration_percentile, in (0, 100].
-      activation_rule: quant.activation_calibration, 'percentile' or 'lsq'.
-      recalibrate_bn_batches: eval.recalibrate_bn_batches (0: off).
-      weight_range_at_bit_change: 'lsq_rule' or 'keep' (`lbq.calibrate.changed_weight_bits`).
-      activation_range_at_bit_change: 'keep' or 'calibrate'
-        (`lbq.calibrate.changed_activation_bits`).
-    """
-
-    batches: int
-    percentile: float
-    activation_rule: str
-    recalibrate_bn_batches: int
-    weight_range_at_bit_change: str
-    activation_range_at_bit_change: str
-
-
-@dataclasses.dataclass(frozen=True)
-class NetworkSpec:
-    """One network of the run.
-
-    Attributes:
-      name: key of its parameters in the train state ('student', 'student_w4a4', 'teacher').
-      teacher: the full-precision teacher of joint distillation.
-      trainable: False for a frozen teacher.
-      fixed_bits: (w_bits, a_bits) of an extra student, which ignores the stages' bits; None
-        for the main student (it follows the stages) and the teacher.
-    """
-
-    name: str
-    teacher: bool = False
-    trainable: bool = True
-    fixed_bits: tuple[int, int] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerSpec:
-    name: str
-    momentum: float
-    nesterov: bool
-    weight_decay: float
-
-
-@dataclasses.dataclass(frozen=True)
-class StochasticSpec:
-    """Stochastic precision (SPEC section 3): off, or units sampled with ``schedule``."""
-
-    enabled: bool
-    unit: str
-    schedule: ProbabilitySchedule
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillSpec:
-    """Joint knowledge distillation (SPEC section 4)."""
-
-    enabled: bool
-    teacher: str
-    teacher_init: str | None
-    weights: LossWeights
-    extra_students: tuple[tuple[int, int], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointPolicy:
-    every_steps: int
-    keep: int
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    """Everything a run does, parsed from its config.
-
-    Attributes:
-      data_on_device: keep the whole train split on the accelerators (`data.on_device`).
-      record: the config as JSON-compatible dicts, written to ``WORKDIR/config.json`` and
-        compared when a run resumes.
-    """
-
-    seed: int
-    model: ModelSpec
-    data: Settings
-    data_on_device: bool
-    networks: tuple[NetworkSpec, ...]
-    stages: tuple[StageSpec, ...]
-    batch_size: int
-    eval_batch_size: int
-    compute_dtype: str
-    optimizer: OptimizerSpec
-    stochastic: StochasticSpec
-    distill: DistillSpec
-    init_from: str | None
-    checkpoint: CheckpointPolicy
-    log_every_steps: int
-    eval_every_epochs: float
-    on_nonfinite: str
-    on_config_change: str
-    distributed: bool
-    progress: bool
-    record: Mapping[str, Any] = dataclasses.field(compare=False, repr=False)
-    calibration: CalibrationSpec
-
-    def steps_per_epoch(self, num_train: int) -> int:
-        """Training steps in one pass over ``num_train`` images (the last partial batch is
-        dropped).
-
-        Raises:
-          ConfigError: when the batch is larger than the training split.
-        """
-        try:
-            return data_steps_per_epoch(num_train, self.batch_size)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-
-
 # ----------------------------------------------------------------------------- field checks
 
 
@@ -259,6 +101,199 @@ def check_path(config: Any, field: str) -> str | None:
     return path or None
 
 
+def _clip(config: Any, field: str) -> float:
+    clip = check_type(config, field, "number")
+    if clip <= 0:
+        raise ConfigError(f"{field}={clip!r} must be > 0 (a clip value)")
+    return float(clip)
+
+
+def _percentile(config: Any, field: str) -> float:
+    percentile = check_type(config, field, "number", high=100.0)
+    if percentile <= 0:
+        raise ConfigError(f"{field}={percentile!r} must be in (0, 100]")
+    return float(percentile)
+
+
+def _read(field: str, check: Any, **bounds: Any) -> Any:
+    """A spec attribute that `_build` reads from config ``field``: ``check`` is check_type's
+    kind (a number becomes a float) with its ``bounds``, check_choice's choices, or a function
+    of (config, field)."""
+    return dataclasses.field(metadata={"field": field, "check": check, "bounds": bounds})
+
+
+def _build(cls: type, config: Any, **given: Any) -> Any:
+    """``cls`` from ``given`` and, in attribute order, the checked config fields of the others."""
+    values = dict(given)
+    for attribute in dataclasses.fields(cls):
+        if attribute.name in given:
+            continue
+        field, check = attribute.metadata["field"], attribute.metadata["check"]
+        if callable(check):
+            value = check(config, field)
+        elif isinstance(check, str):
+            value = check_type(config, field, check, **attribute.metadata["bounds"])
+            value = float(value) if check == "number" else value
+        else:
+            value = check_choice(config, field, check)
+        values[attribute.name] = value
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The student's architecture (the teacher is the same network, full precision)."""
+
+    name: str = _read("model.name", MODEL_NAMES)
+    quantized: bool = _read("model.quantized", "bool")
+    per_channel: bool = _read("model.per_channel", "bool")
+    logit_scale: bool = _read("model.logit_scale", "bool")
+    shortcut: str = _read("model.shortcut", ("A", "B"))
+    weight_quantizer: str = _read("quant.weight_quantizer", WEIGHT_QUANTIZERS)
+    activation_quantizer: str = _read("quant.activation_quantizer", ACTIVATION_QUANTIZERS)
+    pact_init_clip: float = _read("quant.pact_init_clip", _clip)
+    activation_placement: str = _read("model.activation_placement", ACTIVATION_PLACEMENTS)
+
+    @property
+    def learned_ranges(self) -> bool:
+        """Whether the student has learned clips or step sizes (PACT or LSQ)."""
+        return self.quantized and (self.weight_quantizer, self.activation_quantizer) != (
+            DEFAULT_QUANTIZER,
+            DEFAULT_QUANTIZER,
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `lbq.models.get_model` beyond name, classes and precision
+        (the quantizers only where they are not the default DoReFa ones)."""
+        kwargs = {"per_channel": self.per_channel, "logit_scale": self.logit_scale}
+        if self.name in CIFAR_MODELS:
+            kwargs["shortcut"] = self.shortcut
+        if self.weight_quantizer != DEFAULT_QUANTIZER:
+            kwargs["weight_quantizer"] = self.weight_quantizer
+        if self.activation_quantizer != DEFAULT_QUANTIZER:
+            kwargs["activation_quantizer"] = self.activation_quantizer
+            kwargs["init_range"] = self.pact_init_clip
+        if self.activation_placement != BLOCK_OUTPUT:
+            kwargs["activation_placement"] = self.activation_placement
+        return kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSpec:
+    """How learned ranges start, and BatchNorm re-estimation (`lbq.calibrate`); configs/default.py's
+    comments on the fields read here say what each does, and `lbq.calibrate.changed_weight_bits`
+    and `changed_activation_bits` apply the two rules at a bit change."""
+
+    batches: int = _read("quant.calibration_batches", "int", low=1)
+    percentile: float  # quant.calibration_percentile, read first (`_calibration`)
+    activation_rule: str = _read("quant.activation_calibration", ACTIVATION_CALIBRATIONS)
+    recalibrate_bn_batches: int = _read("eval.recalibrate_bn_batches", "int", low=0)
+    weight_range_at_bit_change: str = _read(
+        "quant.weight_range_at_bit_change", WEIGHT_RANGE_AT_BIT_CHANGE
+    )
+    activation_range_at_bit_change: str = _read(
+        "quant.activation_range_at_bit_change", ACTIVATION_RANGE_AT_BIT_CHANGE
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+    """One network of the run.
+
+    Attributes:
+      name: key of its parameters in the train state ('student', 'student_w4a4', 'teacher').
+      teacher: the full-precision teacher of joint distillation.
+      trainable: False for a frozen teacher.
+      fixed_bits: (w_bits, a_bits) of an extra student, which ignores the stages' bits; None
+        for the main student (it follows the stages) and the teacher.
+    """
+
+    name: str
+    teacher: bool = False
+    trainable: bool = True
+    fixed_bits: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    name: str = _read("optimizer.name", OPTIMIZERS)
+    momentum: float = _read("optimizer.momentum", "number", low=0.0, high=0.999999)
+    nesterov: bool = _read("optimizer.nesterov", "bool")
+    weight_decay: float = _read("optimizer.weight_decay", "number", low=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StochasticSpec:
+    """Stochastic precision (SPEC section 3): off, or units sampled with ``schedule``."""
+
+    enabled: bool
+    unit: str
+    schedule: ProbabilitySchedule
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+    """Joint knowledge distillation (SPEC section 4)."""
+
+    enabled: bool
+    teacher: str
+    teacher_init: str | None
+    weights: LossWeights
+    extra_students: tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPolicy:
+    every_steps: int = _read("checkpoint_every_steps", "int", low=1)
+    keep: int = _read("keep_checkpoints", "int", low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Everything a run does, parsed from its config.
+
+    Attributes:
+      data_on_device: keep the whole train split on the accelerators (`data.on_device`).
+      record: the config as JSON-compatible dicts, written to ``WORKDIR/config.json`` and
+        compared when a run resumes.
+    """
+
+    seed: int
+    model: ModelSpec
+    data: Settings
+    data_on_device: bool
+    networks: tuple[NetworkSpec, ...]
+    stages: tuple[StageSpec, ...]
+    batch_size: int
+    eval_batch_size: int
+    compute_dtype: str
+    optimizer: OptimizerSpec
+    stochastic: StochasticSpec
+    distill: DistillSpec
+    init_from: str | None
+    checkpoint: CheckpointPolicy
+    log_every_steps: int = _read("log_every_steps", "int", low=1)
+    eval_every_epochs: float = _read("eval_every_epochs", "number", low=0.0)
+    on_nonfinite: str = _read("on_nonfinite", ("stop", "skip"))
+    on_config_change: str = _read("on_config_change", ("refuse", "continue", "overwrite"))
+    distributed: bool = _read("distributed", "bool")
+    progress: bool = _read("progress", "bool")
+    record: Mapping[str, Any] = dataclasses.field(compare=False, repr=False)
+    calibration: CalibrationSpec
+
+    def steps_per_epoch(self, num_train: int) -> int:
+        """Training steps in one pass over ``num_train`` images (the last partial batch is
+        dropped).
+
+        Raises:
+          ConfigError: when the batch is larger than the training split.
+        """
+        try:
+            return data_steps_per_epoch(num_train, self.batch_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
 # ----------------------------------------------------------------------------- unknown fields
 
 
@@ -298,37 +333,10 @@ def _as_dict(node: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- sections
 
 
-def _model(config: Any) -> ModelSpec:
-    name = check_choice(config, "model.name", MODEL_NAMES)
-    flags = [
-        check_type(config, f"model.{f}", "bool")
-        for f in ("quantized", "per_channel", "logit_scale")
-    ]
-    shortcut = check_choice(config, "model.shortcut", ("A", "B"))
-    quantizers = (
-        check_choice(config, "quant.weight_quantizer", WEIGHT_QUANTIZERS),
-        check_choice(config, "quant.activation_quantizer", ACTIVATION_QUANTIZERS),
-    )
-    init_clip = check_type(config, "quant.pact_init_clip", "number")
-    if init_clip <= 0:
-        raise ConfigError(f"quant.pact_init_clip={init_clip!r} must be > 0 (a clip value)")
-    placement = check_choice(config, "model.activation_placement", ACTIVATION_PLACEMENTS)
-    return ModelSpec(name, *flags, shortcut, *quantizers, float(init_clip), placement)
-
-
 def _calibration(config: Any) -> CalibrationSpec:
-    percentile = check_type(config, "quant.calibration_percentile", "number", high=100.0)
-    if percentile <= 0:
-        raise ConfigError(f"quant.calibration_percentile={percentile!r} must be in (0, 100]")
-    return CalibrationSpec(
-        check_type(config, "quant.calibration_batches", "int", low=1),
-        float(percentile),
-        check_choice(config, "quant.activation_calibration", ACTIVATION_CALIBRATIONS),
-        check_type(config, "eval.recalibrate_bn_batches", "int", low=0),
-        check_choice(config, "quant.weight_range_at_bit_change", WEIGHT_RANGE_AT_BIT_CHANGE),
-        check_choice(
-            config, "quant.activation_range_at_bit_change", ACTIVATION_RANGE_AT_BIT_CHANGE
-        ),
+    # quant.calibration_percentile is checked first: the order of the errors.
+    return _build(
+        CalibrationSpec, config, percentile=_percentile(config, "quant.calibration_percentile")
     )
 
 
@@ -385,15 +393,6 @@ def _batch_sizes(config: Any, num_devices: int, num_processes: int) -> tuple[int
             raise ConfigError(f"{field}={size} does not divide over {num_processes} processes")
         sizes.append(size)
     return sizes[0], sizes[1]
-
-
-def _optimizer(config: Any) -> OptimizerSpec:
-    return OptimizerSpec(
-        check_choice(config, "optimizer.name", OPTIMIZERS),
-        float(check_type(config, "optimizer.momentum", "number", low=0.0, high=0.999999)),
-        check_type(config, "optimizer.nesterov", "bool"),
-        float(check_type(config, "optimizer.weight_decay", "number", low=0.0)),
-    )
 
 
 def _stage_defaults(config: Any, networks: tuple[NetworkSpec, ...]) -> dict[str, Any]:
@@ -528,11 +527,11 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
     """
     check_known_fields(config)
     seed = check_type(config, "seed", "int", low=0)
-    model = _model(config)
+    model = _build(ModelSpec, config)
     data = _data(config)
     batch_size, eval_batch_size = _batch_sizes(config, num_devices, num_processes)
     compute_dtype = check_choice(config, "compute_dtype", DTYPES)
-    optimizer = _optimizer(config)
+    optimizer = _build(OptimizerSpec, config)
     stochastic = _stochastic(config, model)
     distill = _distill(config, model)
     networks = _networks(model, distill)
@@ -544,13 +543,9 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
     _check_full_precision_stages(model, stages)
     _check_block_bits(model, stages)
     _check_lsq_weight_bits(model, stages, distill)
-    calibration = _calibration(config)
-    init_from = check_path(config, "init_from")
-    checkpoint = CheckpointPolicy(
-        check_type(config, "checkpoint_every_steps", "int", low=1),
-        check_type(config, "keep_checkpoints", "int", low=1),
-    )
-    return RunPlan(
+    return _build(
+        RunPlan,
+        config,
         seed=seed,
         model=model,
         data=data,
@@ -563,18 +558,11 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
         optimizer=optimizer,
         stochastic=stochastic,
         distill=distill,
-        init_from=init_from,
-        checkpoint=checkpoint,
-        log_every_steps=check_type(config, "log_every_steps", "int", low=1),
-        eval_every_epochs=float(check_type(config, "eval_every_epochs", "number", low=0.0)),
-        on_nonfinite=check_choice(config, "on_nonfinite", ("stop", "skip")),
-        on_config_change=check_choice(
-            config, "on_config_change", ("refuse", "continue", "overwrite")
-        ),
-        distributed=check_type(config, "distributed", "bool"),
-        progress=check_type(config, "progress", "bool"),
+        # In the order of their checks, before the remaining fields of RunPlan.
+        calibration=_calibration(config),
+        init_from=check_path(config, "init_from"),
+        checkpoint=_build(CheckpointPolicy, config),
         record=json.loads(config.to_json_best_effort()),
-        calibration=calibration,
     )
 
 
