@@ -81,24 +81,6 @@ class Stage:
         return base * self.lr_decay**passed
 
 
-# The fields of one stage entry (configs/default.py's ``stage``); unset ones take the run's
-# defaults (quant.*, schedule.*).
-STAGE_FIELDS = (
-    "name",
-    "w_bits",
-    "a_bits",
-    "epochs",
-    "steps",
-    "block_bits",
-    "lr",
-    "teacher_lr",
-    "lr_schedule",
-    "lr_boundaries",
-    "lr_decay",
-    "warmup_epochs",
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
     """One parsed stage entry, before its length is laid on the step counter.
@@ -129,6 +111,14 @@ class StageSpec:
     @property
     def bits_label(self) -> str:
         return bits_label(self.w_bits, self.a_bits, self.block_bits)
+
+
+# The fields of one stage entry (configs/default.py's ``stage``): a StageSpec's own, less its
+# place and origin, and teacher_lr (its ``lr`` has one rate per network). Unset ones take the
+# run's defaults (quant.*, schedule.*).
+STAGE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(StageSpec) if f.name not in ("index", "explicit")
+) + ("teacher_lr",)
 
 
 def _entry_dict(entry: Any, index: int) -> dict[str, Any]:
@@ -168,10 +158,7 @@ def _learning_rates(entry, defaults, label) -> dict[str, float]:
     for net, default in defaults["lr"].items():
         field = "teacher_lr" if net == "teacher" else "lr"
         value = entry.get(field)
-        if value is None:
-            rates[net] = default
-            continue
-        rates[net] = _number(value, f"{label}.{field}")
+        rates[net] = default if value is None else _number(value, f"{label}.{field}")
     return rates
 
 
