@@ -108,13 +108,6 @@ def _clip(config: Any, field: str) -> float:
     return float(clip)
 
 
-def _percentile(config: Any, field: str) -> float:
-    percentile = check_type(config, field, "number", high=100.0)
-    if percentile <= 0:
-        raise ConfigError(f"{field}={percentile!r} must be in (0, 100]")
-    return float(percentile)
-
-
 def _read(field: str, check: Any, **bounds: Any) -> Any:
     """A spec attribute that `_build` reads from config ``field``: ``check`` is check_type's
     kind (a number becomes a float) with its ``bounds``, check_choice's choices, or a function
@@ -157,10 +150,8 @@ class ModelSpec:
     @property
     def learned_ranges(self) -> bool:
         """Whether the student has learned clips or step sizes (PACT or LSQ)."""
-        return self.quantized and (self.weight_quantizer, self.activation_quantizer) != (
-            DEFAULT_QUANTIZER,
-            DEFAULT_QUANTIZER,
-        )
+        dorefa = (DEFAULT_QUANTIZER, DEFAULT_QUANTIZER)
+        return self.quantized and (self.weight_quantizer, self.activation_quantizer) != dorefa
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `lbq.models.get_model` beyond name, classes and precision
@@ -334,10 +325,11 @@ def _as_dict(node: Any) -> dict[str, Any]:
 
 
 def _calibration(config: Any) -> CalibrationSpec:
-    # quant.calibration_percentile is checked first: the order of the errors.
-    return _build(
-        CalibrationSpec, config, percentile=_percentile(config, "quant.calibration_percentile")
-    )
+    # quant.calibration_percentile is checked before the other fields: the order of the errors.
+    percentile = check_type(config, "quant.calibration_percentile", "number", high=100.0)
+    if percentile <= 0:
+        raise ConfigError(f"quant.calibration_percentile={percentile!r} must be in (0, 100]")
+    return _build(CalibrationSpec, config, percentile=float(percentile))
 
 
 def _check_lsq_weight_bits(
