@@ -288,10 +288,6 @@ class RunPlan:
 # ----------------------------------------------------------------------------- unknown fields
 
 
-def _unknown(name: str, known: Any, path: str) -> ConfigError:
-    return ConfigError(f"{path}{name} is not a config field{did_you_mean(name, known, path)}")
-
-
 def check_known_fields(config: Any) -> None:
     """Refuses fields that the default config does not have, suggesting the closest name.
 
@@ -303,7 +299,8 @@ def check_known_fields(config: Any) -> None:
     def walk(node: Mapping[str, Any], known: Mapping[str, Any], path: str) -> None:
         for name, value in node.items():
             if name not in known:
-                raise _unknown(name, known, path)
+                hint = did_you_mean(name, known, path)
+                raise ConfigError(f"{path}{name} is not a config field{hint}")
             if isinstance(known[name], Mapping) and known[name] and isinstance(value, Mapping):
                 walk(value, known[name], f"{path}{name}.")
 
@@ -312,9 +309,7 @@ def check_known_fields(config: Any) -> None:
     if isinstance(stages, (list, tuple)):
         for index, entry in enumerate(stages):
             if isinstance(entry, Mapping) or hasattr(entry, "to_dict"):
-                for name in _as_dict(entry):
-                    if name not in STAGE_FIELDS:
-                        raise _unknown(name, STAGE_FIELDS, f"stages[{index}].")
+                walk(_as_dict(entry), dict.fromkeys(STAGE_FIELDS), f"stages[{index}].")
 
 
 def _as_dict(node: Any) -> dict[str, Any]:
@@ -339,21 +334,16 @@ def _check_lsq_weight_bits(
     take, named by the field that sets it."""
     if not model.quantized or model.weight_quantizer != "lsq":
         return
-    fields = []
-    for stage in stages:
-        owner = f"{stage.label}.w_bits" if "w_bits" in stage.explicit else "quant.w_bits"
-        fields.append((stage.w_bits, owner))
-        fields += [
-            (w, f"{stage.label}.block_bits[{b!r}]") for b, (w, _) in stage.block_bits.items()
-        ]
-    fields += [
-        (w, f"distill.extra_students[{i}]") for i, (w, _) in enumerate(distill.extra_students)
-    ]
-    for bits, field in fields:
-        try:
-            check_lsq_weight_bits(bits, field)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+    try:
+        for stage in stages:
+            owner = f"{stage.label}.w_bits" if "w_bits" in stage.explicit else "quant.w_bits"
+            check_lsq_weight_bits(stage.w_bits, owner)
+            for block, (w, _) in stage.block_bits.items():
+                check_lsq_weight_bits(w, f"{stage.label}.block_bits[{block!r}]")
+        for i, (w, _) in enumerate(distill.extra_students):
+            check_lsq_weight_bits(w, f"distill.extra_students[{i}]")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _data(config: Any) -> Settings:
