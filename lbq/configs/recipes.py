@@ -130,11 +130,10 @@ def finish(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigD
         c.model.name = "resnet50"
     if variant == "tiny":
         c = default.tiny(c)
-        c.model.name = (
-            "alexnet_cifar"
-            if c.model.name.startswith("alexnet")
-            else (c.model.name if c.model.name in ("resnet20", "preresnet20") else "resnet20")
-        )
+        if c.model.name.startswith("alexnet"):
+            c.model.name = "alexnet_cifar"
+        elif c.model.name not in ("resnet20", "preresnet20"):
+            c.model.name = "resnet20"
         c.init_from = None
         c.distill.teacher_init = None
         if c.distill.teacher == "frozen":
