@@ -152,6 +152,27 @@ def _with_new_optimizer(trainer: Trainer, fresh, saved: dict, stage: Stage):
     return trainer.fresh_optimizer_state(state, stage)
 
 
+def _warn_rate_changes(trainer: Trainer, stages: Sequence[Stage], step: int, decision) -> None:
+    """Warns, naming the rates before and after, when a continued run's changed config moves
+    a learning rate at the resumed step."""
+    if not decision.differences or decision.previous is None:
+        return
+    old = recorded_stages(decision.previous, trainer.info.num_train)
+    if old is None:
+        log.warning(
+            "could not read the recorded config of %s to compare its learning-rate schedule "
+            "with the changed one; check the rate in metrics.jsonl",
+            decision.workdir,
+        )
+        return
+    for change in rate_changes(old, stages, step):
+        log.warning(
+            "the changed config moves the learning rate at the resumed step: %s (the schedule "
+            "is laid over the stage's new length and settings)",
+            change,
+        )
+
+
 def resume_or_start(
     trainer: Trainer, stages: Sequence[Stage], decision: WorkdirDecision
 ) -> tuple[Checkpoints | None, Any, dict[str, Any]]:
@@ -185,20 +206,7 @@ def resume_or_start(
         if restored is None:
             return checkpoints, trainer.load_start_weights(state), {}
         check_continuation(plan, stages, restored.step, restored.meta, decision)
-        if decision.differences and decision.previous is not None:
-            old = recorded_stages(decision.previous, trainer.info.num_train)
-            if old is None:
-                log.warning(
-                    "could not read the recorded config of %s to compare its learning-rate "
-                    "schedule with the changed one; check the rate in metrics.jsonl",
-                    decision.workdir,
-                )
-            for change in rate_changes(old or [], stages, restored.step):
-                log.warning(
-                    "the changed config moves the learning rate at the resumed step: %s (the "
-                    "schedule is laid over the stage's new length and settings)",
-                    change,
-                )
+        _warn_rate_changes(trainer, stages, restored.step, decision)
         if restored.optimizer_restored:
             state = restored.state
         else:

@@ -71,6 +71,15 @@ class WorkdirError(RuntimeError):
 # ----------------------------------------------------------------------------- the lock
 
 
+def _holder_text(raw: bytes) -> str:
+    """'host H, pid P, since T' from a lock file's record, or a note that it is unknown."""
+    try:
+        holder = json.loads(raw.decode())
+        return f"host {holder['host']}, pid {holder['pid']}, since {holder['started']}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "its host and pid are not recorded yet"
+
+
 class WorkdirLock:
     """Exclusive use of a workdir by one run: an exclusive `fcntl.flock` on ``WORKDIR/lbq.lock``.
 
@@ -122,11 +131,7 @@ class WorkdirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:  # the lock file's record
-                record = json.loads(os.pread(fd, 4096, 0).decode())
-                holder = f"host {record['host']}, pid {record['pid']}, since {record['started']}"
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-                holder = "its host and pid are not recorded yet"
+            holder = _holder_text(os.pread(fd, 4096, 0))
             os.close(fd)
             raise WorkdirError(
                 f"workdir {self.workdir} is in use by another lbq run ({holder}); wait for it "

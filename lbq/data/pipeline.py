@@ -57,6 +57,11 @@ def _ordered_map(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _resolve(data_config: Any) -> tuple[Settings, Dataset]:
+    settings = read_settings(data_config)
+    return settings, open_dataset(settings)
+
+
 def get_info(data_config: Any) -> DatasetInfo:
     """Describes the dataset a data config selects.
 
@@ -73,8 +78,7 @@ def get_info(data_config: Any) -> DatasetInfo:
         ``MIN_CLASSES`` classes, or an eval split without images (every stage of a run ends with
         an evaluation on it); raised before any image is decoded.
     """
-    s = read_settings(data_config)
-    ds = open_dataset(s)
+    s, ds = _resolve(data_config)
     if ds.num_classes < MIN_CLASSES:
         raise DataError(
             f"dataset {s.name!r}{f' in {s.data_dir}' if s.data_dir else ''} has "
@@ -188,8 +192,7 @@ def train_iterator(
     Returns:
       Iterator of {'image': uint8 [B, H, W, 3], 'label': int32 [B]}.
     """
-    s = read_settings(data_config)
-    ds = open_dataset(s)
+    s, ds = _resolve(data_config)
     per_host = _per_host(global_batch, process_index, process_count)
     source = _maybe_cached(ds.source(s.train_split), ds, s)
     num_train = len(source)
@@ -255,8 +258,7 @@ def eval_iterator(
     Returns:
       Iterator of {'image': uint8 [B, H, W, 3], 'label': int32 [B], 'mask': bool [B]}.
     """
-    s = read_settings(data_config)
-    ds = open_dataset(s)
+    s, ds = _resolve(data_config)
     per_host = _per_host(global_batch, process_index, process_count)
     source = ds.source(s.eval_split)
     num_eval = len(source)
@@ -269,8 +271,9 @@ def eval_iterator(
         label = np.zeros((per_host,), np.int32)
         indices = positions[mask]
         if len(indices):
-            items, label[mask] = source.read(indices)
+            items, labels = source.read(indices)
             image[mask] = _eval_images(source, items, indices, s)
+            label[mask] = labels
         return {"image": image, "label": label, "mask": mask}
 
     return _ordered_map(make_batch, range(num_batches), s.num_workers, s.prefetch)
@@ -284,7 +287,8 @@ def _decode_all(source: Source, s: Settings) -> tuple[np.ndarray, np.ndarray]:
 
     def load(start: int) -> None:  # each chunk fills its own rows
         indices = np.arange(start, min(start + chunk, n))
-        items, labels[indices] = source.read(indices)
+        items, chunk_labels = source.read(indices)
+        labels[indices] = chunk_labels
         images[indices] = _eval_images(source, items, indices, s)
 
     collections.deque(_ordered_map(load, range(0, n, chunk), s.num_workers, s.prefetch), maxlen=0)
@@ -301,5 +305,5 @@ def load_split_arrays(data_config: Any, split: str) -> tuple[np.ndarray, np.ndar
     Returns:
       (uint8 [N, image_size, image_size, 3], int32 [N]).
     """
-    s = read_settings(data_config)
-    return _decode_all(open_dataset(s).source(split), s)
+    s, ds = _resolve(data_config)
+    return _decode_all(ds.source(split), s)
