@@ -6,11 +6,6 @@ call. The train step is compiled once with `jax.jit` over a ('data',) mesh: batc
 sharded, parameters and optimizer state are replicated, and the state is donated. Learning
 rates, bit-widths and stochastic masks are inputs of the step, so stages and masks never
 recompile it.
-
-Each process reads its own share of a batch (`lbq.data.train_iterator` / `eval_iterator`) and
-``jax.make_array_from_process_local_data`` assembles the global array on the trainer's batch
-sharding; with ``data_on_device`` the training split lives in device memory instead and the
-batches are sampled there (`lbq.data.device_train_batch`).
 """
 
 from __future__ import annotations
@@ -66,15 +61,12 @@ def build_networks(plan: RunPlan, num_classes: int) -> tuple[Network, ...]:
     units = None
     if plan.stochastic.enabled:
         units = unit_index(student.layer_names(), plan.stochastic.unit)[1]
-    networks = []
-    for spec in plan.networks:
-        if spec.teacher:
-            networks.append(Network(spec.name, model(False), True, spec.trainable))
-        else:
-            networks.append(
-                Network(spec.name, student, unit_of_layer=units, fixed_bits=spec.fixed_bits)
-            )
-    return tuple(networks)
+    return tuple(
+        Network(spec.name, model(False), True, spec.trainable)
+        if spec.teacher
+        else Network(spec.name, student, unit_of_layer=units, fixed_bits=spec.fixed_bits)
+        for spec in plan.networks
+    )
 
 
 def build_optimizer(plan: RunPlan, networks: tuple[Network, ...]) -> optax.GradientTransformation:
@@ -243,19 +235,15 @@ class Trainer:
         return calibrate.RunInputs(self.plan, self.networks, bits, self.first_batches, mean, std)
 
     def start_stage(self, state: TrainState, stage: Stage) -> TrainState:
-        """The state at the first step of ``stage``, the one place a stage starts: from the
-        second stage on, the LSQ ranges that the stage quantizes for the first time or, by
-        ``quant.weight_range_at_bit_change`` / ``activation_range_at_bit_change``, at a new
-        bit-width are calibrated (`lbq.calibrate.stage_ranges`); then the optimizer state
-        starts afresh (`fresh_optimizer_state`)."""
+        """The state at the first step of ``stage``, the one place a stage starts: its learned
+        ranges calibrated (`lbq.calibrate.stage_ranges`), then a fresh optimizer state."""
         state = calibrate.stage_ranges(self.calibration_inputs(), state, stage.index)
         return self.fresh_optimizer_state(state, stage)
 
     def fresh_optimizer_state(self, state: TrainState, stage: Stage) -> TrainState:
         """The state with the optimizer state that ``stage`` starts with (a per-stage key for
-        stochastic precision), placed like the rest of the state so the compiled step sees the
-        same input types. A resume inside a stage whose optimizer state no longer fits the
-        config uses it alone: ranges are calibrated only at a stage's first step."""
+        stochastic precision), replicated like the rest of the state so the compiled step sees
+        the same input types."""
         trainable = {n.name: state.params[n.name] for n in self.networks if n.trainable}
         opt_state = self.optimizer.init(trainable)
         if self.plan.stochastic.enabled:
@@ -377,8 +365,18 @@ def _global(trainer: Trainer, local: dict) -> dict:
     }
 
 
-def _device_batches(trainer: Trainer, start_step: int) -> Iterator[dict]:
-    """Training batches sampled on the device from the whole split held in device memory."""
+def train_batches(trainer: Trainer, start_step: int, on_device: bool) -> Iterator[dict]:
+    """Global training batches ``{'image': (B, H, W, C) float32, 'label': (B,) int32}`` from
+    step ``start_step`` on: the same batches at a given step whether or not the run resumed.
+
+    Each process reads its own share of a batch and ``jax.make_array_from_process_local_data``
+    assembles the global array; ``on_device`` (``data_on_device``) holds the whole split in
+    device memory instead and samples the batches there (`lbq.data.device_train_batch`).
+    """
+    if not on_device:
+        for local in _host_train_batches(trainer.plan, start_step):
+            yield _global(trainer, local)
+        return
     plan, info = trainer.plan, trainer.info
     images, labels = lbq_data.load_split_arrays(plan.data, plan.data.train_split)
     images, labels = jax.device_put((images, labels), trainer.replicated)
@@ -396,21 +394,9 @@ def _device_batches(trainer: Trainer, start_step: int) -> Iterator[dict]:
         ),
         out_shardings=trainer.batch_sharding,
     )
-    step = start_step
-    while True:
+    for step in itertools.count(start_step):
         image, label = sample(images, labels, jnp.int32(step))
         yield {"image": image, "label": label}
-        step += 1
-
-
-def train_batches(trainer: Trainer, start_step: int, on_device: bool) -> Iterator[dict]:
-    """Global training batches ``{'image': (B, H, W, C) float32, 'label': (B,) int32}`` from
-    step ``start_step`` on: the same batches at a given step whether or not the run resumed."""
-    if on_device:
-        yield from _device_batches(trainer, start_step)
-        return
-    for local in _host_train_batches(trainer.plan, start_step):
-        yield _global(trainer, local)
 
 
 def _host_train_batches(plan: RunPlan, start_step: int) -> Iterator[dict]:
