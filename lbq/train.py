@@ -31,11 +31,7 @@ from lbq.trainer import build_trainer, check_networks_build, evaluate_split, tra
 from lbq.validate import ConfigError
 from lbq.workdir import exclusive_workdir, inspect_workdir
 
-__all__ = [
-    "NonFiniteError",
-    "RunResult",
-    "train_and_evaluate",
-]
+__all__ = ["NonFiniteError", "RunResult", "train_and_evaluate"]
 
 log = logging.getLogger("lbq")
 
@@ -97,15 +93,6 @@ class _Loop:
         self.train_images, self.train_seconds = 0, 0.0
         self.interval_start, self.interval_steps, self.eval_seconds = time.time(), 0, 0.0
 
-    def meta(self, stage: Stage) -> dict[str, Any]:
-        return {
-            "stage": stage.index,
-            "stage_name": stage.name,
-            "epoch": self.step / self.steps_per_epoch,
-            "stage_results": self.stage_results,
-            "skipped_steps": self.skipped,
-        }
-
     def last_checkpoint(self) -> str:
         good = self.checkpoints.steps()
         return f"step {good[-1]} in {self.checkpoints.directory}" if good else "none"
@@ -148,7 +135,14 @@ class _Loop:
     def save(self, stage: Stage) -> None:
         self.stop_if_nonfinite()  # never checkpoint a state that froze at a non-finite step
         self.count_skipped(stage)  # nor one of a stage that has skipped most of its steps
-        self.checkpoints.save(self.state, self.meta(stage))
+        meta = {
+            "stage": stage.index,
+            "stage_name": stage.name,
+            "epoch": self.step / self.steps_per_epoch,
+            "stage_results": self.stage_results,
+            "skipped_steps": self.skipped,
+        }
+        self.checkpoints.save(self.state, meta)
 
     def log_stage_start(self, stage: Stage) -> None:
         if self.is_host0:
@@ -186,35 +180,32 @@ class _Loop:
         self.stop_if_nonfinite()
 
     def evaluate(self, stage: Stage, bits, stage_end: bool) -> None:
+        """Evaluates the state on the eval split. When that fails (an unreadable eval image, a
+        metrics write), the training since the last checkpoint is saved first and the error then
+        raised: a rerun resumes at this step and evaluates again (`evaluate_unrecorded_stage`)
+        instead of training the last steps again."""
         start = time.time()
         if self.is_host0:
             log.info("evaluating at step %d on %d images", self.step, self.trainer.info.num_eval)
-        # eval.recalibrate_bn_batches: re-estimated BatchNorm statistics, for this evaluation only
-        evaluated = self.trainer.evaluation_state(self.state, bits)
-        self.final = evaluate_split(self.trainer, evaluated, bits)
-        self.eval_seconds += time.time() - start
-        if self.is_host0:
-            log.info("eval at step %d: %s", self.step, report.eval_text(self.final))
-        self.writer.write(
-            self.step,
-            "eval",
-            {f"{n}/{k}": v for n, m in self.final.items() for k, v in m.items()}
-            | {"stage_name": stage.name, "eval_split": self.plan.data.eval_split},
-        )
-        if stage_end:  # a stage extended after it had ended is listed once
-            self.stage_results = [r for r in self.stage_results if r["name"] != stage.name]
-            result = report.stage_result(self.plan, stage, self.final)
-            if stage.name in self.skipped:
-                result["skipped_steps"] = self.skipped[stage.name]
-            self.stage_results.append(result)
-
-    def evaluate_keeping_work(self, stage: Stage, bits, stage_end: bool) -> None:
-        """`evaluate`; when it fails (an unreadable eval image, a metrics write), the training
-        since the last checkpoint is saved first and the error then raised: a rerun resumes
-        at this step and evaluates again (`evaluate_unrecorded_stage`) instead of training the
-        last steps again."""
         try:
-            self.evaluate(stage, bits, stage_end)
+            # eval.recalibrate_bn_batches: re-estimated BatchNorm statistics for this evaluation
+            evaluated = self.trainer.evaluation_state(self.state, bits)
+            self.final = evaluate_split(self.trainer, evaluated, bits)
+            self.eval_seconds += time.time() - start
+            if self.is_host0:
+                log.info("eval at step %d: %s", self.step, report.eval_text(self.final))
+            self.writer.write(
+                self.step,
+                "eval",
+                {f"{n}/{k}": v for n, m in self.final.items() for k, v in m.items()}
+                | {"stage_name": stage.name, "eval_split": self.plan.data.eval_split},
+            )
+            if stage_end:  # a stage extended after it had ended is listed once
+                self.stage_results = [r for r in self.stage_results if r["name"] != stage.name]
+                result = report.stage_result(self.plan, stage, self.final)
+                if stage.name in self.skipped:
+                    result["skipped_steps"] = self.skipped[stage.name]
+                self.stage_results.append(result)
         except Exception:
             self.save(stage)
             self.checkpoints.wait()
@@ -225,11 +216,9 @@ class _Loop:
     def evaluate_unrecorded_stage(self) -> None:
         """Evaluates the stage that ends at the resumed step when its result is not recorded
         (its evaluation failed after the checkpoint was saved)."""
-        ended = [s for s in self.stages if s.end_step == self.step and s.num_steps]
-        recorded = {r["name"] for r in self.stage_results}
-        if self.step and ended and ended[-1].name not in recorded:
-            stage = ended[-1]
-            self.evaluate_keeping_work(stage, self.trainer.stage_bits(stage), stage_end=True)
+        stage = next((s for s in self.stages if s.end_step == self.step), None)
+        if stage is not None and stage.name not in {r["name"] for r in self.stage_results}:
+            self.evaluate(stage, self.trainer.stage_bits(stage), stage_end=True)
 
     def run(self, stop_at_step: int | None) -> str:
         """Trains to the end of the last stage; returns 'completed' or 'preempted'."""
@@ -265,7 +254,7 @@ class _Loop:
             # waits for the step, a write that fails within milliseconds is known).
             self.checkpoints.poll()
             if (eval_every and self.step % eval_every == 0) or stage_end:
-                self.evaluate_keeping_work(stage, bits, stage_end)
+                self.evaluate(stage, bits, stage_end)
             if stage_end or self.step % plan.checkpoint.every_steps == 0:
                 self.save(stage)
             stop_now = self.watcher.should_stop(sync=log_now) or self.step == stop_at_step
