@@ -97,17 +97,14 @@ def run_header(trainer, stages: Sequence[Stage], workdir: str) -> str:
     else:
         lines.append("  quantized: nothing (model.quantized=False, plain ReLU)")
     for stage in stages:
+        rates = ", ".join(f"{name} {value:g}" for name, value in stage.lr.items())
         lines.append(
             f"  stage {stage.index + 1} '{stage.name}': {network_bits(plan, stage)}, "
-            f"{stage.num_steps} steps, lr {_rates(stage.lr)}"
+            f"{stage.num_steps} steps, lr {rates}"
         )
     lines.append(f"  methods: {methods(plan, stages)}")
     lines.append(f"  batch {plan.batch_size}, {plan.steps_per_epoch(info.num_train)} steps/epoch")
     return "\n".join(lines)
-
-
-def _rates(rates: Mapping[str, float]) -> str:
-    return ", ".join(f"{name} {value:g}" for name, value in rates.items())
 
 
 def progress_text(values: Mapping[str, float]) -> str:

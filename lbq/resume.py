@@ -1,11 +1,5 @@
-"""Start-up: the state a run starts or resumes from, and the first writes to its workdir.
-
-`resume_or_start` reads the workdir's newest checkpoint (or builds a fresh state with the
-configured start weights) without writing anything; `commit` then writes, once everything that
-can fail before the first step has passed. `check_continuation` refuses a changed config that
-``config.json`` could no longer describe (on_config_change='continue'); `rate_changes` names
-every learning rate that such a change moves at the resumed step, which `resume_or_start`
-warns about.
+"""Start-up: the state a run starts or resumes from (`resume_or_start`, which only reads), the
+checks on a continued run's changed config, and the first writes to its workdir (`commit`).
 """
 
 from __future__ import annotations
@@ -123,9 +117,7 @@ def rate_changes(old: Sequence[Stage], new: Sequence[Stage], step: int) -> list[
         return []
     old_step = min(step, before.end_step - 1)
     changes = []
-    for network, _ in sorted(now.lr.items()):
-        if network not in before.lr:
-            continue
+    for network in sorted(now.lr.keys() & before.lr.keys()):
         was = before.learning_rate(old_step, network)
         is_ = now.learning_rate(step, network)
         if not math.isclose(was, is_, rel_tol=1e-6, abs_tol=0.0):

@@ -234,17 +234,6 @@ def parse_stages(entries: Any, defaults: Mapping[str, Any]) -> tuple[StageSpec, 
     return stages
 
 
-def _num_steps(spec: StageSpec, steps_per_epoch: int) -> int:
-    if spec.steps is not None:
-        return spec.steps
-    length = round(spec.epochs * steps_per_epoch)
-    if length <= 0:
-        raise ValueError(
-            f"{spec.label}.epochs={spec.epochs:g} is less than one step ({steps_per_epoch}/epoch)"
-        )
-    return length
-
-
 # What a laid-out `Stage` takes from its `StageSpec` unchanged: all but its place and length.
 _SHARED_FIELDS = tuple(
     f.name
@@ -261,7 +250,12 @@ def lay_out(specs: Sequence[StageSpec], steps_per_epoch: int) -> list[Stage]:
     """
     result, start = [], 0
     for spec in specs:
-        num_steps = _num_steps(spec, steps_per_epoch)
+        num_steps = spec.steps or round(spec.epochs * steps_per_epoch)  # steps: None or > 0
+        if num_steps <= 0:
+            raise ValueError(
+                f"{spec.label}.epochs={spec.epochs:g} is less than one step "
+                f"({steps_per_epoch}/epoch)"
+            )
         shared = {f: getattr(spec, f) for f in _SHARED_FIELDS}
         warmup_steps = round(spec.warmup_epochs * steps_per_epoch)
         result.append(
