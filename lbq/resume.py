@@ -129,19 +129,13 @@ def _with_new_optimizer(trainer: Trainer, fresh, saved: dict, stage: Stage):
     """``fresh`` with a checkpoint's step, parameters and BatchNorm statistics, and the
     optimizer state that ``stage`` starts with. The learned ranges are the checkpoint's: the
     train loop calibrates at a stage's first step, never inside a stage."""
-    weights = jax.tree.map(  # the saved host arrays with the dtypes and shardings of ``fresh``
+    fields = ("params", "batch_stats", "step", "first_nonfinite")
+    restored = jax.tree.map(  # the saved host values with the dtypes and shardings of ``fresh``
         lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
-        {"params": saved["params"], "batch_stats": saved["batch_stats"]},
-        {"params": fresh.params, "batch_stats": fresh.batch_stats},
+        {"first_nonfinite": -1} | {k: saved[k] for k in fields if k in saved},
+        {k: getattr(fresh, k) for k in fields},
     )
-    state = fresh.replace(
-        **weights,
-        step=jax.device_put(jnp.int32(saved["step"]), trainer.replicated),
-        first_nonfinite=jax.device_put(
-            jnp.int32(saved.get("first_nonfinite", -1)), trainer.replicated
-        ),
-    )
-    return trainer.fresh_optimizer_state(state, stage)
+    return trainer.fresh_optimizer_state(fresh.replace(**restored), stage)
 
 
 def _warn_rate_changes(trainer: Trainer, stages: Sequence[Stage], step: int, decision) -> None:

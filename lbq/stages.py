@@ -1,9 +1,7 @@
 """Stages of progressive quantization (SPEC section 2) and learning-rate schedules.
 
 A run is a sequence of stages on one global step counter. Each stage has its own bit-widths,
-length and learning-rate schedule; the trainer resets the optimizer state when a stage starts.
-Learning rates are computed on the host and fed to the compiled step as data, so a new stage
-never recompiles the step.
+length and learning-rate schedule, computed on the host and fed to the compiled step as data.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-One global step counter runs through the stages of the run plan. The parts come from
-`lbq.trainer.build_trainer` (networks, optimizer, compiled steps, the batches and the
-evaluation pass); the start or resumed state from `lbq.resume`; the workdir
-decisions from `lbq.workdir`; the devices from `lbq.mesh`. This module only drives them:
-batches in, metrics, evaluations and checkpoints out.
+One global step counter runs through the stages of the run plan. This module only drives the
+parts of `lbq.trainer`, `lbq.resume`, `lbq.workdir` and `lbq.mesh`: batches in, metrics,
+evaluations and checkpoints out.
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 steps), the global batches those steps take, and one evaluation pass over the eval split.
 
 `build_trainer` is the one builder that the trainer, the benchmark (`lbq.bench`) and the tests
-call. The train step is compiled once with `jax.jit` over a ('data',) mesh: batches are
-sharded, parameters and optimizer state are replicated, and the state is donated. Learning
-rates, bit-widths and stochastic masks are inputs of the step, so stages and masks never
-recompile it.
+call; how its steps are sharded, and why stages and masks never recompile them, is in
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -208,11 +206,10 @@ class Trainer:
         shape = (1, *self.info.image_shape)
         params, stats = {}, {}
         for index, net in enumerate(self.networks):
-            precision = None
-            if net.model.quantized:
-                precision = make_precision(net.model.layer_names(), 32, 32)
+            model = net.model
+            precision = make_precision(model.layer_names(), 32, 32) if model.quantized else None
             init = jax.jit(
-                lambda k, net=net, p=precision: net.model.init(k, jnp.zeros(shape), p),
+                lambda k, m=model, p=precision: m.init(k, jnp.zeros(shape), p),
                 out_shardings=self.replicated,
             )
             variables = init(jax.random.fold_in(key, index))
