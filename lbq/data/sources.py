@@ -9,6 +9,7 @@ NumPy decoder always decodes at full size and leaves CMYK or RGBA files 4-channe
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lbq.data import digits
-from lbq.data.config import DEFAULT_IMAGE_SIZE, Settings, known_stats
+from lbq.data.config import Settings, known_stats
 from lbq.data.errors import DataError, DatasetNotFoundError, UnknownDatasetError
 from lbq.data.stats import PixelStats
 from lbq.data.transforms import eval_transform
@@ -72,21 +73,20 @@ class TfdsSource:
         self.description = f"{builder.name}[{split}]"
         self._image_key = image_key
         self._label_key = label_key
-        self._ds = builder.as_data_source(
+        self._records = builder.as_data_source(
             split=split, decoders={image_key: tfds.decode.SkipDecoding()}
         )
-        self._raw = None
-        try:
+        self._pair = self._generic
+        # Any surprise in the fast path: keep the generic TFDS decoding.
+        with contextlib.suppress(Exception):
             from tensorflow_datasets.proto import tf_example_pb2
 
             self._example_cls = tf_example_pb2.Example
-            self._raw = builder.as_data_source(
+            raw = builder.as_data_source(
                 split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
             )
-            if len(self._ds) and self._parse(self._raw[0]) != self._generic(self._ds[0]):
-                self._raw = None
-        except Exception:  # Any surprise in the fast path: use the generic TFDS decoding.
-            self._raw = None
+            if not len(raw) or self._parse(raw[0]) == self._generic(self._records[0]):
+                self._records, self._pair = raw, self._parse
 
     def _parse(self, raw: bytes) -> tuple[bytes, int]:
         feature = self._example_cls.FromString(raw).features.feature
@@ -99,44 +99,15 @@ class TfdsSource:
         return record[self._image_key], int(record[self._label_key])
 
     def __len__(self) -> int:
-        return len(self._ds)
+        return len(self._records)
 
     def read(self, indices: Sequence[int]) -> tuple[list[Any], np.ndarray]:
-        keys = [int(i) for i in indices]
         # __getitems__ lets ArrayRecord fetch the records of a batch in parallel.
-        if self._raw is not None:
-            pairs = [self._parse(r) for r in self._raw.__getitems__(keys)]
-        else:
-            pairs = [self._generic(r) for r in self._ds.__getitems__(keys)]
-        labels = np.asarray([p[1] for p in pairs], dtype=np.int32)
-        return [p[0] for p in pairs], labels
+        pairs = [self._pair(r) for r in self._records.__getitems__([int(i) for i in indices])]
+        return [p[0] for p in pairs], np.asarray([p[1] for p in pairs], dtype=np.int32)
 
 
-class Dataset:
-    """A resolved dataset: class count, split sizes, pixel statistics and split sources."""
-
-    name: str
-    num_classes: int
-
-    def num_examples(self, split: str) -> int:
-        raise NotImplementedError
-
-    def source(self, split: str) -> Source:
-        raise NotImplementedError
-
-    def stats(self, train_split: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        raise NotImplementedError
-
-    def native_shape(self) -> tuple[int, ...] | None:
-        """(H, W, 3) when every image has one known size, else None."""
-        return None
-
-    def cache_key(self) -> str:
-        """Identifies the dataset's files, for caches of decoded data."""
-        return self.name
-
-
-class DigitsDataset(Dataset):
+class DigitsDataset:
     """scikit-learn digits, upscaled to 32x32x3 (see ``lbq.data.digits``)."""
 
     name = digits.NAME
@@ -153,17 +124,11 @@ class DigitsDataset(Dataset):
         return digits.stats()
 
 
-class TfdsDataset(Dataset):
+class TfdsDataset:
     """A prepared TFDS image-classification dataset, read at ``image_size`` (imagenet_style:
     shorter-side resize and centre crop, else the whole image resized), as training reads it."""
 
-    def __init__(
-        self,
-        builder: Any,
-        name: str,
-        image_size: int = DEFAULT_IMAGE_SIZE,
-        imagenet_style: bool = False,
-    ):
+    def __init__(self, builder: Any, name: str, image_size: int, imagenet_style: bool):
         self.name = name
         self._builder = builder
         self._image_size = image_size
@@ -171,9 +136,10 @@ class TfdsDataset(Dataset):
         self._image_key, self._label_key = _feature_keys(builder, name)
         self.num_classes = int(builder.info.features[self._label_key].num_classes)
 
-    def _check_split(self, split: str) -> None:
+    def _split(self, split: str) -> Any:
+        """The split's TFDS ``SplitInfo``; a DataError naming the available splits otherwise."""
         try:
-            self._builder.info.splits[split]
+            return self._builder.info.splits[split]
         except (KeyError, ValueError) as e:
             available = ", ".join(sorted(self._builder.info.splits.keys()))
             raise DataError(
@@ -181,11 +147,10 @@ class TfdsDataset(Dataset):
             ) from e
 
     def num_examples(self, split: str) -> int:
-        self._check_split(split)
-        return int(self._builder.info.splits[split].num_examples)
+        return int(self._split(split).num_examples)
 
     def source(self, split: str) -> Source:
-        self._check_split(split)
+        self._split(split)
         return TfdsSource(self._builder, split, self._image_key, self._label_key)
 
     def stats(self, train_split: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -208,10 +173,7 @@ class TfdsDataset(Dataset):
                 min(self.num_examples(train_split), STATS_SAMPLE),
             )
             return self._sampled(train_split)
-        stats = known_stats(self.name)
-        if stats is not None:
-            return stats
-        return self._sampled(train_split)
+        return known_stats(self.name) or self._sampled(train_split)
 
     def _sampled(self, train_split: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Mean/std of ``STATS_SAMPLE`` evenly spaced train images, each resized as training
@@ -260,6 +222,7 @@ class TfdsDataset(Dataset):
         )
 
     def native_shape(self) -> tuple[int, ...] | None:
+        """(H, W, 3) when every image has one known size, else None."""
         metadata = self._builder.info.metadata or {}
         if metadata.get("image_shape"):  # written by lbq.data.prepare
             return tuple(int(v) for v in metadata["image_shape"])
@@ -269,7 +232,12 @@ class TfdsDataset(Dataset):
         return None
 
     def cache_key(self) -> str:
+        """Identifies the dataset's files, for caches of decoded data."""
         return str(self._builder.data_path)
+
+
+# A resolved dataset; both kinds have name, num_classes, num_examples, source and stats.
+Dataset = DigitsDataset | TfdsDataset
 
 
 def _feature_keys(builder: Any, name: str) -> tuple[str, str]:
@@ -277,17 +245,11 @@ def _feature_keys(builder: Any, name: str) -> tuple[str, str]:
     import tensorflow_datasets as tfds
 
     features = builder.info.features
-    keys = builder.info.supervised_keys
-    if (
-        isinstance(keys, tuple)
-        and len(keys) == 2
-        and all(isinstance(k, str) for k in keys)
-        and isinstance(features[keys[0]], tfds.features.Image)
-        and isinstance(features[keys[1]], tfds.features.ClassLabel)
-    ):
-        return keys
     images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
     labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    keys = builder.info.supervised_keys
+    if isinstance(keys, tuple) and len(keys) == 2 and keys[0] in images and keys[1] in labels:
+        return keys
     if not images or not labels:
         raise DataError(
             f"dataset {name!r} is not an image-classification dataset: it needs an Image and a "
@@ -298,13 +260,9 @@ def _feature_keys(builder: Any, name: str) -> tuple[str, str]:
 
 def _prepared_names(data_dir: str | None) -> list[str]:
     """Dataset names found in a TFDS data dir (folders holding a dataset_info.json)."""
-    if not data_dir or not os.path.isdir(data_dir):
-        return []
-    found = set()
-    for pattern in ("*/*/dataset_info.json", "*/*/*/dataset_info.json"):
-        for path in glob.glob(os.path.join(data_dir, pattern)):
-            found.add(os.path.relpath(path, data_dir).split(os.sep)[0])
-    return sorted(found)
+    patterns = ("*/*/dataset_info.json", "*/*/*/dataset_info.json") if data_dir else ()
+    paths = [path for pattern in patterns for path in glob.glob(pattern, root_dir=data_dir)]
+    return sorted({path.split(os.sep)[0] for path in paths})
 
 
 def _unknown(name: str, data_dir: str | None, registered: list[str]) -> UnknownDatasetError:
@@ -320,7 +278,15 @@ def _unknown(name: str, data_dir: str | None, registered: list[str]) -> UnknownD
     )
 
 
-def _tfds_dataset(s: Settings) -> TfdsDataset:
+def open_dataset(s: Settings) -> Dataset:
+    """Resolves ``s.name`` (validated data settings) to a dataset.
+
+    Raises:
+      DataError: a subclass of it that names the problem (unknown name, data dir missing,
+        dataset not prepared, tensorflow-datasets not installed).
+    """
+    if s.name == digits.NAME:
+        return DigitsDataset()
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -333,10 +299,10 @@ def _tfds_dataset(s: Settings) -> TfdsDataset:
             f"data_dir {s.data_dir!r} of dataset {s.name!r} does not exist; set data."
             f"data_dir to the TFDS data dir that holds it, or create it with `{PREPARE_HINT}`"
         )
-    registered = tfds.list_builders(with_community_datasets=False)
     try:
         builder = tfds.builder(s.name, data_dir=s.data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
+        registered = tfds.list_builders(with_community_datasets=False)
         raise _unknown(s.name, s.data_dir, registered) from e
     if not builder.is_prepared():
         root = s.data_dir or tfds.core.constants.DATA_DIR
@@ -346,17 +312,3 @@ def _tfds_dataset(s: Settings) -> TfdsDataset:
             f"from an image folder, `{PREPARE_HINT}`"
         )
     return TfdsDataset(builder, s.name, s.image_size, s.augment == "imagenet")
-
-
-def open_dataset(s: Settings) -> Dataset:
-    """Resolves ``s.name`` to a dataset.
-
-    Args:
-      s: validated data settings.
-
-    Returns:
-      The ``Dataset``; raises a ``DataError`` subclass that names the problem otherwise.
-    """
-    if s.name == digits.NAME:
-        return DigitsDataset()
-    return _tfds_dataset(s)

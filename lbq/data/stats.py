@@ -51,25 +51,19 @@ class PixelStats:
         """Adds another accumulator's pixels to this one."""
         self.counts += other.counts
 
-    @property
-    def num_pixels(self) -> int:
-        return int(self.counts[0].sum())
-
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) per channel in 0..255 units, population std (divides by N).
 
         Raises:
           DataError: when no pixel was added.
         """
-        n = self.num_pixels
+        n = int(self.counts[0].sum())
         if n == 0:
             raise DataError("pixel statistics of an empty set of images are undefined")
-        values = list(range(256))
         mean, std = [], []
-        for c in range(3):
-            counts = [int(k) for k in self.counts[c]]
-            total = sum(v * k for v, k in zip(values, counts, strict=True))
-            total_sq = sum(v * v * k for v, k in zip(values, counts, strict=True))
+        for counts in self.counts.tolist():  # Python ints: the sums below never overflow
+            total = sum(v * k for v, k in enumerate(counts))
+            total_sq = sum(v * v * k for v, k in enumerate(counts))
             mean.append(float(Fraction(total, n)))
             std.append(math.sqrt(Fraction(n * total_sq - total * total, n * n)))
         return tuple(mean), tuple(std)
