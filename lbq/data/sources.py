@@ -14,7 +14,7 @@ import glob
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -30,16 +30,6 @@ STATS_SAMPLE = 512  # images decoded to estimate mean/std when nothing better is
 
 log = logging.getLogger(__name__)
 _STATS_CACHE: dict[tuple, tuple[tuple, tuple]] = {}
-
-
-class Source(Protocol):
-    """Random access to one split: encoded bytes or decoded arrays, plus int labels."""
-
-    description: str
-
-    def __len__(self) -> int: ...
-
-    def read(self, indices: Sequence[int]) -> tuple[Sequence[Any], np.ndarray]: ...
 
 
 class ArraySource:
@@ -105,6 +95,11 @@ class TfdsSource:
         # __getitems__ lets ArrayRecord fetch the records of a batch in parallel.
         pairs = [self._pair(r) for r in self._records.__getitems__([int(i) for i in indices])]
         return [p[0] for p in pairs], np.asarray([p[1] for p in pairs], dtype=np.int32)
+
+
+# Random access to one split: ``description``, ``len()`` and ``read(indices)`` giving
+# (encoded bytes or decoded arrays, int32 labels).
+Source = ArraySource | TfdsSource
 
 
 class DigitsDataset:
