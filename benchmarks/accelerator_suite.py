@@ -1,13 +1,10 @@
 """One prepared accelerator call: correctness, speed against PyTorch, CIFAR-10 accuracy.
 
-docs/accelerator.md describes the parts, their budgets and the 5 files written under ``--out``
-(by default $OUT, the device call's output folder):
+docs/accelerator.md describes the parts, their budgets, the subprocesses and the 5 files
+written under ``--out``:
 
     python benchmarks/accelerator_suite.py --budget 480                    # a GPU machine
     python benchmarks/accelerator_suite.py --out /tmp/suite --tiny          # this CPU, ~2 min
-
-The driver itself never imports JAX or PyTorch: every measurement runs in a subprocess that it
-can stop at the part's deadline (SIGTERM, then SIGKILL to the process group).
 """
 
 from __future__ import annotations
@@ -68,11 +65,8 @@ LEARNING_RATES = {"fp": (0.1, 0.1), **dict.fromkeys(("best", "w4a4", "w2a2"), (0
 
 
 class SpeedTask(NamedTuple):
-    """One process of the speed part: lbq.bench for one mode, or PyTorch runs in order.
-
-    ``runs``: comma-separated modes for lbq, 'backend:mode' for torch. ``estimate_s``: a-priori
-    seconds.
-    """
+    """One process of the speed part. ``runs``: comma-separated modes for lbq, 'backend:mode'
+    for torch; ``estimate_s``: a-priori seconds."""
 
     framework: str
     model: str
@@ -86,10 +80,8 @@ class SpeedTask(NamedTuple):
         return f"{self.framework} {self.model} b{self.batch} {self.runs.replace(',', '+')}"
 
 
-# The speed tasks in priority order: first the figures the issue's targets compare (ResNet-18
-# W2A2 against torch.compile and against lbq's FP step, ResNet-20 W2A2 and FP, the joint step's
-# memory against FP's, torch.compile's joint step), then the remaining modes. The estimates are
-# guesses for an H100/H200 (process start, compilation, 40 timed steps), not measurements.
+# The speed tasks in priority order (docs/accelerator.md, "speed"). The estimates are guesses
+# for an H100/H200 (process start, compilation, 40 timed steps), not measurements.
 DEVICE_SPEED = (
     SpeedTask("lbq", "resnet18", 256, "w2a2", 35),
     SpeedTask("lbq", "resnet18", 256, "fp", 30),

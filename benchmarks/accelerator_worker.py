@@ -1,19 +1,10 @@
 """JAX-side measurements of the accelerator suite, one per process, each writing ``--json``.
 
-Subcommands (docs/accelerator.md, "What it runs", says what each checks):
-
-- ``quantizers``: every lbq quantizer at bits 1..8 in float32 and bfloat16 against float64
-  NumPy references of the SPEC formulas (`check_quantizer` says what passes);
-- ``train_loss``: a few steps of the trainer's step (``lbq.bench.build_step``, float32), their
-  losses, to compare between backends;
-- ``profile``: a ``jax.profiler`` trace of the trainer's step per mode, summarised by kind of
-  operation (`categorize`) and by network; on XLA:CPU too, where lbq's CPU step spends its time
-  (benchmarks/RESULTS.md):
+Subcommands ``quantizers``, ``train_loss`` and ``profile`` (docs/accelerator.md, "What it runs",
+says what each checks); ``profile`` works on XLA:CPU too (benchmarks/RESULTS.md):
 
     python benchmarks/accelerator_worker.py profile --model=resnet20 --modes=w2a2 --batch=128 \\
         --dtype=float32 --trace_dir=/tmp/trace --json=/tmp/profile.json
-
-Needs jax, flax, optax and numpy (and ml_dtypes, which jax installs).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import argparse
 import functools
 import os
 import sys
-import time
+import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lbq.io import write_json  # noqa: E402
@@ -36,13 +36,9 @@ KEYS = ("forward_s", "input_grad_s", "weight_grad_s")
 
 
 def _best(fn, reps: int) -> float:
+    """Seconds of the fastest of ``reps`` calls of ``fn`` (timeit), after one untimed call."""
     fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timeit.repeat(fn, repeat=reps, number=1))
 
 
 def jax_timings(batch: int, reps: int) -> list[dict]:

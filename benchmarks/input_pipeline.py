@@ -135,13 +135,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory(prefix="lbq_input_bench_") as tmp:
         for kind in args.datasets.split(","):
+            imagenet = kind == "imagenet"
             root = os.path.join(tmp, f"{kind}_folder")
-            per_class = args.imagenet_per_class if kind == "imagenet" else args.cifar_per_class
+            per_class = args.imagenet_per_class if imagenet else args.cifar_per_class
             made = make_folder(kind, root, args.archive, per_class, args.noise, args.quality)
-            data_dir = os.path.join(tmp, "tfds")
-            name = f"bench_{kind}"
+            data_dir, name = os.path.join(tmp, "tfds"), f"bench_{kind}"
             prepare_folder(root, data_dir, name, progress=lambda line: None)
-            batch = args.batch or (256 if kind == "imagenet" else 128)
+            batch = args.batch or (256 if imagenet else 128)
+            batches = args.batches or (10 if imagenet else 40)
             row = {
                 "dataset": kind,
                 "batch": batch,
@@ -150,24 +151,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     kind, root, args.transform_seconds
                 ),
             }
+            config = {
+                "name": name,
+                "data_dir": data_dir,
+                "train_split": "train",
+                "eval_split": "train",
+                "image_size": 224 if imagenet else 32,
+                "augment": "imagenet" if imagenet else "cifar",
+            }
             # CIFAR: the default decodes the split into memory once ("auto" cache); also
             # measure decoding every batch (cache=False), as for data too large to cache.
-            caches = (None,) if kind == "imagenet" else (None, False)
-            for cache in caches:
-                label = "pipeline" if cache is None else "pipeline_no_cache"
+            caches = {"pipeline": "auto", **({} if imagenet else {"pipeline_no_cache": False})}
+            for label, cache in caches.items():
                 for workers in (int(w) for w in args.workers.split(",")):
-                    batches = args.batches or (10 if kind == "imagenet" else 40)
-                    config = {
-                        "cache": "auto" if cache is None else cache,
-                        "name": name,
-                        "data_dir": data_dir,
-                        "train_split": "train",
-                        "eval_split": "train",
-                        "image_size": 224 if kind == "imagenet" else 32,
-                        "augment": "imagenet" if kind == "imagenet" else "cifar",
-                        "workers": workers,
-                    }
-                    rate, first = pipeline_rate(config, batch, batches)
+                    settings = dict(config, cache=cache, workers=workers)
+                    rate, first = pipeline_rate(settings, batch, batches)
                     row[f"{label}_workers_{workers}"] = {
                         "images_per_second": rate,
                         "per_core": rate / min(workers, cores),

@@ -1,17 +1,14 @@
 """PyTorch fake-quant ResNets with a straight-through estimator: lbq's train steps in PyTorch.
 
-The networks, quantizers, losses and modes of ``python -m lbq.bench`` (``lbq.bench.MODES``)
-written the way a PyTorch user writes them, to time lbq's step against PyTorch eager and
-``torch.compile`` on the same machine in the same run; docs/accelerator.md ("speed") lists what
-is the same and what differs. Run (one JSON line per (backend, mode) on stdout, also appended to
-``--jsonl``):
+The modes of ``lbq.bench.MODES``, timed in eager and ``torch.compile`` (docs/accelerator.md,
+"speed", lists what differs). One JSON line per (backend, mode) on stdout, also appended to
+``--jsonl``:
 
     python benchmarks/torch_fakequant.py --model resnet18 --batch 256 --modes w2a2,w2a2_kd \\
         --backends eager,compile --dtype bfloat16 --steps 20
 
-``--serve`` builds the first (backend, mode) only and answers ``run N`` lines on stdin with a
-JSON list of N step seconds (``quit`` ends it), so that ``benchmarks/cpu_compare.py`` can
-interleave it with lbq's steps on a shared machine. Needs only torch and numpy.
+``--serve`` builds the first (backend, mode) and answers ``run N`` lines on stdin with a JSON
+list of N step seconds until ``quit`` (for benchmarks/cpu_compare.py). Needs torch and numpy.
 """
 
 from __future__ import annotations
@@ -198,17 +195,10 @@ def kl_divergence(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Te
 
 
 class Bench:
-    """One (backend, mode) of the command line's model: networks, optimizer, a device batch
-    and the train step.
+    """One (backend, mode) of ``args.model``: networks, optimizer, a device batch, the step.
 
-    Args:
-      args: the parsed command line: ``model`` ('resnet20': 32 px, 100 classes; 'resnet18':
-        ImageNet, 1000 classes), ``batch``, ``image_size`` (None: 32 / 224 px), ``dtype``
-        ('bfloat16' autocast or 'float32'), ``compile_mode`` and ``compile_backend``
-        (``torch.compile``'s; 'aot_eager' skips code generation, for quick checks on CPU).
-      backend: 'eager' or 'compile'.
-      mode: one of `MODES`.
-      device: a torch device string.
+    ``args`` is the parsed command line (model, batch, image_size, dtype, compile_mode,
+    compile_backend); ``backend``: 'eager' or 'compile'; ``mode``: one of `MODES`.
     """
 
     def __init__(
@@ -295,15 +285,10 @@ class Bench:
 
 
 def run_one(args: argparse.Namespace, backend: str, mode: str, device: str) -> dict:
-    """Times one (model, mode, backend) like ``lbq.bench.run_mode``: the first step (which
-    compiles under ``torch.compile``), ``args.warmup`` untimed steps, ``args.steps`` timed steps
-    each waited for (median reported), then ``args.steps`` steps dispatched back to back.
-
-    Returns:
-      A JSON-ready dict: images_per_second (batch / median step), pipelined_images_per_second,
-      median/min/max step seconds, first_step_s, compile_s (first step minus the median:
-      tracing and code generation), peak_bytes (CUDA ``max_memory_allocated`` of this
-      configuration; the process's peak RSS on CPU, see ``peak_kind``), loss.
+    """Times one (model, mode, backend) as ``lbq.bench.run_mode`` does (first step, warm-up,
+    timed steps each waited for, then as many back to back); returns the JSON record.
+    ``compile_s`` is the first step minus the median; ``peak_bytes`` is CUDA's
+    ``max_memory_allocated``, or the process's peak RSS on CPU (``peak_kind``).
 
     Raises:
       RuntimeError: when the loss is not finite.
