@@ -96,6 +96,35 @@ def _patch_weight_single_select() -> None:
     layers.quantize_weight = quantize_weight
 
 
+def _patch_activation_vjp() -> None:
+    """The activation quantizer as one custom_vjp (same values and gradients as autodiff's)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lbq.quant import layers, quantizers
+
+    def forward(a, bits):
+        return quantizers.quantize_unit(jnp.clip(a, 0.0, 1.0), bits)
+
+    @jax.custom_vjp
+    def quantize_activation(a, bits):
+        return forward(a, bits)
+
+    def fwd(a, bits):
+        return forward(a, bits), (a, bits)
+
+    def bwd(res, g):
+        a, bits = res
+        # d clip / da: 1 inside (0, 1), 0 outside, 1/2 at the ends (lax.max/min tie rule).
+        inside = (a > 0) & (a < 1)
+        edge = (a == 0) | (a == 1)
+        scale = jnp.where(inside, 1.0, jnp.where(edge, 0.5, 0.0)).astype(g.dtype)
+        return g * scale, jnp.zeros_like(bits)
+
+    quantize_activation.defvjp(fwd, bwd)
+    layers.quantize_activation = quantize_activation
+
+
 def _patch_activation_barrier() -> None:
     """An optimization barrier after every block activation (ReLU or quantizer), so that XLA
     materialises it once instead of recomputing BatchNorm + activation inside later fusions."""
@@ -113,6 +142,7 @@ def _patch_activation_barrier() -> None:
 
 PATCHES = {
     "activation_barrier": _patch_activation_barrier,
+    "activation_vjp": _patch_activation_vjp,
     "weight_single_select": _patch_weight_single_select,
     "no_fp_select": _patch_no_fp_select,
     "no_quant": _patch_no_quant,
