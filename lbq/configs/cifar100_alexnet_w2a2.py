@@ -5,11 +5,11 @@ Run:
     python -m lbq.main --config=configs/cifar100_alexnet_w2a2.py --workdir=WORKDIR
 """
 
-from lbq.configs import default, recipes
+from lbq.configs import recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.cifar100(default.get_config())
+    c = recipes.cifar100()
     c.model.name = "alexnet_cifar"
     c.quant.w_bits, c.quant.a_bits = 2, 2
     return recipes.finish(c, variant)

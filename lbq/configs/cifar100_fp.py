@@ -5,11 +5,8 @@ Run:
     python -m lbq.main --config=configs/cifar100_fp.py --workdir=WORKDIR
 """
 
-from lbq.configs import default, recipes
+from lbq.configs import recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.apply_method(
-        recipes.cifar100(default.get_config()), "fp", 32, epochs=200, fine_tune_lr=0.01
-    )
-    return recipes.finish(c, variant)
+    return recipes.cifar100_method("fp", 32, variant)

@@ -10,11 +10,8 @@ Run:
     python -m lbq.main --config=configs/cifar100_w2a2_pq.py --workdir=WORKDIR
 """
 
-from lbq.configs import default, recipes
+from lbq.configs import recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.apply_method(
-        recipes.cifar100(default.get_config()), "pq", 2, epochs=200, fine_tune_lr=0.01
-    )
-    return recipes.finish(c, variant)
+    return recipes.cifar100_method("pq", 2, variant)

@@ -12,7 +12,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.cifar100(default.get_config())
+    c = recipes.cifar100()
     c.stages = [
         default.stage("w16a16", w_bits=16, a_bits=16, epochs=80),
         default.stage("w8a8", w_bits=8, a_bits=8, epochs=40, lr=0.01),

@@ -14,7 +14,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.cifar100(default.get_config())
+    c = recipes.cifar100()
     c.stages = [
         default.stage("w32a32", w_bits=32, a_bits=32, epochs=80),
         default.stage("w4a32", w_bits=4, a_bits=32, epochs=30, lr=0.01),

@@ -11,11 +11,11 @@ Run:
     python -m lbq.main --config=configs/imagenet_alexnet_w2a2.py --workdir=WORKDIR
 """
 
-from lbq.configs import default, recipes
+from lbq.configs import recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.imagenet(default.get_config())
+    c = recipes.imagenet()
     c.model.name = "alexnet"
     c.quant.w_bits, c.quant.a_bits = 2, 2
     return recipes.finish(c, variant)

@@ -16,7 +16,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.imagenet(default.get_config())
+    c = recipes.imagenet()
     c.model.quantized = False
     c.schedule.lr = 0.1
     c.schedule.lr_boundaries = (1 / 3, 2 / 3)

@@ -32,7 +32,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.imagenet(default.get_config())
+    c = recipes.imagenet()
     c.distill.enabled = True
     c.distill.teacher = "joint"
     c.stages = [

@@ -16,7 +16,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.imagenet(default.get_config())
+    c = recipes.imagenet()
     c.stages = [
         default.stage("w8a8", w_bits=8, a_bits=8, epochs=10, lr_boundaries=(0.5, 0.8)),
         default.stage("w4a4", w_bits=4, a_bits=4, epochs=15, lr_boundaries=(0.5, 0.8)),

@@ -11,11 +11,11 @@ Run:
     # ResNet-50: --config=configs/imagenet_w2a2_sp.py:resnet50
 """
 
-from lbq.configs import default, recipes
+from lbq.configs import recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.imagenet(default.get_config())
+    c = recipes.imagenet()
     c.quant.w_bits, c.quant.a_bits = 2, 2
     c.stochastic.enabled = True
     c.stochastic.full_at = 0.5

@@ -16,7 +16,7 @@ from lbq.configs import default, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.imagenet(default.get_config())
+    c = recipes.imagenet()
     c.stages = [
         default.stage("w2a32", w_bits=2, a_bits=32, epochs=15, lr_boundaries=(0.5, 0.8)),
         default.stage("w2a2", w_bits=2, a_bits=2, epochs=30),

@@ -10,10 +10,10 @@ Run:
     # ResNet-50: --config=configs/imagenet_w4a4.py:resnet50
 """
 
-from lbq.configs import default, recipes
+from lbq.configs import recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.imagenet(default.get_config())
+    c = recipes.imagenet()
     c.quant.w_bits, c.quant.a_bits = 4, 4
     return recipes.finish(c, variant)
