@@ -7,12 +7,9 @@ so it is left out where explicit stages already provide it (turn it on with
 --config.stochastic.enabled=True to combine all three). Epochs: 80 at 32 bits (lr 0.1), then 60
 at W4A4 and 60 at W2A2 (lr 0.01): 200 in all, as the baseline.
 
-Quantizers: the paper's DoReFa ones, so that this config reproduces the paper. They learn no
-range, so the calibration and range rules measured best for PACT and LSQ (docs/learned_ranges.md)
-do not apply; `cifar100_w2a2_lsq.py` is this recipe with LSQ, the quantizers that measured best.
-Placement: block outputs, the authors' design, for the same reason, though each conv
-quantizing its own input (``model.activation_placement='conv_input'``) measured better for
-DoReFa, PACT and LSQ alike at W2A2 (docs/results/w2a2); the LSQ and PACT recipes use it.
+Quantizers and placement: the paper's DoReFa ones at block outputs, so that this config
+reproduces the paper; `cifar100_w2a2_lsq.py` and `_pact.py` are this recipe with the quantizers
+and placement that measured best (docs/learned_ranges.md).
 
 Run:
 

@@ -6,17 +6,11 @@ quantized conv and activation. At 32 bits LSQ is the identity (weights) or a ReL
 (activations), so the ranges are calibrated on the trained network when the W4A4 stage starts
 (`lbq.calibrate`) and are set again by LSQ's rule on the trained network when W2A2 starts.
 
-Ranges: what measured best (docs/learned_ranges.md): activation ranges by LSQ's rule, LSQ weight
-ranges set again by it at each bit-width drop, and, with conv inputs quantized, activation
-ranges calibrated again at the drop too (``quant.activation_range_at_bit_change='calibrate'``:
-+1.7 points over keeping them in the 4 -> 2 ladder at conv inputs, the same run up to the drop;
-at block outputs keeping them, the default, measured better).
-
-Placement: each quantized conv quantizes its own input (``model.activation_placement =
-'conv_input'``; block outputs, shortcuts and additions stay full precision, as in LSQ and
-APoT). With LSQ at W2A2 it measured above the authors' block-output placement for direct
-(+0.8 point, two seeds each), joint distillation (+1.4) and the 4 -> 2 ladder with a teacher
-(+1.5) on the CIFAR-10 fine-tuning protocol (docs/results/w2a2).
+Ranges and placement: what measured best (docs/learned_ranges.md): LSQ's rule for the
+activation ranges and, at each bit-width drop, the weight ranges; each quantized conv quantizing
+its own input (``model.activation_placement='conv_input'``), where calibrating the activation
+ranges again at the drop too (``quant.activation_range_at_bit_change='calibrate'``) gained 1.7
+points.
 
 Run:
 

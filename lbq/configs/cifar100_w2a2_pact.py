@@ -6,16 +6,10 @@ full-precision teacher), with every quantized activation a PACT activation (Choi
 ``quant.pact_init_clip`` = 10 from scratch and is learned from the first stage on (at 32 bits
 only the clip remains). Weights stay DoReFa's, as in the PACT paper.
 
-Clips: calibrated by LSQ's rule, the default measured best (docs/learned_ranges.md), and kept
-at the 4 -> 2 drop (``quant.activation_range_at_bit_change='keep'``, the default): calibrating
-them again there measured the same at conv inputs (W2A2 best on the CIFAR-10 fine-tuning
-protocol, two seeds: 65.49 ± 0.00 against 65.34 ± 0.62 kept; docs/results/w2a2), unlike LSQ's
-activation ranges, which the LSQ recipe calibrates again.
-
-Placement: each quantized conv quantizes its own input (``model.activation_placement =
-'conv_input'``; block outputs, shortcuts and additions stay full precision). With PACT at
-W2A2 it measured above the authors' block-output placement (direct, two seeds each;
-docs/results/w2a2).
+Clips and placement: what measured best (docs/learned_ranges.md): clips calibrated by LSQ's
+rule (the default); each quantized conv quantizing its own input
+(``model.activation_placement='conv_input'``); the clips kept at the 4 -> 2 drop (the default:
+calibrating them again measured the same, unlike LSQ's activation ranges).
 
 Run:
 

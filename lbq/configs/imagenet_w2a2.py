@@ -15,12 +15,9 @@ download its weights on a machine with network, convert them, and start both net
     python -m lbq.main --config=configs/imagenet_w2a2.py --workdir=runs/r18_w2a2 \\
         --config.init_from=runs/r18_tv --config.distill.teacher_init=runs/r18_tv
 
-Quantizers: the paper's DoReFa ones, so that this config reproduces the paper. They learn no
-range, so the calibration and range rules measured best for PACT and LSQ (docs/learned_ranges.md)
-do not apply; `imagenet_w2a2_lsq.py` is this recipe with LSQ, the quantizers that measured best.
-Placement: block outputs, the authors' design, for the same reason, though each conv
-quantizing its own input (``model.activation_placement='conv_input'``) measured better for
-DoReFa, PACT and LSQ alike at W2A2 (docs/results/w2a2); the LSQ and PACT recipes use it.
+Quantizers and placement: the paper's DoReFa ones at block outputs, so that this config
+reproduces the paper; `imagenet_w2a2_lsq.py` and `_pact.py` are this recipe with the quantizers
+and placement that measured best (docs/learned_ranges.md).
 
 Run:
 

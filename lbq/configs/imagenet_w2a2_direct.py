@@ -1,8 +1,7 @@
 """ImageNet, ResNet-18 W2A2 quantized directly from a full-precision model (the baseline).
 
-Set --config.init_from=WORKDIR_OF_imagenet_fp.
-
-WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted (`imagenet_fp.py`).
+Set --config.init_from=WORKDIR_OF_imagenet_fp, or torchvision's weights converted
+(`imagenet_fp.py`).
 
 Run:
 

@@ -6,16 +6,9 @@ full-precision teacher), with LSQ (SPEC section 7) for every quantized conv and 
 the first step, the activation ranges on the fine-tuned network when the W2A2 stage starts
 (`lbq.calibrate`).
 
-WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted (`imagenet_fp.py`).
-
-Ranges: the defaults measured best (docs/learned_ranges.md): activation ranges by LSQ's rule,
-LSQ weight ranges set again by it at each bit-width drop.
-
-Placement: each quantized conv quantizes its own input (``model.activation_placement =
-'conv_input'``; block outputs, shortcuts and additions stay full precision, as in LSQ and
-APoT). With LSQ at W2A2 it measured above the authors' block-output placement for direct
-(+0.8 point, two seeds each), joint distillation (+1.4) and the 4 -> 2 ladder with a teacher
-(+1.5) on the CIFAR-10 fine-tuning protocol (docs/results/w2a2).
+Ranges and placement: what measured best (docs/learned_ranges.md): LSQ's rule for the
+activation ranges and, at each bit-width drop, the weight ranges (the defaults); each quantized
+conv quantizing its own input (``model.activation_placement='conv_input'``).
 
 Run:
 

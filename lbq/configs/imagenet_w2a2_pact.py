@@ -6,14 +6,9 @@ Weights stay DoReFa's, as in the PACT paper. Set --config.init_from=WORKDIR_OF_i
 clips are then calibrated on that model's own activations before the first step
 (``quant.activation_calibration``, ``quant.calibration_batches``; `lbq.calibrate`).
 
-WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted (`imagenet_fp.py`).
-
-Clips: calibrated by LSQ's rule, the default measured best (docs/learned_ranges.md).
-
-Placement: each quantized conv quantizes its own input (``model.activation_placement =
-'conv_input'``; block outputs, shortcuts and additions stay full precision). With PACT at
-W2A2 it measured above the authors' block-output placement (direct, two seeds each;
-docs/results/w2a2).
+Clips and placement: what measured best (docs/learned_ranges.md): clips calibrated by LSQ's
+rule (the default); each quantized conv quantizing its own input
+(``model.activation_placement='conv_input'``).
 
 Run:
 

@@ -2,9 +2,8 @@
 
 The full-precision rung is the `imagenet_fp.py` run given as init_from. Epochs: 10 at W8A8, 15 at
 W4A4, 30 at W2A2 (the full recipe at the target precision): higher rungs lose little and need
-only short adaptation. Set --config.init_from=WORKDIR_OF_imagenet_fp.
-
-WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted (`imagenet_fp.py`).
+only short adaptation. Set --config.init_from=WORKDIR_OF_imagenet_fp, or torchvision's
+weights converted (`imagenet_fp.py`).
 
 Run:
 

@@ -1,9 +1,8 @@
 """ImageNet, ResNet-18 W2A2 with stochastic precision, from a full-precision model.
 
 Blocks run quantized with probability linear from 0.5 to 1 over the first half of the 30
-epochs; the second half is fully quantized. Set --config.init_from=WORKDIR_OF_imagenet_fp.
-
-WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted (`imagenet_fp.py`).
+epochs; the second half is fully quantized. Set --config.init_from=WORKDIR_OF_imagenet_fp, or
+torchvision's weights converted (`imagenet_fp.py`).
 
 Run:
 

@@ -2,9 +2,8 @@
 
 Epochs: 15 at W2A32, then 30 at W2A2 with the full recipe (x0.1 at 15 and 25). Quantizing the
 weights of a converged network needs little adaptation; the activations, the harder step, get
-the whole 30-epoch recipe. Set --config.init_from=WORKDIR_OF_imagenet_fp.
-
-WORKDIR_OF_imagenet_fp may instead be torchvision's ResNet weights, converted (`imagenet_fp.py`).
+the whole 30-epoch recipe. Set --config.init_from=WORKDIR_OF_imagenet_fp, or torchvision's
+weights converted (`imagenet_fp.py`).
 
 Run:
 
