@@ -58,9 +58,8 @@ def _model_fields() -> ml_collections.ConfigDict:
     f.per_channel = False  # per-output-channel weight scale instead of per tensor
     f.logit_scale = False  # learnable output scalar (init 0.01), as the authors' CIFAR code
     f.shortcut = "A"  # CIFAR ResNets: 'A' zero-pad identity, 'B' 1x1 conv (quantized)
-    # Where activations are quantized (SPEC section 9): 'block_output' (the authors' code:
-    # every block activation, so shortcuts carry k-bit values) or 'conv_input' (each quantized
-    # conv quantizes its own input; block outputs, shortcuts and additions stay full precision).
+    # Where activations are quantized (SPEC section 9, docs/learned_ranges.md): 'block_output'
+    # (the authors': every block activation) or 'conv_input' (each quantized conv's own input).
     f.activation_placement = "block_output"
     return f
 
@@ -86,29 +85,20 @@ def _data_fields() -> ml_collections.ConfigDict:
 
 
 def _quant_fields() -> ml_collections.ConfigDict:
-    """The student's default bit-widths and its quantizers (SPEC sections 1 and 7)."""
+    """The student's default bit-widths and its quantizers (SPEC sections 1 and 7); the
+    learned-range fields, and which values measured best: docs/learned_ranges.md."""
     f = ml_collections.ConfigDict()
     f.w_bits = 2  # default weight bit-width of every stage: 1 to 32, 32 = full precision
     f.a_bits = 2  # default activation bit-width of every stage: 1 to 32
-    # 'dorefa' (the paper's) or 'lsq' (learned step size, >= 2 bits; per output channel with
-    # model.per_channel)
-    f.weight_quantizer = "dorefa"
+    f.weight_quantizer = "dorefa"  # 'dorefa' (the paper's) or 'lsq' (learned step, >= 2 bits)
     f.activation_quantizer = "dorefa"  # 'dorefa' clip(0, 1), 'pact' or 'lsq' (learned)
     f.pact_init_clip = 10.0  # > 0: PACT's clip from scratch (PACT paper); LSQ: first batch
-    # Learned ranges of a run started from init_from: calibrated on that model's own tensors.
-    f.calibration_batches = 4  # training batches seen by the calibration
-    # An activation's clip/range: 'lsq', LSQ's rule s = 2 mean|x| / sqrt(Q_P) at the layer's
-    # bit-width (measured best: docs/learned_ranges.md), or 'percentile' (the clip is a percentile)
-    f.activation_calibration = "lsq"
-    f.calibration_percentile = 99.99  # an activation's clip/range: this percentile
-    # Learned ranges when a stage changes their bit-width (measured best: docs/learned_ranges.md;
-    # no effect on DoReFa quantizers, which learn no range). LSQ weights: 'lsq_rule', set again
-    # by LSQ's rule at the new bit-width, or 'keep' the clipped range (SPEC section 7).
-    f.weight_range_at_bit_change = "lsq_rule"
-    # PACT/LSQ activations: 'keep' the range (SPEC section 7), or 'calibrate': set again by
-    # quant.activation_calibration at the new bit-width on the network as trained. With LSQ,
-    # 'keep' measured best at block outputs, 'calibrate' at conv inputs (docs/learned_ranges.md).
-    f.activation_range_at_bit_change = "keep"
+    f.calibration_batches = 4  # batches that calibrate the learned ranges of an init_from run
+    f.activation_calibration = "lsq"  # an activation's range: 'lsq' (LSQ's rule) or 'percentile'
+    f.calibration_percentile = 99.99  # the percentile of the 'percentile' rule, in (0, 100]
+    # At a stage that changes a learned range's bit-width (no effect on DoReFa, SPEC section 7):
+    f.weight_range_at_bit_change = "lsq_rule"  # LSQ weights: set again by LSQ's rule, or 'keep'
+    f.activation_range_at_bit_change = "keep"  # PACT/LSQ activations: 'keep' or 'calibrate'
     return f
 
 
@@ -179,15 +169,11 @@ def get_config(variant: str = ""):
     c.eval_every_epochs = 4.0  # and always at the end of each stage
     c.eval_batch_size = 500  # global, like batch_size
     c.eval = ml_collections.ConfigDict()
-    # Recompute BatchNorm statistics over this many training batches before each evaluation
-    # (0: off); the train state keeps its own statistics.
-    c.eval.recalibrate_bn_batches = 0
+    c.eval.recalibrate_bn_batches = 0  # BatchNorm re-estimated on N train batches per eval, 0: off
     c.checkpoint_every_steps = 200  # and at the end of each stage
     c.keep_checkpoints = 3  # the newest checkpoints kept in WORKDIR/checkpoints
     c.on_nonfinite = "stop"  # 'stop' or 'skip'
-    c.on_config_change = (
-        "refuse"  # resuming a workdir with another config: 'refuse', 'continue', 'overwrite'
-    )
+    c.on_config_change = "refuse"  # resuming with another config: 'refuse', 'continue', 'overwrite'
     c.distributed = False  # call jax.distributed.initialize() (also: LBQ_DISTRIBUTED=1)
     c.progress = True  # console progress bar on host 0
     return tiny(c) if variant == "tiny" else c
