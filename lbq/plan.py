@@ -31,25 +31,12 @@ from lbq.stages import LR_SCHEDULES, STAGE_FIELDS, StageSpec, parse_stages
 from lbq.steps import LossWeights
 from lbq.validate import ConfigError, did_you_mean, get_field
 
-OPTIMIZERS = ("sgd", "adam")
-DTYPES = ("auto", "float32", "bfloat16")
-TEACHER_MODES = ("joint", "frozen")
-STOCHASTIC_UNITS = ("block", "layer")
-ACTIVATION_CALIBRATIONS = ("percentile", "lsq")
-WEIGHT_RANGE_AT_BIT_CHANGE = ("keep", "lsq_rule")
-ACTIVATION_RANGE_AT_BIT_CHANGE = ("keep", "calibrate")
-
-
 # ----------------------------------------------------------------------------- field checks
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 _KINDS = {
     "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
-    "number": is_number,
+    "number": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
     "bool": lambda v: isinstance(v, bool),
     "str": lambda v: isinstance(v, str),
 }
@@ -106,6 +93,13 @@ def _clip(config: Any, field: str) -> float:
     if clip <= 0:
         raise ConfigError(f"{field}={clip!r} must be > 0 (a clip value)")
     return float(clip)
+
+
+def _percentile(config: Any, field: str) -> float:
+    percentile = check_type(config, field, "number", high=100.0)
+    if percentile <= 0:
+        raise ConfigError(f"{field}={percentile!r} must be in (0, 100]")
+    return float(percentile)
 
 
 def _read(field: str, check: Any, **bounds: Any) -> Any:
@@ -175,15 +169,15 @@ class CalibrationSpec:
     comments on the fields read here say what each does, and `lbq.calibrate.changed_weight_bits`
     and `changed_activation_bits` apply the two rules at a bit change."""
 
+    percentile: float = _read("quant.calibration_percentile", _percentile)
     batches: int = _read("quant.calibration_batches", "int", low=1)
-    percentile: float  # quant.calibration_percentile, read first (`_calibration`)
-    activation_rule: str = _read("quant.activation_calibration", ACTIVATION_CALIBRATIONS)
+    activation_rule: str = _read("quant.activation_calibration", ("percentile", "lsq"))
     recalibrate_bn_batches: int = _read("eval.recalibrate_bn_batches", "int", low=0)
     weight_range_at_bit_change: str = _read(
-        "quant.weight_range_at_bit_change", WEIGHT_RANGE_AT_BIT_CHANGE
+        "quant.weight_range_at_bit_change", ("keep", "lsq_rule")
     )
     activation_range_at_bit_change: str = _read(
-        "quant.activation_range_at_bit_change", ACTIVATION_RANGE_AT_BIT_CHANGE
+        "quant.activation_range_at_bit_change", ("keep", "calibrate")
     )
 
 
@@ -207,7 +201,7 @@ class NetworkSpec:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
-    name: str = _read("optimizer.name", OPTIMIZERS)
+    name: str = _read("optimizer.name", ("sgd", "adam"))
     momentum: float = _read("optimizer.momentum", "number", low=0.0, high=0.999999)
     nesterov: bool = _read("optimizer.nesterov", "bool")
     weight_decay: float = _read("optimizer.weight_decay", "number", low=0.0)
@@ -319,14 +313,6 @@ def _as_dict(node: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- sections
 
 
-def _calibration(config: Any) -> CalibrationSpec:
-    # quant.calibration_percentile is checked before the other fields: the order of the errors.
-    percentile = check_type(config, "quant.calibration_percentile", "number", high=100.0)
-    if percentile <= 0:
-        raise ConfigError(f"quant.calibration_percentile={percentile!r} must be in (0, 100]")
-    return _build(CalibrationSpec, config, percentile=float(percentile))
-
-
 def _check_lsq_weight_bits(
     model: ModelSpec, stages: tuple[StageSpec, ...], distill: DistillSpec
 ) -> None:
@@ -385,7 +371,7 @@ def _stage_defaults(config: Any, networks: tuple[NetworkSpec, ...]) -> dict[str,
     teacher_lr = check_type(config, "schedule.teacher_lr", "number", low=0.0)
     boundaries = get_field(config, "schedule.lr_boundaries")
     if not isinstance(boundaries, (list, tuple)) or not all(
-        is_number(b) and 0 < b < 1 for b in boundaries
+        _KINDS["number"](b) and 0 < b < 1 for b in boundaries
     ):
         raise ConfigError(
             f"schedule.lr_boundaries={boundaries!r} must be a list of fractions in (0, 1)"
@@ -403,7 +389,7 @@ def _stage_defaults(config: Any, networks: tuple[NetworkSpec, ...]) -> dict[str,
 
 def _stochastic(config: Any, model: ModelSpec) -> StochasticSpec:
     enabled = check_type(config, "stochastic.enabled", "bool")
-    unit = check_choice(config, "stochastic.unit", STOCHASTIC_UNITS)
+    unit = check_choice(config, "stochastic.unit", ("block", "layer"))
     schedule = ProbabilitySchedule(
         check_choice(config, "stochastic.schedule", STOCHASTIC_SCHEDULES),
         float(check_type(config, "stochastic.p_start", "number", low=0.0, high=1.0)),
@@ -435,7 +421,7 @@ def _extra_students(config: Any) -> tuple[tuple[int, int], ...]:
 
 def _distill(config: Any, model: ModelSpec) -> DistillSpec:
     enabled = check_type(config, "distill.enabled", "bool")
-    teacher = check_choice(config, "distill.teacher", TEACHER_MODES)
+    teacher = check_choice(config, "distill.teacher", ("joint", "frozen"))
     for field in LossWeights.field_names():
         if field != "temperature":
             check_type(config, f"distill.{field}", "number", low=0.0)
@@ -512,7 +498,7 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
     model = _build(ModelSpec, config)
     data = _data(config)
     batch_size, eval_batch_size = _batch_sizes(config, num_devices, num_processes)
-    compute_dtype = check_choice(config, "compute_dtype", DTYPES)
+    compute_dtype = check_choice(config, "compute_dtype", ("auto", "float32", "bfloat16"))
     optimizer = _build(OptimizerSpec, config)
     stochastic = _stochastic(config, model)
     distill = _distill(config, model)
@@ -541,7 +527,7 @@ def parse_config(config: Any, *, num_devices: int = 1, num_processes: int = 1) -
         stochastic=stochastic,
         distill=distill,
         # In the order of their checks, before the remaining fields of RunPlan.
-        calibration=_calibration(config),
+        calibration=_build(CalibrationSpec, config),
         init_from=check_path(config, "init_from"),
         checkpoint=_build(CheckpointPolicy, config),
         record=json.loads(config.to_json_best_effort()),
