@@ -7,13 +7,8 @@ a full-precision network gives the best low-bit results; stochastic precision ca
 --config.stochastic.enabled=True. Epochs: 15 at W2A32, then 30 at W2A2 (the full recipe).
 Set --config.init_from=WORKDIR_OF_imagenet_fp (the student and, with teacher_init, the teacher).
 
-From torchvision's pretrained ResNet-18 (README, "Starting from torchvision or timm weights"):
-download its weights on a machine with network, convert them, and start both networks there:
-
-    python -m lbq.convert --from=torchvision --model=resnet18 --weights=resnet18.pth \\
-        --out=runs/r18_tv
-    python -m lbq.main --config=configs/imagenet_w2a2.py --workdir=runs/r18_w2a2 \\
-        --config.init_from=runs/r18_tv --config.distill.teacher_init=runs/r18_tv
+From torchvision's pretrained ResNet-18, converted, set both to the converted run (README,
+"Starting from torchvision or timm weights", gives the commands).
 
 Quantizers and placement: the paper's DoReFa ones at block outputs, so that this config
 reproduces the paper; `imagenet_w2a2_lsq.py` and `_pact.py` are this recipe with the quantizers
@@ -25,15 +20,11 @@ Run:
     # ResNet-50: --config=configs/imagenet_w2a2.py:resnet50
 """
 
-from lbq.configs import default, recipes
+from lbq.configs import imagenet_w2a2_ts, recipes
 
 
 def get_config(variant: str = ""):
-    c = recipes.imagenet()
+    c = imagenet_w2a2_ts.get_config()  # its stages
     c.distill.enabled = True
     c.distill.teacher = "joint"
-    c.stages = [
-        default.stage("w2a32", w_bits=2, a_bits=32, epochs=15, lr_boundaries=(0.5, 0.8)),
-        default.stage("w2a2", w_bits=2, a_bits=2, epochs=30),
-    ]
     return recipes.finish(c, variant)
