@@ -1,13 +1,11 @@
 """Orbax checkpoints in the workdir: periodic saves, keep-last-N, and safe resume.
 
-A checkpoint holds the whole `TrainState` (parameters, BatchNorm statistics, optimizer state
-with the stochastic-precision keys, step) and a small JSON record (stage, epoch, and a CRC-32 of
-every array: a file whose bytes were damaged in place can restore without any error, seen with
-orbax-checkpoint 0.12.8 and its zstd-compressed OCDBT files). The data position is a function
-of the step, so it needs no extra state. Damaged checkpoints, interrupted saves
-(``<step>.orbax-checkpoint-tmp*``), another structure (`CheckpointMismatch`), none readable
-(`CheckpointError`) and a failed background save (`CheckpointWriteError`) are each handled as
-docs/reliability.md describes ("Checkpoints", "A save that fails", "Changing the config").
+A checkpoint holds the whole `TrainState` and a small JSON record (stage, epoch, and a CRC-32 of
+every array: orbax-checkpoint 0.12.8 restores its zstd-compressed OCDBT files damaged in place
+without an error). Damaged checkpoints, interrupted saves, another structure
+(`CheckpointMismatch`), none readable (`CheckpointError`) and a failed save
+(`CheckpointWriteError`): docs/reliability.md ("Checkpoints", "A save that fails", "Changing
+the config of a run").
 """
 
 from __future__ import annotations
@@ -121,13 +119,10 @@ def checksums(tree: Any) -> dict[str, str]:
     """
     arrays = {}
     for path, leaf in _leaves(tree).items():
-        if isinstance(leaf, jax.Array):
-            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-                leaf = jax.random.key_data(leaf)
-            if not leaf.is_fully_addressable:
-                if not leaf.is_fully_replicated:
-                    continue
-                leaf = leaf.addressable_data(0)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            if not leaf.is_fully_replicated:
+                continue
+            leaf = leaf.addressable_data(0)
         arrays[path] = leaf
     host = jax.device_get(list(arrays.values()))
     return {
@@ -178,17 +173,11 @@ def _not_an_orbax_failure(record: logging.LogRecord) -> bool:
 
 def _quiet_orbax() -> None:
     """Keeps off the console, once per process, Orbax's reports of failures that lbq reports
-    itself in one line (from `save`, `poll`, `wait`, `close` or a restore).
-
-    A save that fails on a full disk makes Orbax's background threads log each failed write
-    with its traceback (about 350 lines seen with orbax-checkpoint 0.12.8), and asyncio adds
-    "exception was never retrieved" for the rest: a filter on those two loggers drops them. A
-    restore that fails abandons its other reads, which Python reports ("Exception ignored in
-    <coroutine ...>", "Event loop is closed") when they are collected unfinished or finish
-    later on the restore's closed loop: thousands of lines that would bury the one warning
-    that matters. An unraisable hook drops those, and stays installed, since they can report
-    long after the restore returned. Other loggers, lbq's own messages and every other
-    unraisable report are untouched.
+    itself in one line. A save failing on a full disk logs each failed write with its traceback
+    (about 350 lines, orbax-checkpoint 0.12.8) and asyncio adds "exception was never retrieved":
+    a filter on those two loggers drops them. A failed restore abandons its other reads, which
+    Python reports as unraisable ("Exception ignored in <coroutine ...>", "Event loop is
+    closed"), thousands of lines, even long after the restore: a hook that stays drops them.
     """
     for name in ("absl", "asyncio"):
         logger = logging.getLogger(name)
@@ -220,7 +209,7 @@ def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
     metadata = manager.item_metadata(step)["state"]
     if metadata is None:
         raise ValueError("its state has no metadata")
-    return getattr(metadata, "tree", metadata)
+    return metadata.tree
 
 
 def _structure_mismatch(
@@ -240,22 +229,19 @@ def _structure_mismatch(
         saved = shapes(_saved_tree(manager, step))
     except Exception:  # noqa: BLE001 - unreadable or lost metadata: damaged, not another model
         return None
-    if not saved:
-        return None
     ours = shapes(abstract_state)
     differing = sorted(
         (p for p in set(saved) | set(ours) if saved.get(p) != ours.get(p)),
         key=lambda p: (not p.startswith("params."), p),  # a parameter names a model best
     )
-    if not differing:
+    if not saved or not differing:  # no saved arrays: damaged metadata
         return None
     weights = [p for p in differing if not p.startswith("opt_state.")]
     path = (weights or differing)[0]
-
-    def shape(where: dict[str, tuple[int, ...]]) -> str:
-        return str(where[path]) if path in where else "absent"
-
-    where = f"{path}: {shape(saved)} in the checkpoint, {shape(ours)} in this run"
+    where = (
+        f"{path}: {saved.get(path, 'absent')} in the checkpoint, "
+        f"{ours.get(path, 'absent')} in this run"
+    )
     return ("weights" if weights else "optimizer", where)
 
 
@@ -287,9 +273,6 @@ def _restore_step(
     state = restored.state
     if subset:  # verify what `load_variables` returns
         state = {k: state[k] for k in ("params", "batch_stats") if k in state}
-        expected = {
-            k: v for k, v in (expected or {}).items() if k.startswith(("params.", "batch_stats."))
-        }
     if expected:  # None: written before checksums existed
         for path, value in checksums(state).items():
             if path in expected and expected[path] != value:
@@ -361,10 +344,10 @@ def _reader(directory: str, step: int, snapshot: bool) -> Iterator[ocp.Checkpoin
         yield manager
 
 
-def _vanished(path: str, wait: float = 2.0) -> bool:
-    """Whether ``path`` is gone within ``wait`` seconds: a retention that deletes a step
-    removes its files first and its folder last, while a damaged step stays."""
-    deadline = time.monotonic() + wait
+def _vanished(path: str) -> bool:
+    """Whether ``path`` is gone within 2 s: a retention that deletes a step removes its files
+    first and its folder last, while a damaged step stays."""
+    deadline = time.monotonic() + 2.0
     while os.path.isdir(path):
         if time.monotonic() > deadline:
             return False
@@ -381,13 +364,10 @@ def _restore_newest(
     manager: ocp.CheckpointManager | None = None,
     snapshot: bool = False,
 ) -> Restored:
-    """Tries ``steps`` newest first, with ``manager``, or else as a reader of a run that may be
-    training: with a `_reader` per step, and a step whose folder is gone after its read failed
-    (deleted by the trainer's retention) raises `_StepDeleted` instead of counting as unreadable.
-
-    A checkpoint that fails to restore is damaged unless its saved structure differs from
-    ``abstract_state``'s: then it belongs to another configuration, and is refused or (only the
-    optimizer state differs, and ``allow_new_optimizer``) restored without its optimizer state.
+    """Tries ``steps`` newest first with ``manager``, or else with a `_reader` per step, as a
+    reader of a run that may be training: a step whose folder is gone after its read failed
+    (the trainer's retention) raises `_StepDeleted` instead of counting as unreadable. Another
+    structure than ``abstract_state``'s is not damage (`_restore_fitting`).
 
     Raises:
       CheckpointMismatch: when the newest readable checkpoint holds another structure.
@@ -443,7 +423,9 @@ def _restore_fitting(
     allow_new_optimizer: bool,
 ) -> tuple[Any, dict[str, Any], bool]:
     """(state, meta, whether the optimizer state was restored) of one step of
-    `_restore_newest`; raises `CheckpointMismatch` or what `_restore_step` raises."""
+    `_restore_newest`. A step whose saved structure differs from ``abstract_state``'s raises
+    `CheckpointMismatch`, or with only the optimizer state differing and
+    ``allow_new_optimizer``, is restored without it; other failures are `_restore_step`'s."""
     try:
         return (*_restore_step(manager, step, abstract_state), True)
     except Exception:
@@ -648,9 +630,7 @@ class Checkpoints:
 
 
 def load_variables(path: str) -> dict[str, Any]:
-    """Loads {network: {'params', 'batch_stats'}} from a run's workdir or checkpoint folder.
-
-    Used by ``init_from`` and ``distill.teacher_init``; see `load_saved_variables`.
+    """`load_saved_variables` without the step (for ``init_from`` and ``distill.teacher_init``).
 
     Raises:
       CheckpointError: when there is no checkpoint or none can be read.
@@ -661,10 +641,9 @@ def load_variables(path: str) -> dict[str, Any]:
 def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
     """(step, {network: {'params', 'batch_stats'}}) of a run's workdir or checkpoint folder.
 
-    ``path`` may be a workdir, its ``checkpoints`` folder or one step's folder. From a workdir
-    the newest readable checkpoint is used (with a warning for any newer unreadable one); a
-    step's folder must be readable. A run may be training meanwhile: a checkpoint that its
-    retention deletes while it is read is not damage (`_read_newest_while_saving`).
+    ``path`` may be a workdir, its ``checkpoints`` folder or one step's folder (which must be
+    readable). The newest readable checkpoint is used, with a warning for any newer unreadable
+    one; the run may be training meanwhile (`_read_newest_while_saving`).
 
     Raises:
       CheckpointError: when there is no checkpoint or none can be read, or a step's folder
@@ -694,13 +673,12 @@ def load_saved_variables(path: str) -> tuple[int, dict[str, Any]]:
 
 
 def _read_newest_while_saving(directory: str) -> Restored:
-    """`_restore_newest` of ``directory``, into which a trainer may be saving and deleting.
-
-    A listing or a read that meets a deleted step starts again, reading from a snapshot; so
-    does a listing that finds only a save in progress. That save is listed first, so one that
-    commits between the two listings is seen as a step; and "nothing at all" is believed only
-    when the next round agrees (a save can start, have the old step deleted and commit between
-    two listings).
+    """`_restore_newest` of ``directory``, into which a trainer may be saving and deleting
+    (docs/deploy.md: "A run that is training can be read"). A listing or a read that meets a
+    deleted step starts again, reading from a snapshot; saves in progress are listed before
+    the steps, so one that commits between the two listings is seen, and "nothing at all" is
+    believed only when the next round agrees (a save can start, have the old step deleted and
+    commit between two listings).
     """
     deadline = time.monotonic() + READ_RETRY_SECONDS
     attempt = empty = 0  # empty: rounds in a row that found neither a step nor a save

@@ -40,7 +40,6 @@ class PreemptionWatcher:
         self.requested = False
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
-        self._owner = False
 
     def __enter__(self) -> PreemptionWatcher:
         if PreemptionWatcher._installed is not None:
@@ -48,7 +47,6 @@ class PreemptionWatcher:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not in the main thread
                 self._previous[sig] = signal.signal(sig, self._handle)
-        self._owner = True
         PreemptionWatcher._installed = self
         return self
 
@@ -61,11 +59,11 @@ class PreemptionWatcher:
         self.requested = True
 
     def __exit__(self, *exc):
-        if not self._owner:
+        if PreemptionWatcher._installed is not self:  # it shares the installed watcher
             return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous, self._owner = {}, False
+        self._previous = {}
         PreemptionWatcher._installed = None
 
     def should_stop(self, sync: bool) -> bool:

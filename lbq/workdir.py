@@ -1,10 +1,7 @@
-"""The workdir of a run: exclusive use, whether to resume, the recorded config, and preemption.
-
-A run holds the workdir's lock (`exclusive_workdir`) from before it reads the workdir until it
-ends. Reading the workdir (`inspect_workdir`) never changes it; the trainer deletes an
-overwritten run (`clear_run_outputs`) and writes ``config.json`` (`write_record`) only once
-everything that can fail before the first step has passed, so a refused or failed start leaves
-the workdir as it was.
+"""The workdir of a run: exclusive use (`exclusive_workdir`), whether to resume
+(`inspect_workdir`, which changes nothing), and the writes made once nothing before the first
+step can fail (`clear_run_outputs`, `write_record`): docs/reliability.md ("One run per
+workdir", "Nothing written before the first step").
 """
 
 from __future__ import annotations
@@ -112,7 +109,7 @@ class WorkdirLock:
             os.makedirs(self.workdir, exist_ok=True)
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                if self._try_lock(fd) and self._still_linked(fd):
+                if self._try_lock(fd):
                     break
                 os.close(fd)  # a releasing holder removed the file we opened: open it again
             self._fd = fd
@@ -128,6 +125,7 @@ class WorkdirLock:
             raise WorkdirError(f"cannot use workdir {self.workdir}: {_os_reason(error)}") from None
 
     def _try_lock(self, fd: int) -> bool:
+        """Locks ``fd`` or refuses; False when a releasing holder removed the file meanwhile."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -147,9 +145,6 @@ class WorkdirLock:
                 self.workdir,
                 os.strerror(error.errno),
             )
-        return True
-
-    def _still_linked(self, fd: int) -> bool:
         try:
             return os.fstat(fd).st_ino == os.stat(self.path).st_ino
         except FileNotFoundError:
