@@ -57,7 +57,6 @@ class CheckpointWriteError(CheckpointError):
             f"could not write the checkpoint at step {step}: {reason}; the checkpoints saved "
             f"before it are intact in {directory}"
         )
-        self.step = step
 
 
 class CheckpointMismatch(CheckpointError):
