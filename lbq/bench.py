@@ -62,26 +62,15 @@ MODELS = ("resnet20", "resnet18", "resnet50")
 # The stochastic-precision stage is made this long so that p(t) stays near its start value and
 # the timed steps see random masks, as in the first part of a real stage.
 _SP_STAGE_STEPS = 100_000
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout of lbq
 
 
 @dataclasses.dataclass
 class Result:
-    """One benchmarked (model, mode).
-
-    Attributes:
-      model, mode, batch, image_size, dtype: what ran.
-      images_per_second: ``batch / median_step_s`` (each step waited for).
-      pipelined_images_per_second: the same number of steps dispatched back to back with one
-        wait at the end, as the trainer runs them (host dispatch hidden behind device work).
-      median_step_s, min_step_s, max_step_s: over the timed steps.
-      step_times_s: every timed step, in order.
-      lower_s, compile_s: ``jit(...).lower(...)`` and ``.compile()`` seconds.
-      first_step_s: the first execution after compiling (allocations, autotuning leftovers).
-      peak_bytes: peak memory, see ``peak_kind``.
-      peak_kind: 'device peak_bytes_in_use' or 'process peak RSS (ru_maxrss)'.
-      compiled_temp_bytes: XLA's temporary buffer size of the compiled step, when reported.
-      device: the device kind, and the backend.
-    """
+    """One benchmarked (model, mode); the rates, times and peak as the module docstring defines
+    them (seconds, bytes). ``step_times_s``: every timed step, in order; ``first_step_s``: the
+    first execution after compiling; ``compiled_temp_bytes``: XLA's temporary buffer size of the
+    compiled step, None where the backend does not report it."""
 
     model: str
     mode: str
@@ -139,12 +128,6 @@ def mode_config(model: str, mode: str, batch: int, dtype: str = "auto"):
     return config
 
 
-def _peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 @dataclasses.dataclass
 class StepBench:
     """The trainer's compiled step for one (model, mode), its state and a device batch.
@@ -156,30 +139,18 @@ class StepBench:
     state: Any
     device_batch: Any
     hparams: Any
-    networks: Any
     model: str
     mode: str
-    batch: int
     image_size: int
+    dtype: str
     lower_s: float
     compile_s: float
     step_index: int = 0
     metrics: Any = None
 
-    def _dispatch(self) -> None:
-        self.state, self.metrics = self.compiled(
-            self.state, self.device_batch, self.hparams(self.step_index)
-        )
-        self.step_index += 1
-
     def step(self) -> float:
         """One step, waited for; returns its seconds (dispatch to completion)."""
-        import jax
-
-        start = time.perf_counter()
-        self._dispatch()
-        jax.block_until_ready((self.state, self.metrics))
-        return time.perf_counter() - start
+        return self.run_pipelined(1)
 
     def run_pipelined(self, n: int) -> float:
         """Dispatches ``n`` steps back to back, as the trainer does, and waits once at the end;
@@ -188,7 +159,9 @@ class StepBench:
 
         start = time.perf_counter()
         for _ in range(n):
-            self._dispatch()
+            hparams = self.hparams(self.step_index)
+            self.state, self.metrics = self.compiled(self.state, self.device_batch, hparams)
+            self.step_index += 1
         jax.block_until_ready((self.state, self.metrics))
         return time.perf_counter() - start
 
@@ -229,15 +202,13 @@ def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> Ste
     stage = lay_out(trainer.plan.stages, steps_per_epoch=1)[0]
     state = trainer.start_stage(trainer.init_state(), stage)
     bits = trainer.stage_bits(stage)
-    networks, batch_sharding = trainer.networks, trainer.batch_sharding
-
     rng = np.random.default_rng(0)
     device_batch = jax.device_put(
         {
             "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
             "label": rng.integers(0, classes, (batch,), dtype=np.int32),
         },
-        batch_sharding,
+        trainer.batch_sharding,
     )
 
     def hparams(step: int) -> dict:
@@ -254,11 +225,10 @@ def build_step(model: str, mode: str, *, batch: int, dtype: str = "auto") -> Ste
         state=state,
         device_batch=device_batch,
         hparams=hparams,
-        networks=networks,
         model=model,
         mode=mode,
-        batch=batch,
         image_size=size,
+        dtype=str(np.dtype(trainer.networks[0].model.dtype)),
         lower_s=t1 - t0,
         compile_s=t2 - t1,
     )
@@ -285,7 +255,6 @@ def run_mode(
       profile_steps: steps in the trace.
     """
     import jax
-    import numpy as np
 
     bench = build_step(model, mode, batch=batch, dtype=dtype)
     temp_bytes = None
@@ -307,15 +276,17 @@ def run_mode(
         stats = device.memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         peak, peak_kind = int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-    else:
-        peak, peak_kind = _peak_rss_bytes(), "process peak RSS (ru_maxrss)"
+    else:  # ru_maxrss is in KiB on Linux and in bytes on macOS
+        scale = 1 if sys.platform == "darwin" else 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        peak_kind = "process peak RSS (ru_maxrss)"
     median = statistics.median(times)
     return Result(
         model=model,
         mode=mode,
         batch=batch,
         image_size=bench.image_size,
-        dtype=str(np.dtype(bench.networks[0].model.dtype)),
+        dtype=bench.dtype,
         images_per_second=batch / median,
         pipelined_images_per_second=batch * steps / pipelined,
         median_step_s=median,
@@ -344,9 +315,8 @@ def _run_isolated(model: str, mode: str, **options: Any) -> Result:
     for name, value in options.items():
         if value is not None:  # profile_dir
             cmd += [f"--{'profile' if name == 'profile_dir' else name}", str(value)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{model} {mode} failed:\n{proc.stderr[-4000:]}")
@@ -393,7 +363,7 @@ def git_commit(root: str | None = None) -> str | None:
     """The checkout's short commit (with '+dirty' for local changes), or None outside git: the
     one capture of the source commit, for the bench's reports and benchmarks/ (``root``: the
     checkout, by default the one lbq is imported from)."""
-    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = root or _ROOT
     git = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, timeout=10)
     try:
         head = git(["git", "rev-parse", "--short", "HEAD"], check=True)
@@ -427,12 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--profile", help="write a jax.profiler trace here")
     pipeline = "benchmarks/input_pipeline.py instead; its options follow --"
     add("--input", action="store_true", help=f"benchmark the host input pipeline ({pipeline})")
-    add(
-        "--no-isolate",
-        dest="isolate",
-        action="store_false",
-        help="run every mode in this process (peak memory is then cumulative)",
-    )
+    cumulative = "run every mode in this process (peak memory is then cumulative)"
+    add("--no-isolate", dest="isolate", action="store_false", help=cumulative)
     add("--quiet", action="store_true", help="no table")
     args, rest = parser.parse_known_args(argv)
     args.rest = [r for r in rest if r != "--"]
@@ -444,8 +410,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.input:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.path.join(root, "benchmarks", "input_pipeline.py")
+        path = os.path.join(_ROOT, "benchmarks", "input_pipeline.py")
         return runpy.run_path(path, run_name="_lbq_input_bench")["main"](args.rest)
     models = list(MODELS) if args.model == "all" else args.model.split(",")
     modes = args.modes.split(",")
