@@ -36,10 +36,11 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import pathlib
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -264,16 +265,12 @@ def plan_runs(
     """
     if order not in ("seed", "bits"):
         raise ValueError(f"order={order!r} is not 'seed' or 'bits'")
-    fp = "fp" in methods
     quantized = [m for m in methods if m != "fp"]
-    if order == "bits":
-        runs = [StudyRun("fp", 32, seed) for seed in seeds] if fp else []
-        return runs + [StudyRun(m, k, seed) for k in bits for seed in seeds for m in quantized]
-    runs = []
-    for seed in seeds:
-        runs += [StudyRun("fp", 32, seed)] if fp else []
-        runs += [StudyRun(m, k, seed) for k in bits for m in quantized]
-    return runs
+    grid = [("fp", 32)] * ("fp" in methods) + [(m, k) for k in bits for m in quantized]
+    if order == "seed":
+        return [StudyRun(m, k, seed) for seed in seeds for m, k in grid]
+    fp = [StudyRun("fp", 32, seed) for seed in seeds if "fp" in methods]
+    return fp + [StudyRun(m, k, seed) for k in bits for seed in seeds for m in quantized]
 
 
 def execute(
@@ -360,19 +357,13 @@ def format_table(
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(
-    outdir: str,
-    header: str,
-    title: str,
-    bits: Sequence[int] = (),
-    notes: dict[str, str] = METHOD_NOTES,
-) -> list[dict[str, Any]]:
-    """Writes results.md and accuracy_vs_bits.png from every finished run under ``outdir``."""
+def write_outputs(outdir: str, title: str, table: Callable[[list], str]) -> list[dict[str, Any]]:
+    """Writes results.md (``table(records)``) and accuracy_vs_bits.png from every finished run
+    under ``outdir``; returns their records."""
     records = load_results(outdir)
     if not records:
         return records
-    with open(os.path.join(outdir, "results.md"), "w") as f:
-        f.write(format_table(records, header, bits, notes))
+    pathlib.Path(outdir, "results.md").write_text(table(records))
     fp = [r for r in records if r["method"] == "fp"]
     quantized = [r for r in records if r["method"] != "fp"]
     result = compare.compare([("this study", quantized)], fp)
@@ -564,8 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    bits = args.bits
-    runs = plan_runs(methods, bits, args.seeds, args.order)
+    runs = plan_runs(methods, args.bits, args.seeds, args.order)
     base = base_config(args.preset, args)
 
     from lbq import data as lbq_data
@@ -599,10 +589,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         _list_runs(runs, pending, config_of)
         return 0
-    write = functools.partial(write_outputs, args.outdir, header, title, bits, notes)
+    table = functools.partial(format_table, header=header, bits=args.bits, notes=notes)
+    write = functools.partial(write_outputs, args.outdir, title, table)
     if args.report:
         records = write()
-        print(format_table(records, header, bits, notes) if records else "no finished runs")
+        print(table(records) if records else "no finished runs")
         return 0
 
     if args.compile_cache:
@@ -617,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"failed (rerun to retry): {', '.join(failed)}")
     if records:
-        print(format_table(records, header, bits, notes))
+        print(table(records))
     return 1 if failed else 0
 
 
