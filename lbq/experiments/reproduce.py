@@ -51,7 +51,7 @@ from lbq.experiments import compare
 from lbq.experiments.compare import load_results, summarize
 from lbq.io import write_json
 from lbq.metrics import clock
-from lbq.validate import whole_numbers
+from lbq.validate import ConfigError, get_field, whole_numbers
 
 METHOD_NOTES = {
     "fp": "full precision, plain ReLU",
@@ -235,8 +235,6 @@ def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None
     Raises:
       ValueError: for a field the config lacks, or a value of another type than the field's.
     """
-    from lbq.validate import ConfigError, get_field
-
     section, _, name = field.rpartition(".")
     try:
         node = get_field(config, section) if section else config
@@ -518,15 +516,15 @@ def _train_pending(runs, pending, config_of, steps_per_epoch, outdir, write) -> 
     """Trains the runs not yet finished, in order, each with ``config_of(run)``; returns the
     names of those that failed (a failed run does not end the study). ``write()`` rewrites the
     table and plot after each."""
-    t0, finished, durations, failed = time.time(), 0, [], []
+    t0, durations, failed = time.time(), [], []
     for i, run in enumerate(runs, 1):
         if run not in pending:
             continue
         config = config_of(run)
-        left = len(pending) - finished  # distillation runs cost about 2x: the ETA is rough
+        left = len(pending) - len(durations)  # distillation runs cost about 2x: the ETA is rough
         eta = clock(sum(durations) / len(durations) * left) if durations else "unknown"
         print(
-            f"[{i}/{len(runs)}] {run.name} (todo {finished + 1}/{len(pending)}); "
+            f"[{i}/{len(runs)}] {run.name} (todo {len(durations) + 1}/{len(pending)}); "
             f"elapsed {clock(time.time() - t0)}, ETA {eta}",
             flush=True,
         )
@@ -537,7 +535,6 @@ def _train_pending(runs, pending, config_of, steps_per_epoch, outdir, write) -> 
             print(f"[{i}/{len(runs)}] {run.name} FAILED: {error!r}; rerun to retry", flush=True)
             continue
         durations.append(record["seconds"])
-        finished += 1
         print(
             f"[{i}/{len(runs)}] {run.name}: top-1 {100 * record['top1']:.2f} % in "
             f"{record['seconds']:.0f} s",
