@@ -5,14 +5,33 @@ import ml_collections
 from lbq.configs import default
 
 
+def _sgd_nesterov(c: ml_collections.ConfigDict) -> None:
+    """The authors' optimizer in both recipes: SGD, Nesterov momentum 0.9, weight decay 1e-4."""
+    c.optimizer.name = "sgd"
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = True
+    c.optimizer.weight_decay = 1e-4
+
+
 def cifar100() -> ml_collections.ConfigDict:
     """CIFAR-100: PreResNet-20, SGD Nesterov 0.9, wd 1e-4, batch 128, 200 epochs, lr 0.1,
     x0.1 at epochs 80 and 120, crop 32 with padding 4 + flip, per-channel normalisation.
-    The optimizer, batch sizes, image size and schedule shape are `default.get_config()`'s."""
+    Every recipe value is set here, so that a change of `default.get_config()` (the embedded
+    CPU job's defaults) never changes a paper config."""
     c = default.get_config()
     c.model.name = "preresnet20"
     c.data.name = "cifar100"
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.image_size = 32
     c.data.augment = "cifar"
+    c.batch_size = 128
+    c.eval_batch_size = 500
+    _sgd_nesterov(c)
+    c.schedule.lr = 0.1
+    c.schedule.teacher_lr = 0.1
+    c.schedule.lr_schedule = "step"
+    c.schedule.lr_boundaries = (0.4, 0.6)  # epochs 80 and 120 of 200
     c.stages = [default.stage("main", epochs=200)]
     c.log_every_steps = 100
     c.eval_every_epochs = 5.0
@@ -92,19 +111,22 @@ def apply_method(
 def imagenet() -> ml_collections.ConfigDict:
     """ImageNet fine-tuning of ResNet-18 from a full-precision model: 30 epochs, batch 256, lr
     0.005 (student) / 0.001 (teacher), x0.1 at epochs 15 and 25; random-resized crop 224 + flip,
-    test resize 256 and centre crop 224; the optimizer is `default.get_config()`'s. Set
-    ``init_from`` to an `imagenet_fp.py` workdir."""
+    test resize 256 and centre crop 224; SGD Nesterov 0.9, wd 1e-4. Set ``init_from`` to an
+    `imagenet_fp.py` workdir. Every recipe value is set here, as in `cifar100`."""
     c = default.get_config()
     c.model.name = "resnet18"
     c.data.name = "imagenet2012"
+    c.data.train_split = "train"
     c.data.eval_split = "validation"
     c.data.image_size = 224
     c.data.augment = "imagenet"
     c.data.workers = 16
     c.batch_size = 256
     c.eval_batch_size = 1000
+    _sgd_nesterov(c)
     c.schedule.lr = 0.005
     c.schedule.teacher_lr = 0.001
+    c.schedule.lr_schedule = "step"
     c.schedule.lr_boundaries = (0.5, 25 / 30)  # epochs 15 and 25 of 30
     c.stages = [default.stage("main", epochs=30)]
     c.log_every_steps = 200
