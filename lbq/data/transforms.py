@@ -83,23 +83,6 @@ def one_line(error: Exception) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
-def composite_over_background(
-    rgb: np.ndarray, alpha: np.ndarray, background: int = ALPHA_BACKGROUND
-) -> np.ndarray:
-    """Alpha compositing over a constant grey level: round((c*a + bg*(255-a)) / 255).
-
-    Args:
-      rgb: uint8 [H, W, 3] colour (straight, not premultiplied, alpha).
-      alpha: uint8 [H, W] opacity, 255 opaque.
-      background: 0..255 level of the background in every channel.
-
-    Returns:
-      uint8 [H, W, 3]; exact integer rounding (a tie cannot occur: 255 is odd).
-    """
-    a = alpha.astype(np.int32)[..., None]
-    return ((rgb.astype(np.int32) * a + background * (255 - a) + 127) // 255).astype(np.uint8)
-
-
 def _high_depth_to_uint8(img: Any, values: np.ndarray, what: str) -> np.ndarray:
     """8-bit grey levels of an I;16*, I or F image (see ``to_rgb``)."""
     if img.mode == "F":
@@ -142,7 +125,7 @@ def to_rgb(img: Any, what: str = "image") -> np.ndarray:
       255, which turns a 16-bit ramp into black and white.
     - 32-bit float grey (F): read as 0..1 (the usual range of float images): round(v * 255).
     - Alpha (LA, PA, RGBA, RGBa, or a transparent colour or palette index in ``img.info``):
-      composited over white (``composite_over_background``).
+      composited over white: round((c*a + 255*(255-a)) / 255) (Pillow's ``paste``).
     - Refused with ``ImageReadError``: 32-bit integer TIFFs, I values outside 0..65535, F values
       outside [0, 1] or not finite, and modes Pillow cannot convert (La).
 
@@ -168,8 +151,12 @@ def to_rgb(img: Any, what: str = "image") -> np.ndarray:
         if mode in _HIGH_DEPTH_MODES:
             values = np.asarray(img)
         elif mode in _ALPHA_MODES or transparency is not None:
-            rgba = np.asarray(img.convert("RGBA"))
-            return composite_over_background(rgba[..., :3], rgba[..., 3])
+            from PIL import Image
+
+            rgba = img.convert("RGBA")
+            rgb = Image.new("RGB", img.size, (ALPHA_BACKGROUND,) * 3)
+            rgb.paste(rgba, mask=rgba)  # round((c*a + bg*(255-a)) / 255), exactly
+            return np.asarray(rgb)
         else:
             return np.asarray(img.convert("RGB"))
     except Exception as e:  # PIL raises several unrelated types for corrupt or odd files.
@@ -178,7 +165,7 @@ def to_rgb(img: Any, what: str = "image") -> np.ndarray:
     if transparency is None:
         return rgb
     # tRNS: one grey value is transparent.
-    return composite_over_background(rgb, np.where(values == transparency, 0, 255).astype(np.uint8))
+    return np.where((values == transparency)[..., None], np.uint8(ALPHA_BACKGROUND), rgb)
 
 
 def _finish(img: Any, size: int, box: tuple[float, float, float, float], what: str) -> np.ndarray:
