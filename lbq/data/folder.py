@@ -91,8 +91,7 @@ class PreparedFolder:
       unreadable: images that could not be decoded, skipped because of ``skip_corrupt``.
       seconds: wall time of the preparation.
       stats_image_size: the side, in pixels, every image was resized to for mean/std.
-      stats_resize: 'whole' (the image resized whole, data.augment cifar or none) or
-        'imagenet' (shorter side resized, centre crop: data.augment=imagenet).
+      stats_resize: 'whole' (data.augment cifar or none) or 'imagenet' (shorter side, centre crop).
     """
 
     name: str
@@ -140,11 +139,12 @@ class PreparedFolder:
             per_class = f"{lo}" if lo == hi else f"{lo}..{hi}"
             lines.append(f"  {split}: {sum(counts)} images, {per_class} per class")
         lines += _size_lines(self.image_sizes)
+        mean, std = (" ".join(f"{v:.3f}" for v in vs) for vs in (self.mean, self.std))
         lines.append(
             f"  mean ({self.stats_split}, 0..255, every image resized to "
             f"{self.stats_image_size}x{self.stats_image_size} as training resizes it"
             f"{', imagenet-style' if self.stats_resize == 'imagenet' else ''}): "
-            f"{_numbers(self.mean)}; std: {_numbers(self.std)} (stored as float64)"
+            f"{mean}; std: {std} (stored as float64)"
         )
         lines += _skipped_lines(self.skipped)
         lines += [f"warning: {line}" for line in self.warnings()]
@@ -154,10 +154,6 @@ class PreparedFolder:
             f"--config.data.eval_split={self.eval_split}"
         )
         return lines
-
-
-def _numbers(values: Sequence[float]) -> str:
-    return " ".join(f"{v:.3f}" for v in values)
 
 
 def _first(items: Sequence[str], show: int, sep: str = ", ") -> str:
@@ -339,7 +335,7 @@ def _plan(
 
 
 def _check_written(name: str, data_dir: str, plan: dict[str, list]) -> None:
-    """Reads the new dataset back through the training path: every split, every example."""
+    """Opens the new dataset as training does and checks each split's example count."""
     from lbq.data.sources import open_dataset
 
     dataset = open_dataset(read_settings({"name": name, "data_dir": data_dir}))

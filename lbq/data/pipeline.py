@@ -149,10 +149,8 @@ def _maybe_cached(source: Source, ds: Dataset, s: Settings) -> Source:
     if s.cache is False or s.augment == "imagenet" or isinstance(source, ArraySource):
         return source
     shape = ds.native_shape()
-    nbytes = len(source) * s.image_size**2 * 3
-    if s.cache is None and (shape is None or max(shape[:2]) > AUTO_CACHE_MAX_SIDE):
-        return source
-    if s.cache is None and nbytes > AUTO_CACHE_MAX_BYTES:
+    too_big = len(source) * s.image_size**2 * 3 > AUTO_CACHE_MAX_BYTES
+    if s.cache is None and (shape is None or max(shape[:2]) > AUTO_CACHE_MAX_SIDE or too_big):
         return source
     key = (ds.cache_key(), source.description, s.image_size)
     if key not in _DECODED:
