@@ -1,23 +1,14 @@
 """Calibrated start of the learned quantizer ranges, and BatchNorm re-estimation.
 
-**Calibrated start** (SPEC section 7; the cases and why: docs/learned_ranges.md, "Start
-values" and the bit-width change points). A learned range (PACT clip, LSQ range;
-`lbq.quant.layers`) is set from the model's own tensors before it is first used: at a new run's
-start by `start_ranges` (from ``init_from`` on ``quant.calibration_batches`` batches, every PACT
-clip too, as a clip acts at 32 bits; from scratch by LSQ's rule on the first batch, Esser et al.,
-section 2.1, with PACT clips at ``quant.pact_init_clip``, Choi et al. start at 10), at a later
-stage's start by `stage_ranges` (the LSQ ranges it quantizes for the first time, then the
-bit-width change passes `changed_weight_bits` and `changed_activation_bits`). Any other range
-that was used before carries over (`lbq.quant.layers`).
-
-Rules. LSQ weights: ``s = 2 mean|w| / sqrt(Q_P)`` per tensor or output channel. Activations
-(PACT clip, LSQ range): ``quant.activation_calibration`` = ``'percentile'``, the
-``quant.calibration_percentile`` percentile of the activation's input after ReLU (per batch,
-averaged over the batches), or ``'lsq'``, LSQ's rule on the same values (the rule used at a
-from-scratch start). A range is computed for the bit-width at which its layer is first
-quantized (`first_quantized_bits`), or for the new one in a bit-width change pass. A statistic
-that is not positive leaves the range at its value. Ranges stored in the ``init_from`` run are
-not used. The log records the rules.
+**Calibrated start** (SPEC section 7; the cases, rules and why: docs/learned_ranges.md, "Start
+values" and the two bit-width change points). A learned range (PACT clip, LSQ range;
+`lbq.quant.layers`) is set from the model's own tensors before its first use: at a new run's
+start by `start_ranges` (on ``init_from``, every PACT clip too, as a clip acts at 32 bits; from
+scratch by LSQ's rule, Esser et al., section 2.1, on the first batch), at a later stage's start
+by `stage_ranges`. Any other range that was used before carries over. A range is computed for
+the bit-width at which its layer is first quantized (`first_quantized_bits`), or for the new one
+in a bit-width change pass; a statistic that is not positive leaves it at its value. Ranges
+stored in the ``init_from`` run are not used.
 
 The activation inputs come from one forward pass per batch of the network as it is (the start
 model: full precision with PACT's clips lifted, the plain ReLU network; at a stage start: the
@@ -38,12 +29,13 @@ import functools
 import logging
 import math
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from lbq.models import QuantNetwork
 from lbq.models.common import BATCH_NORM_MOMENTUM
@@ -69,7 +61,6 @@ log = logging.getLogger("lbq")
 PERCENTILE_RULE, LSQ_RULE = "percentile", "lsq"
 
 Bits = Mapping[str, tuple[np.ndarray, np.ndarray]]  # {student: (w_bits [L], a_bits [L])}
-Path = tuple[str, ...]
 
 
 # ------------------------------------------------------------------------------ bit-widths
@@ -94,13 +85,11 @@ def calibration_bits(current: np.ndarray, target: np.ndarray, calibrate: np.ndar
     any bit-width >= 32 runs it so). See the module docstring.
 
     Raises:
-      ValueError: when a layer to calibrate is quantized now, or a target is not in 1..32.
+      ValueError: when a layer to calibrate is quantized now.
     """
     current, target, calibrate = (np.asarray(x) for x in (current, target, calibrate))
     if np.any(calibrate & (current < FULL_PRECISION_BITS)):
         raise ValueError("only a layer at full precision can be calibrated")
-    if np.any(calibrate & ((target < 1) | (target > FULL_PRECISION_BITS))):
-        raise ValueError(f"calibration targets must be in 1..{FULL_PRECISION_BITS}")
     return np.where(calibrate, FULL_PRECISION_BITS + target, current).astype(np.float32)
 
 
@@ -174,15 +163,11 @@ def stage_calibration_bits(
     return _stage_pass(bits_per_stage, index, bits_per_stage[index - 1], first_use)
 
 
-def _changed(kind: int) -> Callable:
-    """The ``mark`` of `_stage_pass` for the weights (``kind`` 0) or activations (1) quantized
-    at a bit-width other than the one they were last quantized at."""
-
-    def mark(which: int, last: np.ndarray, now: np.ndarray) -> np.ndarray:
-        quantized = (last < FULL_PRECISION_BITS) & (now < FULL_PRECISION_BITS)
-        return (which == kind) & quantized & (last != now)
-
-    return mark
+def _changed(kind: int, which: int, last: np.ndarray, now: np.ndarray) -> np.ndarray:
+    """The ``mark`` of `_stage_pass`, ``kind`` bound, for the weights (``kind`` 0) or
+    activations (1) quantized at a bit-width other than the one they were last quantized at."""
+    quantized = (last < FULL_PRECISION_BITS) & (now < FULL_PRECISION_BITS)
+    return (which == kind) & quantized & (last != now)
 
 
 def changed_weight_bits(
@@ -198,7 +183,8 @@ def changed_weight_bits(
     values, which the full-precision marked layers change, set nothing."""
     if model.weight_quantizer != "lsq":
         return None
-    return _stage_pass(bits_per_stage, index, bits_per_stage[index - 1], _changed(0))
+    mark = functools.partial(_changed, 0)
+    return _stage_pass(bits_per_stage, index, bits_per_stage[index - 1], mark)
 
 
 def changed_activation_bits(
@@ -211,21 +197,11 @@ def changed_activation_bits(
     stage ``index``'s own precision, as the stage will train it. None when none is marked."""
     if model.activation_quantizer not in ("pact", "lsq"):
         return None
-    return _stage_pass(bits_per_stage, index, bits_per_stage[index], _changed(1))
+    mark = functools.partial(_changed, 1)
+    return _stage_pass(bits_per_stage, index, bits_per_stage[index], mark)
 
 
 # ------------------------------------------------------------------------------ statistics
-
-
-def _sown_records(tree: Mapping[str, Any], path: Path = ()) -> Iterator[tuple[Path, Mapping]]:
-    """(module path, its sown values) for every module that recorded calibration values,
-    submodules included (a conv with LSQ weights records its bit-width, and its
-    ``input_quantizer`` its input, with ``activation_placement='conv_input'``)."""
-    if any(key in tree for key in (SOWN_INPUT, SOWN_WEIGHT_BITS)):
-        yield path, tree
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _sown_records(value, (*path, key))
 
 
 def high_percentile(x: jax.Array, q: float) -> jax.Array:
@@ -274,16 +250,21 @@ def make_range_statistics(model: QuantNetwork, percentile: float, lift_clips: bo
         _, sown = model.apply(
             variables, images, precision, train=False, mutable=[CALIBRATION_COLLECTION]
         )
+        # {module path: its sown values}: a conv with LSQ weights records its bit-width, and its
+        # ``input_quantizer`` its input, with ``activation_placement='conv_input'``.
+        records = {}
+        for (*module, key), values in flatten_dict(sown.get(CALIBRATION_COLLECTION, {})).items():
+            records.setdefault("/".join(module), {})[key] = values[0]
         out = {}
-        for path, record in _sown_records(sown.get(CALIBRATION_COLLECTION, {})):
+        for path, record in records.items():
             if SOWN_WEIGHT_BITS in record:
-                out["/".join(path)] = {"bits": record[SOWN_WEIGHT_BITS][0]}
+                out[path] = {"bits": record[SOWN_WEIGHT_BITS]}
             else:
-                x = jax.nn.relu(record[SOWN_INPUT][0].astype(jnp.float32))
-                out["/".join(path)] = {
+                x = jax.nn.relu(record[SOWN_INPUT].astype(jnp.float32))
+                out[path] = {
                     "percentile": high_percentile(x, percentile),
                     "mean": jnp.mean(x),
-                    "bits": record[SOWN_BITS][0],
+                    "bits": record[SOWN_BITS],
                 }
         return out
 
@@ -481,13 +462,10 @@ def start_ranges(run: RunInputs, state: TrainState) -> TrainState:
 
 
 def stage_ranges(run: RunInputs, state: TrainState, index: int) -> TrainState:
-    """The state at the start of stage ``index``: the LSQ ranges of the layers that the stage
-    quantizes for the first time calibrated on the network as trained so far and, with
-    ``quant.weight_range_at_bit_change='lsq_rule'``, the LSQ weight ranges whose bit-width
-    changes set again by LSQ's rule (`changed_weight_bits`) and, with
-    ``quant.activation_range_at_bit_change='calibrate'``, the activation ranges whose
-    bit-width changes set again by ``quant.activation_calibration`` (`changed_activation_bits`).
-    """
+    """The state at the start of stage ``index``: the LSQ ranges that the stage quantizes for
+    the first time calibrated on the network as trained so far, then the bit-width change
+    passes that ``quant.weight_range_at_bit_change`` and ``quant.activation_range_at_bit_change``
+    ask for (`changed_weight_bits`, `changed_activation_bits`)."""
     if index == 0 or not run.plan.model.learned_ranges:
         return state
     calibration, stage = run.plan.calibration, index + 1
@@ -516,12 +494,11 @@ def _describe(
         rule_text = f"the {percentile:g}th percentile of the input after ReLU"
     else:
         rule_text = "LSQ's rule 2 mean(relu(x)) / sqrt(Q_P)"
-    parts = []
-    if counts["weights"]:
-        parts.append(f"{counts['weights']} LSQ weight ranges by LSQ's rule 2 mean|w| / sqrt(Q_P)")
-    if counts["activations"]:
-        parts.append(f"{counts['activations']} activation ranges by {rule_text}")
-    if counts["kept"]:
-        parts.append(f"{counts['kept']} kept their value (no positive statistic)")
+    texts = {
+        "weights": "LSQ weight ranges by LSQ's rule 2 mean|w| / sqrt(Q_P)",
+        "activations": f"activation ranges by {rule_text}",
+        "kept": "kept their value (no positive statistic)",
+    }
+    parts = [f"{counts[key]} {text}" for key, text in texts.items() if counts[key]]
     batches = f"{count} training batch{'es' if count > 1 else ''}"
     return f"calibrated {name}'s learned ranges on {source} ({batches}): " + "; ".join(parts)
