@@ -100,11 +100,7 @@ def _write_network(run, name: str, program, out: str) -> dict[str, Any]:
 
 
 def check_export(
-    run,
-    out: str,
-    count: int,
-    min_agreement: float = CHECK_MIN_AGREEMENT,
-    max_rel_diff: float = CHECK_MAX_REL_DIFF,
+    run, out: str, count: int, min_agreement: float, max_rel_diff: float
 ) -> dict[str, Any]:
     """Compares each written network with lbq's fake-quantized forward on ``count`` images.
 
@@ -114,8 +110,7 @@ def check_export(
 
     Returns:
       {network: {'data', 'reference', 'integer_vs_lbq', 'qonnx_vs_lbq' (`logit_agreement`'s
-      figures),
-      'tolerance', 'failures' (`check_verdict` lines; empty when the check passed),
+      figures), 'tolerance', 'failures' (`check_verdict` lines; empty when the check passed),
       'top1_accuracy', and 'run_forward' for a run in another dtype}}.
     """
     import jax.numpy as jnp
@@ -193,7 +188,7 @@ def summary(manifest: dict[str, Any]) -> str:
                     f"  {label.replace('_', ' ')} on {c['images']} images: top-1 agreement "
                     f"{100 * c['top1_agreement']:.2f} %, max |logit diff| {c['max_abs_diff']:.2e}"
                 )
-            lines.append(f"  reference: {check.get('reference', 'lbq float32')}")
+            lines.append(f"  reference: {check['reference']}")
             own = check.get("run_forward")
             if own:
                 acc = check["top1_accuracy"]
@@ -204,7 +199,7 @@ def summary(manifest: dict[str, Any]) -> str:
                     f"{100 * own['top1_agreement']:.2f} %, max |logit diff| "
                     f"{own['max_abs_diff']:.2e}"
                 )
-            lines += [f"  CHECK FAILED: {failure}" for failure in check.get("failures", [])]
+            lines += [f"  CHECK FAILED: {failure}" for failure in check["failures"]]
     return "\n".join(lines)
 
 
