@@ -273,11 +273,8 @@ def make_range_statistics(model: QuantNetwork, percentile: float, lift_clips: bo
 
 def average_statistics(per_batch: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict:
     """The mean over batches of every statistic (float64 on the host)."""
-    per_batch = [jax.device_get(s) for s in per_batch]
-    return {
-        path: {k: float(np.mean([np.float64(s[path][k]) for s in per_batch])) for k in values}
-        for path, values in per_batch[0].items()
-    }
+    host = jax.device_get(list(per_batch))
+    return jax.tree.map(lambda *v: float(np.mean(np.asarray(v, np.float64))), *host)
 
 
 # ------------------------------------------------------------------------------ the ranges
@@ -313,16 +310,14 @@ def calibrated_ranges(
         bits = calibration_target(values["bits"])
         if bits is None:
             return old
-        if name == WEIGHT_RANGE_PARAM:
+        kind = "weights" if name == WEIGHT_RANGE_PARAM else "activations"
+        if kind == "weights":
             kernel = functools.reduce(operator.getitem, (*module, "kernel"), params)
             new = lsq_initial_range(kernel, bits, True, per_channel=old.ndim == 1)
-            kind = "weights"
+        elif activation_rule == PERCENTILE_RULE:
+            new = values["percentile"]
         else:
-            if activation_rule == PERCENTILE_RULE:
-                new = values["percentile"]
-            else:
-                new = lsq_activation_range(values["mean"], bits)
-            kind = "activations"
+            new = lsq_activation_range(values["mean"], bits)
         new = np.asarray(new, np.float32).reshape(old.shape)
         usable = bool(np.all(np.isfinite(new) & (new > 0)))
         counts[kind if usable else "kept"] += 1
@@ -374,10 +369,8 @@ def reestimate_batch_stats(step: Callable, state: TrainState, batches: Sequence,
     """
     if not batches:
         raise ValueError("BatchNorm re-estimation needs at least one batch")
-    total = None
-    for batch in batches:
-        stats = step(state.params, state.batch_stats, batch, bits)
-        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    stats = (step(state.params, state.batch_stats, batch, bits) for batch in batches)
+    total = functools.reduce(functools.partial(jax.tree.map, jnp.add), stats)
     return jax.tree.map(lambda s: s / len(batches), total)
 
 
