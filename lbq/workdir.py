@@ -214,6 +214,25 @@ def _same(a: Any, b: Any) -> bool:
 _STAGE_FIELD = re.compile(r"^stages\[\d+\]\.(.+)$")
 
 
+def _flat_defaults() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The default config and a default stage, flattened like a record."""
+    from lbq.configs import default
+
+    def flat(config) -> dict[str, Any]:
+        return flat_fields(json.loads(config.to_json_best_effort()))
+
+    return flat(default.get_config()), flat(default.stage("stage"))
+
+
+def _added_at_default(key: str, value: Any, defaults: tuple[dict, dict]) -> bool:
+    """Whether ``key`` (absent from a recorded config) holds its default ``value``; a stage
+    field is looked up among a default stage's fields."""
+    known, stage_field = defaults[0], _STAGE_FIELD.match(key)
+    if stage_field:
+        known, key = defaults[1], stage_field.group(1)
+    return key in known and _same(known[key], value)
+
+
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """'field: old -> new' for each field that differs and matters for the computation.
 
@@ -221,20 +240,16 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     the field after the run was recorded, and a new field's default keeps the behaviour of
     the code that recorded it (tests/test_golden.py resumes such a run).
     """
-    from lbq.configs import default
-
-    def flat(config) -> dict[str, Any]:
-        return flat_fields(json.loads(config.to_json_best_effort()))
-
-    defaults, stage_defaults = flat(default.get_config()), flat(default.stage("stage"))
     a, b = flat_fields(dict(old)), flat_fields(dict(new))
+    defaults = _flat_defaults()
     diffs = []
     for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES:
+            continue
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        stage_field = _STAGE_FIELD.match(key)
-        known, name = (stage_defaults, stage_field.group(1)) if stage_field else (defaults, key)
-        added_at_default = key not in a and name in known and _same(known[name], vb)
-        if key not in RESUMABLE_CHANGES and not added_at_default and not _same(va, vb):
+        if key not in a and _added_at_default(key, vb, defaults):
+            continue
+        if not _same(va, vb):
             diffs.append(f"{key}: {va!r} -> {vb!r}")
     return diffs
 

@@ -276,12 +276,12 @@ def _list_splits(
         classes, split_skipped = _entries(split_dir, split, "class")
         skipped += split_skipped
         if not classes:
-            loose = [s.path for s in split_skipped if s.reason.startswith("not inside")]
+            loose = [s.path for s in split_skipped if s.reason == "not inside a class folder"]
+            too_deep = any(path.lower().endswith(IMAGE_EXTENSIONS) for path in loose)
+            hint = "; it holds images directly: is the path one level too deep?" if too_deep else ""
             raise FolderLayoutError(
                 f"image folder {split_dir} has no class folders (expected "
-                f"{split_dir}/<class>/<image>.jpg)"
-                + "; it holds images directly: is the path one level too deep?"
-                * any(p.lower().endswith(IMAGE_EXTENSIONS) for p in loose)
+                f"{split_dir}/<class>/<image>.jpg){hint}"
             )
         if len(classes) > 1 and set(classes) <= _SPLIT_NAMES:
             raise FolderLayoutError(

@@ -264,11 +264,12 @@ def plan_runs(
     if order not in ("seed", "bits"):
         raise ValueError(f"order={order!r} is not 'seed' or 'bits'")
     quantized = [m for m in methods if m != "fp"]
-    grid = [("fp", 32)] * ("fp" in methods) + [(m, k) for k in bits for m in quantized]
+    fp = [("fp", 32)] if "fp" in methods else []
     if order == "seed":
+        grid = fp + [(m, k) for k in bits for m in quantized]
         return [StudyRun(m, k, seed) for seed in seeds for m, k in grid]
-    fp = [StudyRun("fp", 32, seed) for seed in seeds if "fp" in methods]
-    return fp + [StudyRun(m, k, seed) for k in bits for seed in seeds for m in quantized]
+    fp_runs = [StudyRun(m, k, seed) for m, k in fp for seed in seeds]
+    return fp_runs + [StudyRun(m, k, seed) for k in bits for seed in seeds for m in quantized]
 
 
 def execute(
@@ -465,17 +466,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return _checked(p, p.parse_args(argv))
 
 
-def _describe_study(
-    args, base, info, total_steps: int, steps_per_epoch: int
-) -> tuple[str, str, dict[str, str]]:
-    """The results table's header, the plot's title and the method notes of this study."""
-    q, epochs = base.quant, total_steps / steps_per_epoch
-    # The range rules at a bit-width change, for the learned ranges the study has.
+def _range_rule_note(q: ml_collections.ConfigDict) -> str:
+    """`` (rules)``: the range rules at a bit-width change of the learned ranges that the
+    study's quantizers ``q`` (its ``quant`` section) have, or "" when they have none."""
     rules = []
     if q.weight_quantizer == "lsq":
         rules.append(f"LSQ weight ranges at a bit-width change: {q.weight_range_at_bit_change}")
     if q.activation_quantizer in ("pact", "lsq"):
         rules.append(f"activation ranges at a bit-width change: {q.activation_range_at_bit_change}")
+    return f" ({'; '.join(rules)})" if rules else ""
+
+
+def _describe_study(
+    args, base, info, total_steps: int, steps_per_epoch: int
+) -> tuple[str, str, dict[str, str]]:
+    """The results table's header, the plot's title and the method notes of this study."""
+    q, epochs = base.quant, total_steps / steps_per_epoch
     header = (
         f"Top-1 on {info.name}[{base.data.eval_split}] ({info.num_eval} images), ResNet-20, "
         f"trained on {base.data.train_split} ({info.num_train} images). Equal training budget: "
@@ -483,7 +489,7 @@ def _describe_study(
         f"split between its stages. Mean ± sample std over n seeds. Quantizers: weights "
         f"{q.weight_quantizer}, activations {q.activation_quantizer} at "
         f"{base.model.activation_placement} (calibration: {q.activation_calibration})"
-        f"{' (' + '; '.join(rules) + ')' if rules else ''}.\n"
+        f"{_range_rule_note(q)}.\n"
     )
     if args.start_from:
         header += (
