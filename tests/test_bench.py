@@ -1,13 +1,19 @@
 """The training-step benchmark runs the trainer's step and reports complete, positive figures."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from lbq import bench
+from lbq.models import get_model
+from lbq.quant import layers
+from lbq.quant.precision import make_precision
 
 pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
 
@@ -128,3 +134,34 @@ def test_modes_build_the_intended_networks():
     assert lsq_conv.activation_placement == "conv_input"
     sp_conv = parse_config(bench.mode_config("resnet20", "w2a2_sp_conv_input", 8))
     assert sp_conv.stochastic.enabled and sp_conv.model.activation_placement == "conv_input"
+
+
+def _cpu_compare():
+    path = os.path.join(ROOT, "benchmarks", "cpu_compare.py")
+    spec = importlib.util.spec_from_file_location("cpu_compare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CPU_COMPARE = _cpu_compare()
+
+
+@pytest.mark.parametrize("variant", sorted(CPU_COMPARE.PATCHES))
+def test_every_cpu_compare_variant_changes_the_traced_network(variant, monkeypatch):
+    """A variant of benchmarks/cpu_compare.py replaces a function that lbq's quantized network
+    calls when it is traced: one that patched a name no network reads any more would time
+    plain lbq under the variant's name."""
+    for name in ("quantize_weight", "quantize_activation", "activation"):
+        monkeypatch.setattr(layers, name, getattr(layers, name))  # put back after the test
+    model = get_model("resnet20", num_classes=10)
+    x = jnp.zeros((2, 32, 32, 3))
+    precision = make_precision(model.layer_names(), 2, 2)
+    variables = model.init(jax.random.key(0), x, precision)
+
+    def traced() -> str:
+        return str(jax.make_jaxpr(lambda v: model.apply(v, x, precision, train=False))(variables))
+
+    before = traced()
+    CPU_COMPARE.PATCHES[variant]()
+    assert traced() != before
