@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -20,6 +21,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA_FLAGS; runs that are compared always share their flags (the golden runs pin their own,
 # GOLDEN_XLA_FLAGS; the 1-against-8-devices test runs at XLA's default optimisation).
 FAST_XLA = "--xla_backend_optimization_level=0"
+
+
+def load_benchmark(name: str):
+    """The module of benchmarks/NAME.py, imported by its path (benchmarks/ is not a package) and
+    registered in ``sys.modules`` under NAME, as the accelerator suite's scripts import each
+    other by that name."""
+    path = os.path.join(REPO, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def xla_env(*flags: str) -> dict[str, str]:

@@ -9,7 +9,6 @@ checked on their own, cheaply.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from runs import load_benchmark
 
 pytestmark = pytest.mark.slow  # the full tier: `python -m pytest -m "not slow"` skips it
 
@@ -32,20 +32,10 @@ ARCHIVE = next((a for a in ARCHIVES if os.path.exists(a)), None)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the suite's modules import each other
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "benchmarks", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-suite = _load("accelerator_suite")
-report = _load("accelerator_report")
-worker = _load("accelerator_worker")
-cifar10 = _load("accelerator_cifar10")
+suite = load_benchmark("accelerator_suite")
+report = load_benchmark("accelerator_report")
+worker = load_benchmark("accelerator_worker")
+cifar10 = load_benchmark("accelerator_cifar10")
 
 
 # ----------------------------------------------------------------------------- the tiny run

@@ -1,6 +1,5 @@
 """The training-step benchmark runs the trainer's step and reports complete, positive figures."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from runs import load_benchmark
 
 from lbq import bench
 from lbq.models import get_model
@@ -136,15 +136,7 @@ def test_modes_build_the_intended_networks():
     assert sp_conv.stochastic.enabled and sp_conv.model.activation_placement == "conv_input"
 
 
-def _cpu_compare():
-    path = os.path.join(ROOT, "benchmarks", "cpu_compare.py")
-    spec = importlib.util.spec_from_file_location("cpu_compare", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CPU_COMPARE = _cpu_compare()
+CPU_COMPARE = load_benchmark("cpu_compare")
 
 
 @pytest.mark.parametrize("variant", sorted(CPU_COMPARE.PATCHES))
